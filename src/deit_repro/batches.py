@@ -1,0 +1,275 @@
+"""Batches for training and evaluation: sampling order, augmentation and normalisation.
+
+Two pipelines (``AugCfg.pipeline``):
+
+* ``tensor`` — small datasets held in memory as uint8 ``[N, C, H, W]`` tensors. Random-resized crop
+  and horizontal flip are one batched ``affine_grid``/``grid_sample`` call, random erasing is timm's
+  ``RandomErasing`` on the batch; no per-image Python work, no decoding (issue #2, #7).
+* ``timm`` — per-image ``timm.data.create_transform`` (RandAugment, colour jitter, random erasing) in
+  a ``DataLoader``: the paper's ImageNet pipeline (Table 9), for file lists and for arrays alike.
+
+Both take their sample order from :func:`epoch_indices` (repeated augmentation, paper §6 / official
+``samplers.RASampler``) and draw every random number from generators seeded by (seed, epoch, rank),
+so an epoch is the same whether the run was interrupted before it or not.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from deit_repro.config import AugCfg, EvalCfg
+
+_logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def norm_stats(in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Normalisation constants: timm's ImageNet ones for RGB, 0.5/0.5 for grayscale."""
+    if in_chans == 3:
+        return IMAGENET_MEAN, IMAGENET_STD
+    return (0.5,) * in_chans, (0.5,) * in_chans
+
+
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """One seed per (run seed, epoch, rank): the whole of an epoch's randomness derives from it."""
+    return (seed * 1_000_003 + epoch * 7_919 + rank * 104_729) % (2**31 - 1)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed the global RNGs that timm's components use (Mixup: numpy, RandomErasing: random)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def epoch_indices(n: int, *, epoch: int, seed: int, repeats: int = 1, world_size: int = 1,
+                  rank: int = 0) -> torch.Tensor:
+    """This rank's sample order for one epoch.
+
+    With ``repeats > 1`` this is the official RASampler: a seeded permutation, each index repeated
+    ``repeats`` times, dealt round-robin to the ranks, then trimmed to ``n // 256 * 256 /
+    world_size`` samples per rank so an epoch costs about as much as one without repetition. Unlike
+    the official code at HEAD, it also applies in a single process (there the copies of an image
+    land in the same batch with different augmentations).
+    """
+    g = torch.Generator().manual_seed(epoch_seed(seed, epoch))
+    perm = torch.randperm(n, generator=g)
+    if repeats == 1:
+        per_rank = n // world_size
+        return perm[rank * per_rank:(rank + 1) * per_rank] if world_size > 1 else perm
+    idx = perm.repeat_interleave(repeats)
+    total = math.ceil(n * repeats / world_size) * world_size
+    idx = torch.cat([idx, idx[: total - len(idx)]])
+    mine = idx[rank:total:world_size]
+    keep = max(int(n // 256 * 256 / world_size), 1) if n >= 256 else n // world_size
+    return mine[:keep]
+
+
+# --------------------------------------------------------------------------------------------------
+# Tensor pipeline
+# --------------------------------------------------------------------------------------------------
+
+
+class TensorAugment:
+    """Random-resized crop + flip + normalise + random erasing on a uint8 batch, batched.
+
+    Args:
+        aug: augmentation settings (scale and ratio as torchvision's RandomResizedCrop).
+        img_size: output side length (may differ from the stored size: e.g. pretraining below the
+            native resolution, notes/small-scale.md).
+        in_chans: channels of the images.
+    """
+
+    def __init__(self, aug: AugCfg, img_size: int, in_chans: int):
+        from timm.data.random_erasing import RandomErasing
+
+        self.aug = aug
+        self.img_size = img_size
+        mean, std = norm_stats(in_chans)
+        self.mean = torch.tensor(mean).view(1, -1, 1, 1)
+        self.std = torch.tensor(std).view(1, -1, 1, 1)
+        # RandomErasing draws from Python's `random`, which seed_everything() seeds per epoch.
+        self.erase = (RandomErasing(aug.reprob, mode=aug.remode, device="cpu")
+                      if aug.reprob > 0 else None)
+
+    def __call__(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        b = x.shape[0]
+        area = torch.empty(b).uniform_(self.aug.scale[0], self.aug.scale[1], generator=g)
+        log_r = torch.empty(b).uniform_(math.log(self.aug.ratio[0]), math.log(self.aug.ratio[1]),
+                                        generator=g)
+        ratio = torch.exp(log_r)
+        # Crop width/height as fractions of the image side; clamped like torchvision's fallback.
+        w = torch.sqrt(area * ratio).clamp(max=1.0)
+        h = torch.sqrt(area / ratio).clamp(max=1.0)
+        cx = (torch.rand(b, generator=g) * 2 - 1) * (1 - w)
+        cy = (torch.rand(b, generator=g) * 2 - 1) * (1 - h)
+        flip = torch.where(torch.rand(b, generator=g) < self.aug.hflip, -1.0, 1.0)
+        theta = torch.zeros(b, 2, 3)
+        theta[:, 0, 0] = w * flip
+        theta[:, 0, 2] = cx
+        theta[:, 1, 1] = h
+        theta[:, 1, 2] = cy
+        xf = x.to(self.mean.device, torch.float32).div_(255.0)
+        grid = F.affine_grid(theta.to(xf.device), [b, x.shape[1], self.img_size, self.img_size],
+                             align_corners=False)
+        mode = "bicubic" if self.aug.interpolation == "bicubic" else "bilinear"
+        out = F.grid_sample(xf, grid, mode=mode, padding_mode="border", align_corners=False)
+        out = out.clamp_(0.0, 1.0).sub_(self.mean).div_(self.std)
+        if self.erase is not None:
+            out = self.erase(out)
+        return out
+
+
+def eval_tensor(images: torch.Tensor, img_size: int, ev: EvalCfg) -> torch.Tensor:
+    """Test-time preprocessing of a uint8 batch: resize to size/crop_pct, centre crop, normalise.
+
+    The official evaluation (resize 224/0.875 then centre-crop 224, bicubic), on tensors.
+    """
+    mean, std = norm_stats(images.shape[1])
+    resize = int(math.floor(img_size / ev.crop_pct))
+    x = images.float().div_(255.0)
+    if x.shape[-1] != resize or x.shape[-2] != resize:
+        x = F.interpolate(x, size=(resize, resize), mode=ev.interpolation, align_corners=False,
+                          antialias=True)
+    top = (resize - img_size) // 2
+    x = x[..., top:top + img_size, top:top + img_size].clamp_(0.0, 1.0)
+    m = torch.tensor(mean).view(1, -1, 1, 1)
+    s = torch.tensor(std).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
+@dataclass
+class TrainBatches:
+    """An epoch of training batches from in-memory uint8 images (tensor pipeline).
+
+    Iterating yields ``(images float [B, C, S, S], labels int64 [B])`` for this rank; the last
+    incomplete batch is dropped (as the official loader, and Mixup needs even batches).
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    batch_size: int
+    augment: TensorAugment
+    seed: int
+    repeats: int = 1
+    world_size: int = 1
+    rank: int = 0
+    epoch: int = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def indices(self) -> torch.Tensor:
+        return epoch_indices(len(self.labels), epoch=self.epoch, seed=self.seed,
+                             repeats=self.repeats, world_size=self.world_size, rank=self.rank)
+
+    def __len__(self) -> int:
+        return len(self.indices()) // self.batch_size
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        idx = self.indices()
+        g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch, self.rank) + 1)
+        for start in range(0, len(idx) - self.batch_size + 1, self.batch_size):
+            sel = idx[start:start + self.batch_size]
+            yield self.augment(self.images[sel], g), self.labels[sel]
+
+
+# --------------------------------------------------------------------------------------------------
+# timm (per-image) pipeline
+# --------------------------------------------------------------------------------------------------
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Per-image access to a prepared split (uint8 arrays or a file list) with a PIL transform."""
+
+    def __init__(self, transform, *, images: torch.Tensor | None = None,
+                 files: list[str] | None = None, labels):
+        self.transform = transform
+        self.images = images
+        self.files = files
+        self.labels = torch.as_tensor(labels)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        if self.images is not None:
+            arr = self.images[i].permute(1, 2, 0).numpy()
+            img = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
+        else:
+            with Image.open(self.files[i]) as im:
+                img = im.convert("RGB")
+        return self.transform(img), self.labels[i]
+
+
+def timm_train_transform(aug: AugCfg, img_size: int, in_chans: int):
+    """The paper's training transform through timm's create_transform (Table 9)."""
+    from timm.data import create_transform
+
+    mean, std = norm_stats(in_chans)
+    return create_transform(
+        img_size, is_training=True, scale=aug.scale, ratio=aug.ratio, hflip=aug.hflip,
+        color_jitter=aug.color_jitter, auto_augment=aug.rand_augment,
+        interpolation=aug.interpolation, re_prob=aug.reprob, re_mode=aug.remode,
+        mean=mean, std=std)
+
+
+def timm_eval_transform(ev: EvalCfg, img_size: int, in_chans: int):
+    from timm.data import create_transform
+
+    mean, std = norm_stats(in_chans)
+    return create_transform(img_size, is_training=False, crop_pct=ev.crop_pct,
+                            interpolation=ev.interpolation, mean=mean, std=std)
+
+
+class _IndexList(torch.utils.data.Sampler):
+    def __init__(self, owner: "LoaderBatches"):
+        self.owner = owner
+
+    def __iter__(self):
+        return iter(self.owner.indices().tolist())
+
+    def __len__(self) -> int:
+        return len(self.owner.indices())
+
+
+class LoaderBatches:
+    """An epoch of training batches through a DataLoader (timm pipeline), same contract as
+    :class:`TrainBatches`."""
+
+    def __init__(self, dataset: ImageDataset, *, batch_size: int, seed: int, repeats: int = 1,
+                 world_size: int = 1, rank: int = 0, num_workers: int = 0):
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.repeats, self.world_size, self.rank = repeats, world_size, rank
+        self.num_workers = num_workers
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def indices(self) -> torch.Tensor:
+        return epoch_indices(len(self.dataset), epoch=self.epoch, seed=self.seed,
+                             repeats=self.repeats, world_size=self.world_size, rank=self.rank)
+
+    def __len__(self) -> int:
+        return len(self.indices()) // self.batch_size
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch, self.rank) + 1)
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_size=self.batch_size, sampler=_IndexList(self), drop_last=True,
+            num_workers=self.num_workers, generator=g, pin_memory=torch.cuda.is_available(),
+            persistent_workers=False)
+        return iter(loader)

@@ -1,0 +1,213 @@
+"""``deit-repro <stage> ...``: every stage of the DAG as a plain command (DESIGN.md).
+
+Parameters come from ``--params`` (default ``params.yaml``), loaded once; every path a stage reads
+or writes is an argument. Errors the user can fix print one line on stderr and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import os
+import sys
+from pathlib import Path
+
+_logger = logging.getLogger("deit_repro")
+
+
+def _params(args):
+    from deit_repro.config import load_params
+
+    return load_params(args.params)
+
+
+def _seed(args, params) -> int:
+    return args.seed if args.seed is not None else params.seeds[0]
+
+
+def _cmd_prepare(args) -> None:
+    from deit_repro.errors import ConfigError
+    from deit_repro.prepare import run_prepare
+
+    params = _params(args)
+    if args.dataset not in params.datasets:
+        raise ConfigError(f"dataset '{args.dataset}' is not in params.yaml datasets "
+                          f"({', '.join(sorted(params.datasets))})", "add it under datasets:")
+    d = params.datasets[args.dataset]
+    manifest = run_prepare(source=d.source, out=args.out, source_dir=args.source_dir,
+                           train_per_class=d.train_per_class, test_per_class=d.test_per_class,
+                           image_size=d.image_size, seed=d.seed, on_bad_image=d.on_bad_image,
+                           download=d.download, test_fraction=d.test_fraction)
+    counts = {s: v["count"] for s, v in manifest["splits"].items()}
+    print(f"prepared {args.dataset} -> {args.out}: {counts}, content hash "
+          f"{manifest['content_hash'][:12]}")
+
+
+def _cmd_teacher(args) -> None:
+    from deit_repro.training import run_teacher
+
+    params = _params(args)
+    m = run_teacher(params, data=args.data, out=args.out, checkpoint_dir=args.checkpoint_dir,
+                    seed=_seed(args, params), weights=args.weights)
+    print(f"teacher -> {args.out}: top-1 {m['top1']:.2f}")
+
+
+def _cmd_pretrain(args) -> None:
+    from deit_repro.training import run_pretrain
+
+    params = _params(args)
+    m = run_pretrain(params, data=args.data, teacher=args.teacher, out=args.out,
+                     checkpoint_dir=args.checkpoint_dir, distill=args.distill,
+                     dist_token=args.dist_token, seed=_seed(args, params))
+    print(f"pretrain {args.distill} token={args.dist_token} -> {args.out}: "
+          + ", ".join(f"{h} {v['top1']:.2f}" for h, v in m["heads"].items()))
+
+
+def _cmd_finetune(args) -> None:
+    from deit_repro.training import run_finetune
+
+    params = _params(args)
+    m = run_finetune(params, data=args.data, student=args.student, teacher=args.teacher,
+                     out=args.out, checkpoint_dir=args.checkpoint_dir, seed=_seed(args, params),
+                     img_size=args.img_size, interpolation=args.interpolation)
+    print(f"finetune -> {args.out}: top-1 {m['top1']:.2f}")
+
+
+def _cmd_transfer(args) -> None:
+    from deit_repro.training import run_transfer
+
+    params = _params(args)
+    m = run_transfer(params, data=args.data, student=None if args.scratch else args.student,
+                     out=args.out, checkpoint_dir=args.checkpoint_dir, seed=_seed(args, params))
+    print(f"transfer ({'scratch' if args.scratch else 'pretrained'}) -> {args.out}: "
+          f"top-1 {m['top1']:.2f}")
+
+
+def _cmd_evaluate(args) -> None:
+    from deit_repro.errors import ConfigError
+    from deit_repro.evaluate import run_evaluate
+
+    params = _params(args)
+    models = {}
+    for item in args.model:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--model {item!r} is not NAME=DIR", "write e.g. --model deit=runs/x")
+        models[name] = Path(path)
+    res = run_evaluate(params, data=args.data, models=models, teacher=args.teacher, out=args.out,
+                       throughput=not args.no_throughput)
+    for name, entry in res["models"].items():
+        print(f"{name}: " + ", ".join(f"{h} {v['top1']:.2f}" for h, v in entry["heads"].items()))
+
+
+def _cmd_tables(args) -> None:
+    from deit_repro.tables import run_tables
+
+    params = _params(args)
+    written = run_tables(params, evaluations=args.evaluate, out=args.out)
+    print("wrote " + ", ".join(str(p) for p in written))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="deit-repro", description=__doc__.splitlines()[0])
+    p.add_argument("--log-level", default=os.environ.get("DEIT_REPRO_LOG", "INFO"),
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = p.add_subparsers(dest="stage", required=True, metavar="STAGE")
+
+    def stage(name: str, func, help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.add_argument("--params", type=Path, default=Path("params.yaml"),
+                        help="experiment parameters (default: params.yaml)")
+        sp.set_defaults(func=func)
+        return sp
+
+    def training(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--data", type=Path, required=True, help="prepared dataset directory")
+        sp.add_argument("--out", type=Path, required=True, help="model directory to write")
+        sp.add_argument("--checkpoint-dir", type=Path, default=None,
+                        help="where the resumable checkpoint lives (default: none)")
+        sp.add_argument("--seed", type=int, default=None, help="run seed (default: seeds[0])")
+
+    sp = stage("prepare", _cmd_prepare, "materialise a dataset of the profile (with manifest)")
+    sp.add_argument("--dataset", required=True, help="a key of datasets: in params.yaml")
+    sp.add_argument("--out", type=Path, required=True)
+    sp.add_argument("--source-dir", type=Path, default=None,
+                    help="where the raw data is (default: the source's usual place)")
+
+    sp = stage("teacher", _cmd_teacher, "train the convnet teacher or load released weights")
+    training(sp)
+    sp.add_argument("--weights", type=Path, default=None,
+                    help="a local weights file instead of training / downloading")
+
+    sp = stage("pretrain", _cmd_pretrain, "train a DeiT student (none | soft | hard distillation)")
+    training(sp)
+    sp.add_argument("--teacher", type=Path, default=None, help="teacher model directory")
+    sp.add_argument("--distill", choices=["none", "soft", "hard"], required=True)
+    sp.add_argument("--dist-token", action=argparse.BooleanOptionalAction, default=False,
+                    help="add the distillation token (DeiT⚗)")
+
+    sp = stage("finetune", _cmd_finetune, "fine-tune a student at a higher resolution")
+    training(sp)
+    sp.add_argument("--student", type=Path, required=True)
+    sp.add_argument("--teacher", type=Path, default=None)
+    sp.add_argument("--img-size", type=int, default=None, help="default: finetune.img_size")
+    sp.add_argument("--interpolation", choices=["bicubic", "bilinear"], default=None,
+                    help="positional-embedding resampling (default: finetune.interpolation)")
+
+    sp = stage("transfer", _cmd_transfer, "fine-tune a pretrained student on another dataset")
+    training(sp)
+    group = sp.add_mutually_exclusive_group(required=True)
+    group.add_argument("--student", type=Path, help="pretrained student directory")
+    group.add_argument("--scratch", action="store_true", help="train from scratch instead")
+
+    sp = stage("evaluate", _cmd_evaluate, "accuracy per head, disagreement, throughput")
+    sp.add_argument("--data", type=Path, required=True)
+    sp.add_argument("--model", action="append", default=[], metavar="NAME=DIR", required=True)
+    sp.add_argument("--teacher", type=Path, default=None)
+    sp.add_argument("--out", type=Path, required=True, help="JSON file to write")
+    sp.add_argument("--no-throughput", action="store_true")
+
+    sp = stage("tables", _cmd_tables, "regenerate the paper's tables from the metrics")
+    sp.add_argument("--evaluate", type=Path, action="append", required=True,
+                    help="an evaluate JSON (repeatable)")
+    sp.add_argument("--out", type=Path, required=True, help="results directory")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)
+    from deit_repro.errors import DeitReproError
+
+    try:
+        _configure_threads(args)
+        args.func(args)
+    except DeitReproError as err:
+        print(f"deit-repro {args.stage}: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            print(f"deit-repro {args.stage}: error: no space left on device writing "
+                  f"{err.filename or 'an output'}; free disk space and re-run (outputs are "
+                  "written atomically: the last complete checkpoint is kept)", file=sys.stderr)
+            return 4
+        raise
+    except KeyboardInterrupt:
+        print(f"deit-repro {args.stage}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _configure_threads(args) -> None:
+    """Fix torch's thread count from params (results on CPU depend on it: notes/small-scale.md)."""
+    if args.stage == "prepare":
+        return
+    import torch
+
+    torch.set_num_threads(_params(args).threads)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

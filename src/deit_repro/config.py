@@ -1,0 +1,489 @@
+"""The one experiment config: ``params.yaml`` loaded once into frozen, typed objects.
+
+Unknown keys, wrong types and out-of-range values are refused with a message that names the key
+(STYLE.md rule 2). Derived values (the effective learning rate) are computed by properties and
+logged, never written back. Cluster settings (partition, GPUs, time) are not here: they belong to
+the launch settings / SLURM profile (STYLE.md rule 3).
+
+Every field is documented by a ``#:`` comment; units are stated where a number has one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from deit_repro.errors import ConfigError
+
+DistillKind = Literal["none", "soft", "hard"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DatasetCfg:
+    """One dataset of the profile, as ``deit-repro prepare`` materialises it."""
+
+    #: fashion_mnist | digits | imagefolder | cifar10 | cifar100 | flowers102 | stanford_cars |
+    #: inat2018 | inat2019
+    source: str
+    #: class-balanced subset of the training split (images per class); null = all
+    train_per_class: Optional[int] = None
+    #: class-balanced subset of the test split; null = all
+    test_per_class: Optional[int] = None
+    #: resize (shorter side + centre crop, bicubic) when preparing; null = native size
+    image_size: Optional[int] = None
+    #: an unreadable image in an image tree: refuse ("error") or skip and count it ("skip")
+    on_bad_image: Literal["error", "skip"] = "error"
+    #: held-out fraction for sources without an official test split (digits)
+    test_fraction: float = 0.2
+    #: seed of the subset / split draw
+    seed: int = 0
+    #: let torchvision download the data where a network exists
+    download: bool = False
+
+    def __post_init__(self) -> None:
+        sources = {"fashion_mnist", "digits", "imagefolder", "cifar10", "cifar100", "flowers102",
+                   "stanford_cars", "inat2018", "inat2019"}
+        _check(self.source in sources, "source", self.source, f"one of {sorted(sources)}")
+        for key in ("train_per_class", "test_per_class", "image_size"):
+            value = getattr(self, key)
+            _check(value is None or value > 0, key, value, "a positive integer or null")
+        _check(0.0 < self.test_fraction < 1.0, "test_fraction", self.test_fraction, "in (0, 1)")
+
+
+@dataclass(frozen=True)
+class ModelCfg:
+    """A student or teacher architecture: an exact timm name, or a small custom size built
+    through the same timm classes (small profiles)."""
+
+    #: exact timm model name (e.g. deit_small_distilled_patch16_224, regnety_160); null = custom
+    name: Optional[str] = None
+    #: custom teachers only: resnet_small | regnety_small | vit
+    arch: str = "vit"
+    #: training resolution in pixels (square); input channels come from the dataset
+    img_size: int = 224
+    patch_size: int = 16
+    embed_dim: int = 192
+    depth: int = 12
+    num_heads: int = 3
+    mlp_ratio: float = 4.0
+    #: custom convnet teachers: channels and blocks per stage
+    channels: tuple[int, ...] = (16, 32, 64)
+    depths: tuple[int, ...] = (1, 1, 1)
+
+    def __post_init__(self) -> None:
+        for key in ("img_size", "patch_size", "embed_dim", "depth", "num_heads"):
+            _check(getattr(self, key) > 0, key, getattr(self, key), "a positive integer")
+        if self.name is None and self.arch == "vit":
+            _check(self.img_size % self.patch_size == 0, "patch_size", self.patch_size,
+                   f"a divisor of img_size={self.img_size}")
+            _check(self.embed_dim % self.num_heads == 0, "num_heads", self.num_heads,
+                   f"a divisor of embed_dim={self.embed_dim}")
+        _check(len(self.channels) == len(self.depths), "depths", self.depths,
+               f"one entry per stage of channels={self.channels}")
+
+
+@dataclass(frozen=True)
+class AugCfg:
+    """Training-time augmentation (paper Table 9 / official main.py defaults)."""
+
+    #: "tensor": batched on in-memory uint8 tensors (small datasets, no per-image Python work);
+    #: "timm": per-image timm create_transform (PIL), the ImageNet path
+    pipeline: Literal["tensor", "timm"] = "timm"
+    #: random-resized-crop area range
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (0.75, 4.0 / 3.0)
+    hflip: float = 0.5
+    #: timm RandAugment string (paper: rand-m9-mstd0.5-inc1); null = off; timm pipeline only
+    rand_augment: Optional[str] = "rand-m9-mstd0.5-inc1"
+    color_jitter: float = 0.3
+    #: random erasing probability (paper: 0.25) and mode
+    reprob: float = 0.25
+    remode: Literal["pixel", "rand", "const"] = "pixel"
+    interpolation: Literal["bicubic", "bilinear"] = "bicubic"
+
+    def __post_init__(self) -> None:
+        _check(0.0 < self.scale[0] <= self.scale[1] <= 1.0, "scale", self.scale,
+               "0 < min <= max <= 1")
+        _check(0.0 < self.ratio[0] <= self.ratio[1], "ratio", self.ratio, "0 < min <= max")
+        for key in ("hflip", "reprob"):
+            _check(0.0 <= getattr(self, key) <= 1.0, key, getattr(self, key), "in [0, 1]")
+        if self.pipeline == "tensor":
+            _check(self.rand_augment is None and self.color_jitter == 0.0, "rand_augment",
+                   self.rand_augment, "null with color_jitter 0 for pipeline 'tensor' "
+                   "(RandAugment/colour jitter need the per-image 'timm' pipeline)")
+
+
+@dataclass(frozen=True)
+class TrainCfg:
+    """One training recipe (paper Table 9; official main.py defaults)."""
+
+    epochs: int = 300
+    #: global batch over all processes (images per optimizer step)
+    batch_size: int = 1024
+    #: learning rate per 512 images: the effective lr is lr_per_512 * batch_size / 512 (paper §6)
+    lr_per_512: float = 5e-4
+    min_lr: float = 1e-5
+    warmup_lr: float = 1e-6
+    warmup_epochs: int = 5
+    weight_decay: float = 0.05
+    opt: str = "adamw"
+    opt_eps: float = 1e-8
+    momentum: float = 0.9
+    #: gradient-norm clip; null = none (paper)
+    clip_grad: Optional[float] = None
+    sched: str = "cosine"
+    label_smoothing: float = 0.1
+    drop_path: float = 0.1
+    #: Mixup / CutMix alphas (0 = off), probability and switch probability
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    #: repeated augmentation: copies of each image per epoch (paper: 3; 1 = off)
+    repeated_aug: int = 3
+    ema: bool = False
+    ema_decay: float = 0.99996
+    #: mixed precision on CUDA: auto (bf16 where supported) | bf16 | fp16 | off; CPU runs fp32
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    #: evaluate on the test split every n epochs for the accuracy-vs-epoch curve (0 = final only)
+    eval_every: int = 1
+    #: dataloader workers for the per-image 'timm' pipeline
+    num_workers: int = 0
+    aug: AugCfg = field(default_factory=AugCfg)
+
+    def __post_init__(self) -> None:
+        _check(self.epochs > 0, "epochs", self.epochs, "a positive integer")
+        _check(self.batch_size > 0, "batch_size", self.batch_size, "a positive integer")
+        _check(self.lr_per_512 > 0, "lr_per_512", self.lr_per_512, "positive")
+        _check(0 <= self.warmup_epochs < self.epochs or self.warmup_epochs == 0, "warmup_epochs",
+               self.warmup_epochs, f"in [0, epochs={self.epochs})")
+        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
+        _check(0.0 <= self.label_smoothing < 1.0, "label_smoothing", self.label_smoothing,
+               "in [0, 1)")
+        _check(0.0 <= self.drop_path < 1.0, "drop_path", self.drop_path, "in [0, 1)")
+        _check(self.repeated_aug >= 1, "repeated_aug", self.repeated_aug, ">= 1 (1 = off)")
+        _check(0.0 < self.ema_decay < 1.0, "ema_decay", self.ema_decay, "in (0, 1)")
+        _check(self.eval_every >= 0, "eval_every", self.eval_every, ">= 0")
+        for key in ("mixup", "cutmix"):
+            _check(getattr(self, key) >= 0, key, getattr(self, key), ">= 0 (0 = off)")
+
+    def effective_lr(self) -> float:
+        """The paper's linear scaling rule, lr = lr_per_512 x global batch / 512 (§6)."""
+        return self.lr_per_512 * self.batch_size / 512.0
+
+    @property
+    def mixing(self) -> bool:
+        return self.mixup > 0 or self.cutmix > 0
+
+
+@dataclass(frozen=True)
+class EvalCfg:
+    """Test-time preprocessing (official: resize to size/0.875, centre crop, bicubic)."""
+
+    crop_pct: float = 0.875
+    interpolation: Literal["bicubic", "bilinear"] = "bicubic"
+    batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        _check(0.0 < self.crop_pct <= 1.0, "crop_pct", self.crop_pct, "in (0, 1]")
+
+
+@dataclass(frozen=True)
+class WeightsCfg:
+    """Released weights: a URL (or local file) and the sha256 they must have."""
+
+    url: str
+    sha256: str
+
+    def __post_init__(self) -> None:
+        _check(len(self.sha256) == 64 and all(c in "0123456789abcdef" for c in self.sha256),
+               "sha256", self.sha256, "64 lowercase hex digits")
+
+
+@dataclass(frozen=True)
+class TeacherCfg:
+    dataset: str
+    model: ModelCfg
+    train: TrainCfg
+    #: download instead of training (paper profile: regnety_160.deit_in1k); null = train here
+    weights: Optional[WeightsCfg] = None
+
+
+@dataclass(frozen=True)
+class StudentCfg:
+    dataset: str
+    model: ModelCfg
+    train: TrainCfg
+
+
+@dataclass(frozen=True)
+class SoftCfg:
+    #: weight of the distillation term (paper §5.1 text: λ = 0.1)
+    alpha: float = 0.1
+    #: softmax temperature (paper §5.1 text: τ = 3.0)
+    tau: float = 3.0
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.alpha <= 1.0, "alpha", self.alpha, "in [0, 1]")
+        _check(self.tau > 0, "tau", self.tau, "positive")
+
+
+@dataclass(frozen=True)
+class HardCfg:
+    #: weight of the hard-label term (paper eq. 2: 1/2)
+    alpha: float = 0.5
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.alpha <= 1.0, "alpha", self.alpha, "in [0, 1]")
+
+
+@dataclass(frozen=True)
+class DistillationCfg:
+    soft: SoftCfg = field(default_factory=SoftCfg)
+    hard: HardCfg = field(default_factory=HardCfg)
+
+    def weights(self, kind: DistillKind) -> tuple[float, float]:
+        """(alpha, tau) for a distillation kind; 'none' has weight 0."""
+        if kind == "soft":
+            return self.soft.alpha, self.soft.tau
+        if kind == "hard":
+            return self.hard.alpha, 1.0
+        return 0.0, 1.0
+
+
+@dataclass(frozen=True)
+class FinetuneCfg:
+    """Fine-tuning at a higher resolution (paper §6, 224 -> 384)."""
+
+    img_size: int
+    train: TrainCfg
+    #: positional-embedding resampling: bicubic (paper) or bilinear (ablation, Table 10)
+    interpolation: Literal["bicubic", "bilinear"] = "bicubic"
+
+
+@dataclass(frozen=True)
+class TransferCfg:
+    """Fine-tuning a pretrained student on downstream datasets (paper §5.3, Table 7)."""
+
+    datasets: tuple[str, ...]
+    train: TrainCfg
+    #: the from-scratch baseline's recipe (same recipe when null)
+    scratch_train: Optional[TrainCfg] = None
+
+
+@dataclass(frozen=True)
+class ThroughputCfg:
+    """Inference throughput measured the paper's way (largest batch that fits, mean of repeats)."""
+
+    batch_sizes: tuple[int, ...] = (1024, 512, 256, 128, 64)
+    warmup: int = 3
+    repeats: int = 10
+
+
+@dataclass(frozen=True)
+class Params:
+    """The whole of params.yaml."""
+
+    profile: str
+    #: distillation of the headline DeiT⚗ model: none | soft | hard
+    distill: DistillKind
+    datasets: dict[str, DatasetCfg]
+    teacher: TeacherCfg
+    student: StudentCfg
+    finetune: FinetuneCfg
+    transfer: TransferCfg
+    #: seeds of the repeated runs (mean ± std)
+    seeds: tuple[int, ...] = (0,)
+    #: torch intra-op threads per process on CPU (fixed: results depend on it)
+    threads: int = 1
+    distillation: DistillationCfg = field(default_factory=DistillationCfg)
+    eval: EvalCfg = field(default_factory=EvalCfg)
+    throughput: ThroughputCfg = field(default_factory=ThroughputCfg)
+
+    def __post_init__(self) -> None:
+        _check(self.threads > 0, "threads", self.threads, "a positive integer")
+        _check(len(self.seeds) > 0, "seeds", self.seeds, "a non-empty list")
+        for where, name in (("teacher.dataset", self.teacher.dataset),
+                            ("student.dataset", self.student.dataset),
+                            *(("transfer.datasets", d) for d in self.transfer.datasets)):
+            _check(name in self.datasets, where, name, f"one of datasets: {sorted(self.datasets)}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------
+
+
+class _Invalid(ValueError):
+    """A value check failed inside a dataclass; re-raised with the full key path."""
+
+    def __init__(self, key: str, value: Any, expected: str):
+        super().__init__(key)
+        self.key, self.value, self.expected = key, value, expected
+
+
+def _check(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise _Invalid(key, value, expected)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return "a list"
+    if origin is dict:
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {type(None): "null", int: "an integer", float: "a number", str: "a string",
+            bool: "true/false"}.get(tp, str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML value to ``tp``, or raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    wrong = ConfigError(f"params key '{key}' = {value!r} has the wrong type (expected "
+                        f"{_type_name(tp)})", "fix its value in params.yaml")
+    if tp is Any:
+        return value
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"params key '{key}' = {value!r} is not one of "
+                              f"{', '.join(repr(a) for a in typing.get_args(tp))}",
+                              "fix its value in params.yaml")
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise wrong
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except ConfigError:
+                continue
+        raise wrong
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise wrong
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"params key '{key}' = {value!r} needs exactly {len(args)} values",
+                              "fix its value in params.yaml")
+        return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise wrong
+        _, vt = typing.get_args(tp)
+        return {str(k): _convert(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise wrong
+        return _build(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise wrong
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise wrong
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise wrong
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise wrong
+        return value
+    raise TypeError(f"unsupported config type {tp!r} at {key}")  # a bug in this module
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    path = (prefix + ".") if prefix else ""
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        close = _closest(unknown[0], fields)
+        raise ConfigError(f"unknown params key '{path}{unknown[0]}'",
+                          f"did you mean '{path}{close}'?" if close else
+                          f"valid keys here: {', '.join(sorted(fields))}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = _convert(data[name], hints[name], path + name)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"params key '{path}{name}' is missing", "add it to params.yaml")
+    try:
+        return cls(**kwargs)
+    except _Invalid as err:
+        raise ConfigError(f"params key '{path}{err.key}' = {err.value!r} is out of range "
+                          f"(expected {err.expected})", "fix its value in params.yaml") from None
+
+
+def _closest(word: str, options) -> str | None:
+    import difflib
+
+    match = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
+def params_from_dict(data: dict) -> Params:
+    """Build and validate :class:`Params` from a parsed params.yaml."""
+    if not isinstance(data, dict):
+        raise ConfigError("params.yaml must be a mapping at the top level",
+                          "see the project's params.yaml for the layout")
+    return _build(Params, data)
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Load params.yaml once into frozen typed objects (a ConfigError names any bad key)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params file {path} not found",
+                          "run from the repository root or pass --params PATH")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"params file {path} is not valid YAML ({err.__class__.__name__}: "
+                          f"{str(err).splitlines()[0]})", "fix the YAML syntax") from None
+    return params_from_dict(data)
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain (JSON/YAML-able) form of a config object: the resolved params recorded with runs."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, tuple):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def config_hash(obj: Any) -> str:
+    """A stable hash of a config (checkpoints refuse to resume under different params)."""
+    return hashlib.sha256(json.dumps(to_dict(obj), sort_keys=True).encode()).hexdigest()[:16]

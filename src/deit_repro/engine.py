@@ -1,0 +1,353 @@
+"""The training and evaluation engine: the paper's recipe through timm's components.
+
+AdamW via ``create_optimizer_v2``, cosine + warmup via ``create_scheduler_v2`` (stepped per epoch,
+as the official main.py), Mixup/CutMix via ``timm.data.Mixup``, label smoothing via timm's losses,
+stochastic depth in the model, optional EMA via ``ModelEmaV3`` (paper §6, Table 9).
+
+``fit`` writes one complete checkpoint (model, optimizer, scheduler, scaler, EMA, epoch, RNG states,
+history) atomically after every epoch and resumes from it automatically (STYLE.md rule 12). Each
+epoch reseeds every generator from (seed, epoch, rank), so a run resumed from epoch k ends with the
+same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from deit_repro import atomic
+from deit_repro.batches import epoch_seed, seed_everything
+from deit_repro.config import TrainCfg
+from deit_repro.errors import CheckpointError, TrainingError
+
+_logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "deit-repro/checkpoint-v1"
+
+
+# --------------------------------------------------------------------------------------------------
+# Runtime
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how a process trains: device, precision and its place in a DDP job."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None = None
+    world_size: int = 1
+    rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @staticmethod
+    def detect(amp: str = "auto") -> "Runtime":
+        """CUDA when present (bf16/fp16 autocast), CPU fp32 otherwise; DDP rank if initialised."""
+        dist = torch.distributed
+        world, rank = (dist.get_world_size(), dist.get_rank()) if (
+            dist.is_available() and dist.is_initialized()) else (1, 0)
+        if torch.cuda.is_available():
+            local = rank % torch.cuda.device_count()
+            device = torch.device("cuda", local)
+            torch.cuda.set_device(device)
+            if amp == "off":
+                dtype = None
+            elif amp == "fp16" or (amp == "auto" and not torch.cuda.is_bf16_supported()):
+                dtype = torch.float16
+            else:
+                dtype = torch.bfloat16
+            return Runtime(device, dtype, world, rank)
+        return Runtime(torch.device("cpu"), None, world, rank)
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Recipe components
+# --------------------------------------------------------------------------------------------------
+
+
+def base_criterion(recipe: TrainCfg) -> nn.Module:
+    """Soft-target CE under Mixup/CutMix, label-smoothed CE otherwise (official main.py)."""
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    if recipe.mixing:
+        return SoftTargetCrossEntropy()
+    if recipe.label_smoothing > 0:
+        return LabelSmoothingCrossEntropy(smoothing=recipe.label_smoothing)
+    return nn.CrossEntropyLoss()
+
+
+def mixup_fn(recipe: TrainCfg, num_classes: int):
+    """timm Mixup/CutMix with label smoothing folded into the targets; None when off."""
+    if not recipe.mixing:
+        return None
+    from timm.data import Mixup
+
+    return Mixup(mixup_alpha=recipe.mixup, cutmix_alpha=recipe.cutmix, prob=recipe.mixup_prob,
+                 switch_prob=recipe.mixup_switch_prob, mode="batch",
+                 label_smoothing=recipe.label_smoothing, num_classes=num_classes)
+
+
+def optimizer_and_scheduler(model: nn.Module, recipe: TrainCfg, steps_per_epoch: int):
+    """AdamW (timm, no weight decay on norms/biases) + cosine with warmup (timm).
+
+    Returns ``(optimizer, scheduler, num_epochs)``; ``num_epochs`` is create_scheduler_v2's second
+    return value (schedule length incl. cooldown), honoured by :func:`fit` (STYLE.md rule 5).
+    """
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+
+    lr = recipe.effective_lr()
+    kwargs: dict[str, Any] = {"eps": recipe.opt_eps} if "adam" in recipe.opt else {}
+    opt = create_optimizer_v2(model, opt=recipe.opt, lr=lr, weight_decay=recipe.weight_decay,
+                              momentum=recipe.momentum, **kwargs)
+    sched, num_epochs = create_scheduler_v2(
+        opt, sched=recipe.sched, num_epochs=recipe.epochs, min_lr=recipe.min_lr,
+        warmup_lr=recipe.warmup_lr, warmup_epochs=recipe.warmup_epochs,
+        step_on_epochs=True, updates_per_epoch=steps_per_epoch)
+    return opt, sched, num_epochs
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def predict(heads_fn: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+            batches: Iterable[tuple[torch.Tensor, torch.Tensor]], rt: Runtime) -> dict[str, Any]:
+    """Logits of every head over a loader: ``{"labels": [N], head: [N, C] float32}``."""
+    out: dict[str, list[torch.Tensor]] = {}
+    labels = []
+    for x, y in batches:
+        x = x.to(rt.device, non_blocking=True)
+        with rt.autocast():
+            heads = heads_fn(x)
+        for k, v in heads.items():
+            out.setdefault(k, []).append(v.float().cpu())
+        labels.append(y.cpu())
+    res: dict[str, Any] = {k: torch.cat(v) for k, v in out.items()}
+    res["labels"] = torch.cat(labels)
+    return res
+
+
+def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
+    """Top-k accuracy in percent."""
+    k = min(k, logits.shape[1])
+    hit = (logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1)
+    # Integer counts, then one float64 division: 16.5, not float32's 16.500001.
+    return 100.0 * int(hit.sum()) / len(labels)
+
+
+def accuracy_table(pred: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """``{head: {"top1", "top5"}}`` for every head in a :func:`predict` result."""
+    return {k: {"top1": topk_accuracy(v, pred["labels"], 1),
+                "top5": topk_accuracy(v, pred["labels"], 5)}
+            for k, v in pred.items() if k != "labels"}
+
+
+def disagreement(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Percentage of samples on which two classifiers' predicted classes differ (Table 4)."""
+    return 100.0 * int((a != b).sum()) / len(a)
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------------
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+            "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`fit`; a torn or foreign file is a CheckpointError."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # a truncated zip, a pickle from elsewhere, ...
+        raise CheckpointError(f"checkpoint {path} is unreadable ({type(err).__name__})",
+                              "delete it to restart the run from scratch") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a deit-repro training checkpoint",
+                              "delete it or point --checkpoint-dir elsewhere")
+    return ckpt
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` returns: final-epoch metrics and the per-epoch history."""
+
+    history: list[dict[str, Any]] = field(default_factory=list)
+    resumed_from_epoch: int | None = None
+    seconds: float = 0.0
+    #: the EMA weights when recipe.ema (reported separately; the raw model is the result, §6)
+    ema: nn.Module | None = None
+
+
+def _tqdm(iterable, total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    # disable=None: tqdm switches itself off without a terminal (CI logs stay readable).
+    return tqdm(iterable, total=total, desc=desc, leave=False, disable=None if enabled else True,
+                dynamic_ncols=True)
+
+
+def fit(*, model: nn.Module, loss_fn: Callable[[torch.Tensor, Any, torch.Tensor], torch.Tensor],
+        train_batches, recipe: TrainCfg, num_classes: int, seed: int, rt: Runtime,
+        checkpoint_path: Path | None, fingerprint: str,
+        evaluate: Callable[[nn.Module], dict[str, Any]] | None = None,
+        on_epoch_end: Callable[[list[dict[str, Any]]], None] | None = None,
+        desc: str = "train") -> FitResult:
+    """Train ``model`` for ``recipe.epochs`` epochs, checkpointing and resuming.
+
+    Args:
+        model: the model on ``rt.device`` (wrapped in DDP when ``rt.world_size > 1``).
+        loss_fn: ``loss_fn(inputs, outputs, targets) -> scalar``; e.g. a DistillationLoss.
+        train_batches: yields ``(x, y)`` per step and has ``set_epoch`` and ``__len__``.
+        recipe: the training recipe.
+        num_classes: for Mixup's soft targets.
+        seed: the run seed; with the epoch it seeds each epoch's randomness.
+        rt: the runtime (device, precision, rank).
+        checkpoint_path: where the complete checkpoint lives; ``None`` disables checkpointing.
+        fingerprint: what the run is (params hash, variant); a checkpoint with another
+            fingerprint is not resumed from (the run starts over and says so).
+        evaluate: called with the raw model every ``recipe.eval_every`` epochs and after the last
+            epoch; returns metrics merged into the epoch's history row.
+        on_epoch_end: called with the history after each epoch (e.g. to write it to a file).
+        desc: progress-bar label.
+    """
+    from timm.utils import ModelEmaV3
+
+    t0 = time.perf_counter()
+    raw = _unwrap(model)
+    steps = len(train_batches)
+    if steps == 0:
+        raise TrainingError(f"batch_size={recipe.batch_size} is larger than the training split "
+                            f"(one epoch has no full batch)", "lower batch_size in params.yaml")
+    optimizer, scheduler, num_epochs = optimizer_and_scheduler(raw, recipe, steps)
+    scaler = torch.amp.GradScaler(rt.device.type) if rt.amp_dtype == torch.float16 else None
+    ema = ModelEmaV3(raw, decay=recipe.ema_decay) if recipe.ema else None
+    mixup = mixup_fn(recipe, num_classes)
+    result = FitResult()
+    start = 0
+
+    if checkpoint_path is not None and checkpoint_path.exists():
+        ckpt = load_checkpoint(checkpoint_path)
+        if ckpt["fingerprint"] != fingerprint:
+            _logger.warning("checkpoint %s belongs to another configuration (%s != %s): starting "
+                            "over", checkpoint_path, ckpt["fingerprint"], fingerprint)
+        else:
+            raw.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            if scaler is not None and ckpt.get("scaler") is not None:
+                scaler.load_state_dict(ckpt["scaler"])
+            if ema is not None and ckpt.get("ema") is not None:
+                ema.load_state_dict(ckpt["ema"])
+            start = ckpt["epoch"] + 1
+            result.history = list(ckpt["history"])
+            result.resumed_from_epoch = ckpt["epoch"]
+            _logger.info("resumed %s from epoch %d of %d", checkpoint_path, ckpt["epoch"] + 1,
+                         num_epochs)
+
+    last_good = checkpoint_path if start > 0 else None
+    for epoch in range(start, num_epochs):
+        # Every random draw of this epoch derives from (seed, epoch, rank): resuming is exact.
+        seed_everything(epoch_seed(seed, epoch, rt.rank))
+        train_batches.set_epoch(epoch)
+        model.train()
+        scheduler.step(epoch)
+        loss_sum, n_seen, t_epoch = 0.0, 0, time.perf_counter()
+        bar = _tqdm(train_batches, steps, f"{desc} {epoch + 1}/{num_epochs}", rt.is_main)
+        for step, (x, y) in enumerate(bar):
+            x = x.to(rt.device, non_blocking=True)
+            y = y.to(rt.device, non_blocking=True)
+            if mixup is not None:
+                x, targets = mixup(x, y)
+            else:
+                targets = y
+            with rt.autocast():
+                outputs = model(x)
+                loss = loss_fn(x, outputs, targets)
+            if not torch.isfinite(loss):
+                where = (f"last good checkpoint: {last_good}" if last_good else
+                         "no checkpoint was written yet")
+                raise TrainingError(f"loss is {loss.item()} at epoch {epoch + 1} step {step + 1} "
+                                    f"({where})", "lower the learning rate (lr_per_512) or "
+                                    "enable clip_grad; facebookresearch/deit#29")
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                if recipe.clip_grad is not None:
+                    scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(raw.parameters(), recipe.clip_grad)
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                if recipe.clip_grad is not None:
+                    nn.utils.clip_grad_norm_(raw.parameters(), recipe.clip_grad)
+                optimizer.step()
+            if ema is not None:
+                ema.update(raw)
+            loss_sum += loss.item() * x.shape[0]
+            n_seen += x.shape[0]
+        row: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "lr": optimizer.param_groups[0]["lr"],
+            "train_loss": loss_sum / max(n_seen, 1),
+            "train_images_per_s": n_seen * rt.world_size / (time.perf_counter() - t_epoch),
+        }
+        last = epoch == num_epochs - 1
+        if evaluate is not None and rt.is_main and (
+                last or (recipe.eval_every and (epoch + 1) % recipe.eval_every == 0)):
+            row.update(evaluate(raw))
+            if ema is not None:
+                row.update({f"ema_{k}": v for k, v in evaluate(ema.module).items()})
+        result.history.append(row)
+        _logger.info("%s epoch %d/%d %s", desc, epoch + 1, num_epochs,
+                     {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
+        if checkpoint_path is not None and rt.is_main:
+            atomic.torch_save({
+                "format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "epoch": epoch,
+                "model": raw.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "ema": ema.state_dict() if ema is not None else None,
+                "rng": _rng_state(), "history": result.history,
+            }, checkpoint_path)
+            last_good = checkpoint_path
+        if on_epoch_end is not None and rt.is_main:
+            on_epoch_end(result.history)
+        if rt.world_size > 1:
+            torch.distributed.barrier()
+    result.seconds = time.perf_counter() - t0
+    result.ema = ema.module if ema is not None else None
+    return result
