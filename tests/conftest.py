@@ -1,0 +1,60 @@
+"""Shared fixtures: real Fashion-MNIST subsets prepared once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from deit_repro.data.sources import DEBIAN_FASHION_DIR
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "profiles" / "smoke.yaml"
+
+
+def _need_fashion() -> None:
+    if not (DEBIAN_FASHION_DIR / "train-images-idx3-ubyte.gz").exists() and not (
+            DEBIAN_FASHION_DIR / "train-images-idx3-ubyte").exists():
+        pytest.skip("Fashion-MNIST not installed: apt-get install dataset-fashion-mnist "
+                    "(scripts/setup.sh does it as root)")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Results on CPU depend on the thread count: tests fix it like params.threads does."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def fashion_small(tmp_path_factory) -> Path:
+    """400 training / 200 test images of the real Fashion-MNIST, class-balanced."""
+    _need_fashion()
+    from deit_repro.prepare import run_prepare
+
+    out = tmp_path_factory.mktemp("data") / "fashion_small"
+    run_prepare(source="fashion_mnist", out=out, source_dir=None, train_per_class=40,
+                test_per_class=20, image_size=None, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def fashion_5k(tmp_path_factory) -> Path:
+    """5,000 training / 1,000 test images of the real Fashion-MNIST, class-balanced."""
+    _need_fashion()
+    from deit_repro.prepare import run_prepare
+
+    out = tmp_path_factory.mktemp("data") / "fashion_5k"
+    run_prepare(source="fashion_mnist", out=out, source_dir=None, train_per_class=500,
+                test_per_class=100, image_size=None, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smoke_params():
+    from deit_repro.config import load_params
+
+    return load_params(SMOKE)
