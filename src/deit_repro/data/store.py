@@ -103,14 +103,6 @@ def _fsync(path: Path) -> None:
         os.fsync(fh.fileno())
 
 
-def _chmod_like_mkdir(directory: Path) -> None:
-    # mkdtemp creates 0700; a dataset is shared (DVC cache, other users of a cluster), so give the
-    # directory the mode a plain mkdir would have under the current umask.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(directory, 0o777 & ~umask)
-
-
 def _write_arrays(tmp: Path, split: str, data: Split) -> list[str]:
     names = [f"{split}_images.npy", f"{split}_labels.npy"]
     # [N, H, W, C] -> [N, C, H, W], contiguous so the file is the plain C-order array.
@@ -165,7 +157,6 @@ def write_prepared(out: str | os.PathLike, raw: RawDataset, params: dict[str, An
     }
     all_hashes: dict[str, str] = {}
     with atomic_dir(out) as tmp:
-        _chmod_like_mkdir(tmp)
         for split, data in raw.splits.items():
             if len(data) and (data.labels.min() < 0 or data.labels.max() >= num_classes):
                 raise ValueError(f"split {split}: labels outside 0..{num_classes - 1}")
