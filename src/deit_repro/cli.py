@@ -189,9 +189,13 @@ def main(argv: list[str] | None = None) -> int:
         return err.exit_code
     except OSError as err:
         if err.errno == errno.ENOSPC:
-            print(f"deit-repro {args.stage}: error: no space left on device writing "
-                  f"{err.filename or 'an output'}; free disk space and re-run (outputs are "
-                  "written atomically: the last complete checkpoint is kept)", file=sys.stderr)
+            # A failed write() carries no file name: name the stage's outputs instead.
+            outputs = [f"--{flag.replace('_', '-')} {getattr(args, flag)}"
+                       for flag in ("out", "checkpoint_dir") if getattr(args, flag, None)]
+            where = err.filename or ", ".join(outputs) or "an output"
+            print(f"deit-repro {args.stage}: error: no space left on device writing {where}; "
+                  "free disk space and re-run (outputs are written atomically: the last "
+                  "complete checkpoint is kept)", file=sys.stderr)
             return 4
         raise
     except KeyboardInterrupt:

@@ -381,6 +381,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             try:
                 return _convert(value, arg, key)
             except ConfigError:
+                if dataclasses.is_dataclass(arg) and isinstance(value, dict):
+                    raise  # the right shape: the error is about a key inside it, keep its name
                 continue
         raise wrong
     if origin is tuple:
@@ -411,6 +413,10 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise wrong
         return value
     if tp is float:
+        if isinstance(value, str) and _is_number(value):
+            # YAML 1.1 (PyYAML) reads 5e-4 as a string: a float needs a dot, as in 5.0e-4.
+            raise ConfigError(f"params key '{key}' = {value!r} is a string to YAML, not a number",
+                              "write the mantissa with a dot (e.g. 5.0e-4, not 5e-4)")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise wrong
         return float(value)
@@ -425,7 +431,8 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     path = (prefix + ".") if prefix else ""
-    unknown = sorted(set(data) - set(fields))
+    # str(): YAML keys may be ints or bools (``1:``, ``on:``), which do not sort with strings.
+    unknown = sorted(str(k) for k in data if k not in fields)
     if unknown:
         close = _closest(unknown[0], fields)
         raise ConfigError(f"unknown params key '{path}{unknown[0]}'",
@@ -442,6 +449,14 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
     except _Invalid as err:
         raise ConfigError(f"params key '{path}{err.key}' = {err.value!r} is out of range "
                           f"(expected {err.expected})", "fix its value in params.yaml") from None
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _closest(word: str, options) -> str | None:
@@ -468,9 +483,17 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise ConfigError(f"params file {path} is not valid YAML ({err.__class__.__name__}: "
-                          f"{str(err).splitlines()[0]})", "fix the YAML syntax") from None
-    return params_from_dict(data)
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"params file {path} is not valid YAML{where} ({err.__class__.__name__}"
+                          f": {str(err).splitlines()[0]})", "fix the YAML syntax") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"params file {path} is {'empty' if data is None else 'not a mapping'}",
+                          "see profiles/smoke.yaml for the layout")
+    try:
+        return params_from_dict(data)
+    except ConfigError as err:  # name the file too: --params may point anywhere
+        raise ConfigError(f"{err.what} in {path}", err.fix) from None
 
 
 def to_dict(obj: Any) -> Any:

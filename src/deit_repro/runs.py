@@ -16,6 +16,7 @@ import csv
 import io
 import logging
 import os
+import re
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,7 +183,11 @@ def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle with code objects, a torn file, not a torch file, ...
-        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
+        # torch's weights_only message is many lines with ANSI bold; the useful part is the global.
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        first = (f"it pickles {found.group(1)}, not only tensors" if found else
+                 text.splitlines()[0][:160] if text else "")
         raise CheckpointError(f"weights file {path} cannot be loaded as plain tensors with "
                               f"weights_only=True ({type(err).__name__}: {first})",
                               "use a state dict saved with torch.save(model.state_dict())") from None
