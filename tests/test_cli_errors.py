@@ -125,7 +125,7 @@ def trained(tmp_path_factory, fashion_small):
     root = tmp_path_factory.mktemp("trained")
     for argv in (["teacher", "--data", fashion_small, "--out", root / "teacher"],
                  ["pretrain", "--data", fashion_small, "--out", root / "student", "--distill",
-                  "none"]):
+                  "none", "--seed", "0"]):
         assert cli.main(["--log-level", "WARNING", argv[0], "--params", str(SMOKE),
                          *map(str, argv[1:])]) == 0
     torch.set_num_threads(1)
@@ -286,7 +286,7 @@ def test_class_count_mismatch_student_vs_dataset(capsys, tmp_path, trained, thre
     refused_everywhere(
         capsys, tmp_path, "finetune",
         lambda out: ["finetune", "--params", SMOKE, "--data", three_classes, "--student", student,
-                     "--out", out],
+                     "--seed", "0", "--out", out],
         f"model {student} has 10 classes", f"dataset {three_classes} has 3",
         "class count mismatch")
 
@@ -296,7 +296,7 @@ def test_class_count_mismatch_teacher_vs_dataset(capsys, tmp_path, trained, thre
     refused_everywhere(
         capsys, tmp_path, "pretrain",
         lambda out: ["pretrain", "--params", SMOKE, "--data", three_classes, "--teacher", teacher,
-                     "--distill", "hard", "--dist-token", "--out", out],
+                     "--distill", "hard", "--dist-token", "yes", "--out", out],
         f"teacher {teacher} was trained on classes", "(10), the dataset has 3",
         "use a teacher trained on this dataset")
 
@@ -359,8 +359,8 @@ def test_dist_token_without_distillation(capsys, tmp_path, fashion_small):
     refused_everywhere(
         capsys, tmp_path, "pretrain",
         lambda out: ["pretrain", "--params", SMOKE, "--data", fashion_small, "--out", out,
-                     "--distill", "none", "--dist-token"],
-        "distillation token without distillation", "--distill soft|hard with --dist-token")
+                     "--distill", "none", "--dist-token", "yes"],
+        "distillation token without distillation", "--distill soft|hard with --dist-token yes")
 
 
 def test_distillation_without_a_teacher(capsys, tmp_path, fashion_small):
@@ -414,9 +414,9 @@ def test_disk_full_while_checkpointing_keeps_the_last_complete_checkpoint(
 
     monkeypatch.setattr(atomic, "write_bytes", filling_disk)
     rc, err = run_in_process(capsys, "teacher", "--params", params, "--data", fashion_small,
-                             "--out", out, "--checkpoint-dir", ckdir)
+                             "--out", out, "--run-dir", ckdir)
     assert_one_line_error(rc, err, "teacher", "no space left on device", f"--out {out}",
-                          f"--checkpoint-dir {ckdir}", "free disk space and re-run", code=4)
+                          f"--run-dir {ckdir}", "free disk space and re-run", code=4)
     assert len(written) == 1
     ckpt_file = ckdir / "checkpoint.pth"
     assert ckpt_file.read_bytes() == written[0]

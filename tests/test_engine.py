@@ -94,7 +94,7 @@ def test_one_epoch_on_real_fashion_mnist_is_far_above_chance(fashion_5k, smoke_p
                                       embed_dim=64, depth=4, num_heads=2),
             train=_recipe(smoke_params, batch_size=32, drop_path=0.0, aug=light)))
     m = run_pretrain(params, data=fashion_5k, teacher=None, out=tmp_path / "out",
-                     checkpoint_dir=None, distill="none", dist_token=False, seed=0, rt=CPU)
+                     run_dir=None, distill="none", dist_token=False, seed=0, rt=CPU)
     assert m["epochs"] == 1
     # 10 classes: chance is 10 %. One epoch of 156 steps reached 56.6 % here (a plain AdamW loop
     # over the same data: 57.3 %); 45 % leaves room for thread-count noise.
@@ -150,10 +150,10 @@ def test_lr_is_scaled_by_the_global_batch(smoke_params):
 
 def test_teacher_then_distilled_student_train_end_to_end(fashion_small, smoke_params, tmp_path):
     t = run_teacher(smoke_params, data=fashion_small, out=tmp_path / "teacher",
-                    checkpoint_dir=tmp_path / "ck", seed=0, rt=CPU)
+                    run_dir=tmp_path / "ck", seed=0, rt=CPU)
     assert 0.0 <= t["top1"] <= 100.0 and t["heads"]["cls"]["top5"] >= t["top1"]
     m = run_pretrain(smoke_params, data=fashion_small, teacher=tmp_path / "teacher",
-                     out=tmp_path / "deit", checkpoint_dir=None, distill="hard", dist_token=True,
+                     out=tmp_path / "deit", run_dir=None, distill="hard", dist_token=True,
                      seed=0, rt=CPU)
     assert set(m["heads"]) == {"cls", "dist", "joint"}
     assert m["distill"] == "hard" and m["dist_token"] is True and m["alpha"] == 0.5

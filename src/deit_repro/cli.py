@@ -44,44 +44,106 @@ def _cmd_prepare(args) -> None:
           f"{manifest['content_hash'][:12]}")
 
 
+#: options that differ between the runs of a multi-seed stage (set per run by launch.run_seeds)
+_PER_RUN = ("--seed", "--out", "--run-dir", "--metrics", "--history", "--jobs")
+
+
+def _child_argv(argv: list[str]) -> list[str]:
+    """The stage's command line without the per-run options."""
+    out, skip = [], False
+    for tok in argv:
+        if skip:
+            skip = False
+        elif tok in _PER_RUN:
+            skip = True
+        elif not tok.startswith(tuple(f"{o}=" for o in _PER_RUN)):
+            out.append(tok)
+    return out
+
+
+def _train(args, params, run_one, *, multi_seed: bool = True) -> list[dict]:
+    """Run a training stage: one run (``--seed`` given, or the teacher) into ``--out``, or one
+    run per seed of the profile into ``--out/seed<k>/``; then the aggregate to ``--metrics``."""
+    from deit_repro import launch
+
+    if args.seed is not None or not multi_seed:
+        seeds = [_seed(args, params)]
+        runs = [run_one(seeds[0], args.out, args.run_dir)]
+        histories = [args.out / "history.csv"]
+    else:
+        seeds = list(params.seeds)
+        jobs = args.jobs or launch.default_jobs(len(seeds), params.threads)
+        runs = launch.run_seeds(_child_argv(args.argv), seeds=seeds, out=args.out,
+                                run_dir=args.run_dir, jobs=jobs)
+        histories = [args.out / f"seed{k}" / "history.csv" for k in seeds]
+    if args.metrics is not None:
+        launch.write_aggregate(args.metrics, runs, seeds)
+    if args.history is not None:
+        launch.combine_histories(args.history, histories, seeds)
+    return runs
+
+
+def _summary(runs: list[dict]) -> str:
+    import statistics
+
+    heads = runs[0]["heads"]
+    parts = []
+    for h in heads:
+        vals = [r["heads"][h]["top1"] for r in runs]
+        sd = f" ± {statistics.stdev(vals):.2f}" if len(vals) > 1 else ""
+        parts.append(f"{h} {statistics.fmean(vals):.2f}{sd}")
+    return f"top-1 ({len(runs)} seed{'s' if len(runs) > 1 else ''}): " + ", ".join(parts)
+
+
 def _cmd_teacher(args) -> None:
     from deit_repro.training import run_teacher
 
     params = _params(args)
-    m = run_teacher(params, data=args.data, out=args.out, checkpoint_dir=args.checkpoint_dir,
-                    seed=_seed(args, params), weights=args.weights)
-    print(f"teacher -> {args.out}: top-1 {m['top1']:.2f}")
+    runs = _train(args, params, lambda seed, out, run_dir: run_teacher(
+        params, data=args.data, out=out, run_dir=run_dir, seed=seed, weights=args.weights),
+        multi_seed=False)
+    print(f"teacher -> {args.out}: {_summary(runs)}")
+
+
+def _dist_token(args) -> bool:
+    return args.distill != "none" if args.dist_token == "auto" else args.dist_token == "yes"
 
 
 def _cmd_pretrain(args) -> None:
     from deit_repro.training import run_pretrain
 
     params = _params(args)
-    m = run_pretrain(params, data=args.data, teacher=args.teacher, out=args.out,
-                     checkpoint_dir=args.checkpoint_dir, distill=args.distill,
-                     dist_token=args.dist_token, seed=_seed(args, params))
-    print(f"pretrain {args.distill} token={args.dist_token} -> {args.out}: "
-          + ", ".join(f"{h} {v['top1']:.2f}" for h, v in m["heads"].items()))
+    token = _dist_token(args)
+    # The teacher is read only when there is something to distil (the headline with distill
+    # none gets --teacher too and ignores it).
+    teacher = args.teacher if args.distill != "none" else None
+    runs = _train(args, params, lambda seed, out, run_dir: run_pretrain(
+        params, data=args.data, teacher=teacher, out=out, run_dir=run_dir,
+        distill=args.distill, dist_token=token, seed=seed))
+    print(f"pretrain {args.distill} token={token} -> {args.out}: {_summary(runs)}")
 
 
 def _cmd_finetune(args) -> None:
     from deit_repro.training import run_finetune
 
     params = _params(args)
-    m = run_finetune(params, data=args.data, student=args.student, teacher=args.teacher,
-                     out=args.out, checkpoint_dir=args.checkpoint_dir, seed=_seed(args, params),
-                     img_size=args.img_size, interpolation=args.interpolation)
-    print(f"finetune -> {args.out}: top-1 {m['top1']:.2f}")
+    runs = _train(args, params, lambda seed, out, run_dir: run_finetune(
+        params, data=args.data, student=args.student, teacher=args.teacher, out=out,
+        run_dir=run_dir, seed=seed, img_size=args.img_size, interpolation=args.interpolation))
+    print(f"finetune -> {args.out}: {_summary(runs)}")
 
 
 def _cmd_transfer(args) -> None:
+    from deit_repro.errors import ConfigError
     from deit_repro.training import run_transfer
 
     params = _params(args)
-    m = run_transfer(params, data=args.data, student=None if args.scratch else args.student,
-                     out=args.out, checkpoint_dir=args.checkpoint_dir, seed=_seed(args, params))
-    print(f"transfer ({'scratch' if args.scratch else 'pretrained'}) -> {args.out}: "
-          f"top-1 {m['top1']:.2f}")
+    if args.init == "pretrained" and args.student is None:
+        raise ConfigError("--init pretrained needs --student DIR", "pass the pretrained student")
+    student = args.student if args.init == "pretrained" else None
+    runs = _train(args, params, lambda seed, out, run_dir: run_transfer(
+        params, data=args.data, student=student, out=out, run_dir=run_dir, seed=seed))
+    print(f"transfer ({args.init}) -> {args.out}: {_summary(runs)}")
 
 
 def _cmd_evaluate(args) -> None:
@@ -125,9 +187,18 @@ def build_parser() -> argparse.ArgumentParser:
     def training(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--data", type=Path, required=True, help="prepared dataset directory")
         sp.add_argument("--out", type=Path, required=True, help="model directory to write")
-        sp.add_argument("--checkpoint-dir", type=Path, default=None,
-                        help="where the resumable checkpoint lives (default: none)")
-        sp.add_argument("--seed", type=int, default=None, help="run seed (default: seeds[0])")
+        sp.add_argument("--run-dir", type=Path, default=None,
+                        help="the run's working directory: resumable checkpoint, live history, "
+                             "run.json provenance (default: none; run.json goes to --out)")
+        sp.add_argument("--seed", type=int, default=None,
+                        help="train this one seed into --out (default: every seed of params "
+                             "seeds, into --out/seed<k>/)")
+        sp.add_argument("--metrics", type=Path, default=None,
+                        help="JSON file for the metrics' mean ± std over the seeds")
+        sp.add_argument("--history", type=Path, default=None,
+                        help="CSV file for the per-epoch metrics of every seed")
+        sp.add_argument("--jobs", type=int, default=None,
+                        help="seeds trained at a time (default: cores / params threads)")
 
     sp = stage("prepare", _cmd_prepare, "materialise a dataset of the profile (with manifest)")
     sp.add_argument("--dataset", required=True, help="a key of datasets: in params.yaml")
@@ -144,8 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     training(sp)
     sp.add_argument("--teacher", type=Path, default=None, help="teacher model directory")
     sp.add_argument("--distill", choices=["none", "soft", "hard"], required=True)
-    sp.add_argument("--dist-token", action=argparse.BooleanOptionalAction, default=False,
-                    help="add the distillation token (DeiT⚗)")
+    sp.add_argument("--dist-token", choices=["yes", "no", "auto"], default="auto",
+                    help="add the distillation token (DeiT⚗); auto: yes unless --distill none")
 
     sp = stage("finetune", _cmd_finetune, "fine-tune a student at a higher resolution")
     training(sp)
@@ -157,9 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = stage("transfer", _cmd_transfer, "fine-tune a pretrained student on another dataset")
     training(sp)
-    group = sp.add_mutually_exclusive_group(required=True)
-    group.add_argument("--student", type=Path, help="pretrained student directory")
-    group.add_argument("--scratch", action="store_true", help="train from scratch instead")
+    sp.add_argument("--init", choices=["pretrained", "scratch"], default="pretrained",
+                    help="start from --student, or train the same architecture from scratch")
+    sp.add_argument("--student", type=Path, default=None, help="pretrained student directory")
 
     sp = stage("evaluate", _cmd_evaluate, "accuracy per head, disagreement, throughput")
     sp.add_argument("--data", type=Path, required=True)
@@ -176,7 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr)
     from deit_repro.errors import DeitReproError
@@ -191,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         if err.errno == errno.ENOSPC:
             # A failed write() carries no file name: name the stage's outputs instead.
             outputs = [f"--{flag.replace('_', '-')} {getattr(args, flag)}"
-                       for flag in ("out", "checkpoint_dir") if getattr(args, flag, None)]
+                       for flag in ("out", "run_dir") if getattr(args, flag, None)]
             where = err.filename or ", ".join(outputs) or "an output"
             print(f"deit-repro {args.stage}: error: no space left on device writing {where}; "
                   "free disk space and re-run (outputs are written atomically: the last "

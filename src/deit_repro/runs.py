@@ -154,6 +154,26 @@ def save_model(out: Path, model: nn.Module, *, role: str, kwargs: dict[str, Any]
         "dataset": {"path": str(ds.path), "content_hash": ds.content_hash}, **(extra or {})})
 
 
+def resolve_model_dir(path: Path, seed: int) -> Path:
+    """A model directory, or the ``seed<k>/`` run inside a multi-seed stage output.
+
+    Multi-seed stages write one run per seed (``<out>/seed<k>/``); a downstream run of seed k
+    uses the upstream run of the same seed, or the single run when there is only one (teacher).
+    """
+    path = Path(path)
+    if (path / "model.json").is_file():
+        return path
+    seeded = path / f"seed{seed}"
+    if (seeded / "model.json").is_file():
+        return seeded
+    have = sorted(p.name for p in path.glob("seed*") if (p / "model.json").is_file())
+    if have:
+        raise CheckpointError(f"{path} has runs {', '.join(have)} but not seed{seed}",
+                              "train the upstream stage with the same seeds (params seeds)")
+    raise CheckpointError(f"{path} holds no trained model (model.json + model.pt)",
+                          "run the stage that produces it first (see dvc.yaml)")
+
+
 def load_model(path: Path, *, drop_path: float | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a model saved by :func:`save_model`; a bad directory is a CheckpointError."""
     import json

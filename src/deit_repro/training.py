@@ -17,13 +17,13 @@ import torch.nn.functional as F
 
 from deit_repro import atomic
 from deit_repro.config import ModelCfg, Params, TrainCfg, config_hash, to_dict
-from deit_repro.engine import FitResult, Runtime, accuracy_table, base_criterion, fit, predict
+from deit_repro.engine import Runtime, accuracy_table, base_criterion, fit, predict
 from deit_repro.errors import CheckpointError, ConfigError
 from deit_repro.losses import DistillationLoss
 from deit_repro.models import (create_student, create_teacher, load_state_dict_checked,
                                set_training_outputs, student_heads)
 from deit_repro.pos_embed import adapt_for_finetune
-from deit_repro.runs import (Dataset, build_model, eval_batches, fetch_weights, load_model,
+from deit_repro.runs import (Dataset, build_model, resolve_model_dir, eval_batches, fetch_weights, load_model,
                              load_weights_file, open_dataset, round_metrics, save_model,
                              student_kwargs, teacher_kwargs, train_batches, write_history,
                              write_run)
@@ -58,8 +58,12 @@ def _heads_metrics(model: nn.Module, ds: Dataset, params: Params, img_size: int,
 
 
 def _final_metrics(history: list[dict[str, Any]], params: Params, img_size: int,
-                   res: FitResult, extra: dict[str, Any]) -> dict[str, Any]:
-    """Final-epoch metrics (never best-on-test) with the eval settings beside them."""
+                   extra: dict[str, Any]) -> dict[str, Any]:
+    """Final-epoch metrics (never best-on-test) with the eval settings beside them.
+
+    Only values that the params, data and seed determine: timings and resume information go to
+    the run directory's run.json, so a rerun writes the same bytes (DESIGN.md, reproducibility).
+    """
     last = history[-1]
     heads: dict[str, dict[str, float]] = {}
     for k, v in last.items():
@@ -67,18 +71,34 @@ def _final_metrics(history: list[dict[str, Any]], params: Params, img_size: int,
             head, metric = k[len("test_"):].rsplit("_", 1)
             heads.setdefault(head, {})[metric] = v
     return round_metrics({
-        **extra, "epochs": last["epoch"], "heads": heads, "top1": heads["cls"]["top1"]
-        if "joint" not in heads else heads["joint"]["top1"],
-        "train_loss": last["train_loss"], "train_seconds": res.seconds,
-        "resumed_from_epoch": res.resumed_from_epoch,
+        **extra, "epochs": last["epoch"], "heads": heads,
+        "top1": heads.get("joint", heads["cls"])["top1"], "train_loss": last["train_loss"],
         "eval": {"img_size": img_size, "crop_pct": params.eval.crop_pct,
                  "interpolation": params.eval.interpolation, "weights": "raw (not EMA)",
                  "split": "test"}})
 
 
+#: history columns that measure time, not the model: kept in the run directory only
+_TIMING = ("train_images_per_s",)
+
+
+def _write_outputs(out: Path, run_dir: Path | None, model: nn.Module, *, role: str,
+                   kwargs: dict[str, Any], ds: Dataset, params: Params, img_size: int,
+                   history: list[dict[str, Any]], metrics: dict[str, Any], seed: int,
+                   extra: dict[str, Any], run_info: dict[str, Any]) -> None:
+    """The model directory (deterministic files) and the run directory (provenance, timings)."""
+    out.mkdir(parents=True, exist_ok=True)
+    save_model(out, model, role=role, kwargs=kwargs, ds=ds, img_size=img_size, extra=extra)
+    write_history(out / "history.csv",
+                  [{k: v for k, v in row.items() if k not in _TIMING} for row in history])
+    write_run(run_dir or out, params, seed=seed, **extra, **run_info)
+    # metrics.json last: its presence marks a finished run.
+    atomic.write_json(out / "metrics.json", metrics)
+
+
 def _train_and_save(*, model: nn.Module, role: str, kwargs: dict[str, Any], loss_fn,
                     recipe: TrainCfg, ds: Dataset, params: Params, img_size: int, seed: int,
-                    out: Path, checkpoint_dir: Path | None, fingerprint_of: dict[str, Any],
+                    out: Path, run_dir: Path | None, fingerprint_of: dict[str, Any],
                     extra: dict[str, Any], rt: Runtime, desc: str) -> dict[str, Any]:
     model.to(rt.device)
     train_model = model
@@ -87,21 +107,21 @@ def _train_and_save(*, model: nn.Module, role: str, kwargs: dict[str, Any], loss
             model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     batches = train_batches(ds, recipe, img_size=img_size, seed=seed, world_size=rt.world_size,
                             rank=rt.rank)
-    ckpt = checkpoint_dir / "checkpoint.pth" if checkpoint_dir is not None else None
+    ckpt = run_dir / "checkpoint.pth" if run_dir is not None else None
     res = fit(model=train_model, loss_fn=loss_fn, train_batches=batches, recipe=recipe,
               num_classes=ds.num_classes, seed=seed, rt=rt, checkpoint_path=ckpt,
               fingerprint=config_hash(fingerprint_of),
               evaluate=lambda m: _heads_metrics(m, ds, params, img_size, rt),
-              on_epoch_end=(lambda h: write_history(checkpoint_dir / "history.csv", h))
-              if checkpoint_dir is not None else None, desc=desc)
-    metrics = _final_metrics(res.history, params, img_size, res, extra)
+              on_epoch_end=(lambda h: write_history(run_dir / "history.csv", h))
+              if run_dir is not None else None, desc=desc)
+    metrics = _final_metrics(res.history, params, img_size, extra)
     if rt.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_model(out, model, role=role, kwargs=kwargs, ds=ds, img_size=img_size, extra=extra)
-        write_history(out / "history.csv", res.history)
-        write_run(out, params, seed=seed, effective_lr=recipe.effective_lr(), **extra)
-        # metrics.json last: its presence marks a finished run.
-        atomic.write_json(out / "metrics.json", metrics)
+        _write_outputs(out, run_dir, model, role=role, kwargs=kwargs, ds=ds, params=params,
+                       img_size=img_size, history=res.history, metrics=metrics, seed=seed,
+                       extra=extra, run_info={
+                           "effective_lr": recipe.effective_lr(), "train_seconds": res.seconds,
+                           "resumed_from_epoch": res.resumed_from_epoch,
+                           "world_size": rt.world_size, "device": str(rt.device)})
     return metrics
 
 
@@ -120,7 +140,7 @@ def _teacher_module(teacher_dir: Path, ds: Dataset, rt: Runtime) -> nn.Module:
 # --------------------------------------------------------------------------------------------------
 
 
-def run_teacher(params: Params, *, data: Path, out: Path, checkpoint_dir: Path | None,
+def run_teacher(params: Params, *, data: Path, out: Path, run_dir: Path | None,
                 seed: int, weights: Path | None = None, rt: Runtime | None = None) -> dict:
     """Train the convnet teacher, or load released weights (pinned sha256); record its accuracy."""
     rt = rt or Runtime.detect(params.teacher.train.amp)
@@ -131,7 +151,7 @@ def run_teacher(params: Params, *, data: Path, out: Path, checkpoint_dir: Path |
                             drop_path=cfg.train.drop_path)
     if cfg.weights is not None or weights is not None:
         if cfg.weights is not None:
-            path = fetch_weights(cfg.weights, weights, (checkpoint_dir or out) / "downloads")
+            path = fetch_weights(cfg.weights, weights, (run_dir or out) / "downloads")
         else:
             path = weights
         model = build_model("teacher", kwargs)
@@ -139,20 +159,18 @@ def run_teacher(params: Params, *, data: Path, out: Path, checkpoint_dir: Path |
         model.to(rt.device).eval()
         metrics = _heads_metrics(model, ds, params, img_size, rt)
         extra = {"role": "teacher", "source": str(path)}
-        final = _final_metrics([{"epoch": 0, "train_loss": None, **metrics}], params, img_size,
-                               FitResult(), extra)
-        out.mkdir(parents=True, exist_ok=True)
-        save_model(out, model, role="teacher", kwargs=kwargs, ds=ds, img_size=img_size,
-                   extra=extra)
-        write_run(out, params, seed=seed, **extra)
-        atomic.write_json(out / "metrics.json", final)
+        history = [{"epoch": 0, "train_loss": None, **metrics}]
+        final = _final_metrics(history, params, img_size, extra)
+        _write_outputs(out, run_dir, model, role="teacher", kwargs=kwargs, ds=ds, params=params,
+                       img_size=img_size, history=history, metrics=final, seed=seed,
+                       extra=extra, run_info={"sha256": atomic.sha256_file(path)})
         return final
     torch.manual_seed(seed)
     model = create_teacher(**kwargs)
     loss = DistillationLoss(base_criterion(cfg.train), None, distill="none", alpha=0.0, tau=1.0)
     return _train_and_save(
         model=model, role="teacher", kwargs=kwargs, loss_fn=loss, recipe=cfg.train, ds=ds,
-        params=params, img_size=img_size, seed=seed, out=out, checkpoint_dir=checkpoint_dir,
+        params=params, img_size=img_size, seed=seed, out=out, run_dir=run_dir,
         fingerprint_of={"stage": "teacher", "cfg": to_dict(cfg), "seed": seed,
                         "data": ds.content_hash},
         extra={"role": "teacher", "arch": cfg.model.name or cfg.model.arch}, rt=rt,
@@ -160,7 +178,7 @@ def run_teacher(params: Params, *, data: Path, out: Path, checkpoint_dir: Path |
 
 
 def run_pretrain(params: Params, *, data: Path, teacher: Path | None, out: Path,
-                 checkpoint_dir: Path | None, distill: str, dist_token: bool, seed: int,
+                 run_dir: Path | None, distill: str, dist_token: bool, seed: int,
                  rt: Runtime | None = None) -> dict:
     """Train a DeiT student: no distillation, soft or hard, with or without the distillation
     token (paper §4, Table 3)."""
@@ -171,12 +189,13 @@ def run_pretrain(params: Params, *, data: Path, teacher: Path | None, out: Path,
                           "pass --distill none|soft|hard")
     if distill == "none" and dist_token:
         raise ConfigError("a distillation token without distillation has no target",
-                          "use --distill soft|hard with --dist-token, or --no-dist-token")
+                          "use --distill soft|hard with --dist-token yes, or --dist-token no")
     ds = open_dataset(data)
     teacher_mod = None
     if distill != "none":
         if teacher is None:
             raise ConfigError(f"--distill {distill} needs a teacher", "pass --teacher DIR")
+        teacher = resolve_model_dir(teacher, seed)
         teacher_mod = _teacher_module(teacher, ds, rt)
     alpha, tau = params.distillation.weights(distill)  # type: ignore[arg-type]
     kwargs = student_kwargs(cfg.model, distilled=dist_token, num_classes=ds.num_classes,
@@ -190,7 +209,7 @@ def run_pretrain(params: Params, *, data: Path, teacher: Path | None, out: Path,
     return _train_and_save(
         model=model, role="student", kwargs=kwargs, loss_fn=loss, recipe=cfg.train, ds=ds,
         params=params, img_size=cfg.model.img_size, seed=seed, out=out,
-        checkpoint_dir=checkpoint_dir,
+        run_dir=run_dir,
         fingerprint_of={"stage": "pretrain", "cfg": to_dict(cfg), "variant": variant,
                         "seed": seed, "data": ds.content_hash,
                         "teacher": _teacher_hash(teacher) if teacher_mod is not None else None},
@@ -198,7 +217,7 @@ def run_pretrain(params: Params, *, data: Path, teacher: Path | None, out: Path,
 
 
 def run_finetune(params: Params, *, data: Path, student: Path, teacher: Path | None, out: Path,
-                 checkpoint_dir: Path | None, seed: int, img_size: int | None = None,
+                 run_dir: Path | None, seed: int, img_size: int | None = None,
                  interpolation: str | None = None, rt: Runtime | None = None) -> dict:
     """Fine-tune a student at another resolution (paper §6: 224 -> 384), positional embeddings
     resampled bicubic (bilinear for the ablation), with the true label and the teacher's
@@ -208,6 +227,7 @@ def run_finetune(params: Params, *, data: Path, student: Path, teacher: Path | N
     img_size = img_size or cfg.img_size
     interpolation = interpolation or cfg.interpolation
     ds = open_dataset(data)
+    student = resolve_model_dir(student, seed)
     old, meta = load_model(student)
     _same_classes(meta, ds, student)
     distill = meta.get("distill", "none")
@@ -217,6 +237,8 @@ def run_finetune(params: Params, *, data: Path, student: Path, teacher: Path | N
     model = create_student(**kwargs)
     adapt_for_finetune(model, old.state_dict(), interpolation=interpolation, drop_heads=False)
     set_training_outputs(model, dist_token)
+    if distill != "none" and teacher:
+        teacher = resolve_model_dir(teacher, seed)
     teacher_mod = _teacher_module(teacher, ds, rt) if distill != "none" and teacher else None
     if distill != "none" and teacher_mod is None:
         raise ConfigError(f"student {student} was distilled ({distill}); fine-tuning uses the "
@@ -233,7 +255,7 @@ def run_finetune(params: Params, *, data: Path, student: Path, teacher: Path | N
                "before_finetune": {k: v for k, v in before.items()}}
     return _train_and_save(
         model=model, role="student", kwargs=kwargs, loss_fn=loss, recipe=cfg.train, ds=ds,
-        params=params, img_size=img_size, seed=seed, out=out, checkpoint_dir=checkpoint_dir,
+        params=params, img_size=img_size, seed=seed, out=out, run_dir=run_dir,
         fingerprint_of={"stage": "finetune", "cfg": to_dict(cfg), "img_size": img_size,
                         "interpolation": interpolation, "seed": seed, "data": ds.content_hash,
                         "student": _teacher_hash(student),
@@ -242,13 +264,14 @@ def run_finetune(params: Params, *, data: Path, student: Path, teacher: Path | N
 
 
 def run_transfer(params: Params, *, data: Path, student: Path | None, out: Path,
-                 checkpoint_dir: Path | None, seed: int, rt: Runtime | None = None) -> dict:
+                 run_dir: Path | None, seed: int, rt: Runtime | None = None) -> dict:
     """Fine-tune a pretrained student on a downstream dataset, or (``student=None``) train the
     same architecture from scratch for the comparison (paper §5.3, Table 7)."""
     cfg = params.transfer
     ds = open_dataset(data)
     if student is not None:
         recipe = cfg.train
+        student = resolve_model_dir(student, seed)
         old, meta = load_model(student)
         if meta["in_chans"] != ds.in_chans:
             raise ConfigError(f"student {student} takes {meta['in_chans']} channels, dataset "
@@ -276,7 +299,7 @@ def run_transfer(params: Params, *, data: Path, student: Path | None, out: Path,
              "pretrained_from": str(student) if student is not None else None}
     return _train_and_save(
         model=model, role="student", kwargs=kwargs, loss_fn=loss, recipe=recipe, ds=ds,
-        params=params, img_size=img_size, seed=seed, out=out, checkpoint_dir=checkpoint_dir,
+        params=params, img_size=img_size, seed=seed, out=out, run_dir=run_dir,
         fingerprint_of={"stage": "transfer", "cfg": to_dict(recipe), "kwargs": kwargs,
                         "seed": seed, "data": ds.content_hash,
                         "student": _teacher_hash(student) if student is not None else None},
