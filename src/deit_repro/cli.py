@@ -35,7 +35,8 @@ def _cmd_prepare(args) -> None:
         raise ConfigError(f"dataset '{args.dataset}' is not in params.yaml datasets "
                           f"({', '.join(sorted(params.datasets))})", "add it under datasets:")
     d = params.datasets[args.dataset]
-    manifest = run_prepare(source=d.source, out=args.out, source_dir=args.source_dir,
+    source_dir = args.source_dir or (Path(d.root).expanduser() if d.root else None)
+    manifest = run_prepare(source=d.source, out=args.out, source_dir=source_dir,
                            train_per_class=d.train_per_class, test_per_class=d.test_per_class,
                            image_size=d.image_size, seed=d.seed, on_bad_image=d.on_bad_image,
                            download=d.download, test_fraction=d.test_fraction)
@@ -73,8 +74,12 @@ def _train(args, params, run_one, *, multi_seed: bool = True) -> list[dict]:
     else:
         seeds = list(params.seeds)
         jobs = args.jobs or launch.default_jobs(len(seeds), params.threads)
-        runs = launch.run_seeds(_child_argv(args.argv), seeds=seeds, out=args.out,
-                                run_dir=args.run_dir, jobs=jobs)
+        if jobs == 1:  # one at a time: no need for child processes
+            runs = [run_one(k, args.out / f"seed{k}",
+                            args.run_dir / f"seed{k}" if args.run_dir else None) for k in seeds]
+        else:
+            runs = launch.run_seeds(_child_argv(args.argv), seeds=seeds, out=args.out,
+                                    run_dir=args.run_dir, jobs=jobs)
         histories = [args.out / f"seed{k}" / "history.csv" for k in seeds]
     if args.metrics is not None:
         launch.write_aggregate(args.metrics, runs, seeds)
@@ -157,17 +162,26 @@ def _cmd_evaluate(args) -> None:
         if not sep or not name or not path:
             raise ConfigError(f"--model {item!r} is not NAME=DIR", "write e.g. --model deit=runs/x")
         models[name] = Path(path)
-    res = run_evaluate(params, data=args.data, models=models, teacher=args.teacher, out=args.out,
-                       throughput=not args.no_throughput)
+    res = run_evaluate(params, data=args.data, models=models, teacher=args.teacher, out=args.out)
     for name, entry in res["models"].items():
-        print(f"{name}: " + ", ".join(f"{h} {v['top1']:.2f}" for h, v in entry["heads"].items()))
+        print(f"{name}: " + ", ".join(f"{h} {v['top1']['mean']:.2f} ± {v['top1']['std']:.2f}"
+                                      for h, v in entry["heads"].items()))
+
+
+def _cmd_throughput(args) -> None:
+    from deit_repro.evaluate import run_throughput
+
+    res = run_throughput(_params(args), data=args.data, out=args.out)
+    for name, entry in res["models"].items():
+        print(f"{name} ({entry['img_size']} px): {entry['images_per_s']:.0f} images/s "
+              f"(batch {entry['batch_size']})")
 
 
 def _cmd_tables(args) -> None:
     from deit_repro.tables import run_tables
 
     params = _params(args)
-    written = run_tables(params, evaluations=args.evaluate, out=args.out)
+    written = run_tables(params, metrics=args.metrics, out=args.out)
     print("wrote " + ", ".join(str(p) for p in written))
 
 
@@ -237,11 +251,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--model", action="append", default=[], metavar="NAME=DIR", required=True)
     sp.add_argument("--teacher", type=Path, default=None)
     sp.add_argument("--out", type=Path, required=True, help="JSON file to write")
-    sp.add_argument("--no-throughput", action="store_true")
+
+    sp = stage("throughput", _cmd_throughput, "inference throughput of the profile's models "
+               "(largest batch that fits, mean of repeats)")
+    sp.add_argument("--data", type=Path, required=True,
+                    help="prepared dataset giving the class count and channels")
+    sp.add_argument("--out", type=Path, required=True, help="JSON file to write")
 
     sp = stage("tables", _cmd_tables, "regenerate the paper's tables from the metrics")
-    sp.add_argument("--evaluate", type=Path, action="append", required=True,
-                    help="an evaluate JSON (repeatable)")
+    sp.add_argument("--metrics", type=Path, required=True,
+                    help="the metrics directory of the DAG (metrics/)")
     sp.add_argument("--out", type=Path, required=True, help="results directory")
     return p
 

@@ -38,6 +38,9 @@ class DatasetCfg:
     #: fashion_mnist | digits | imagefolder | cifar10 | cifar100 | flowers102 | stanford_cars |
     #: inat2018 | inat2019
     source: str
+    #: where the raw data lies (ImageNet's ImageFolder root, torchvision's root); null = the
+    #: source's usual place (Fashion-MNIST: the Debian package). `--source-dir` overrides it.
+    root: Optional[str] = None
     #: class-balanced subset of the training split (images per class); null = all
     train_per_class: Optional[int] = None
     #: class-balanced subset of the test split; null = all
@@ -209,8 +212,10 @@ class WeightsCfg:
     sha256: str
 
     def __post_init__(self) -> None:
-        _check(len(self.sha256) == 64 and all(c in "0123456789abcdef" for c in self.sha256),
-               "sha256", self.sha256, "64 lowercase hex digits")
+        # A full sha256, or (as torch.hub's check_hash) the prefix in a release's file name,
+        # e.g. regnety_160-a5fe301d.pth: at least 8 hex digits.
+        _check(8 <= len(self.sha256) <= 64 and all(c in "0123456789abcdef" for c in self.sha256),
+               "sha256", self.sha256, "8 to 64 lowercase hex digits (a sha256 or its prefix)")
 
 
 @dataclass(frozen=True)

@@ -90,24 +90,41 @@ def combine_histories(path: Path, histories: Sequence[Path], seeds: Sequence[int
     atomic.write_text(path, buf.getvalue())
 
 
-def aggregate(runs: Sequence[dict[str, Any]], seeds: Sequence[int]) -> dict[str, Any]:
-    """Mean, sample std and per-seed values of every numeric leaf; other leaves kept if equal.
+#: top-level keys whose numbers are measurements (aggregated over seeds); every other key
+#: describes the run (alpha, tau, img_size, ...) and is kept as is when the seeds agree
+METRIC_KEYS = ("heads", "top1", "train_loss", "before_finetune", "models", "disagreement")
 
-    ``{"top1": 80.1}`` from two runs becomes ``{"top1": {"mean": .., "std": .., "values": [..]}}``.
+
+def aggregate(runs: Sequence[dict[str, Any]], seeds: Sequence[int]) -> dict[str, Any]:
+    """Mean, sample std and per-seed values of every measured number over the seeds.
+
+    ``{"top1": 80.1}`` from two runs becomes ``{"top1": {"mean": .., "std": .., "values": [..]}}``
+    (also for one seed, so consumers see one schema); descriptive fields stay scalars.
     """
-    def merge(values: list[Any]) -> Any:
+    def stat(values: list[Any]) -> Any:
         first = values[0]
         if isinstance(first, dict):
             keys = [k for k in first if all(isinstance(v, dict) and k in v for v in values)]
-            return {k: merge([v[k] for v in values]) for k in keys}
-        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values) and all(
-                v is not None and math.isfinite(v) for v in values):
+            return {k: stat([v[k] for v in values]) for k in keys}
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in values) and all(
+                v == first for v in values):
+            return first  # a count or a size (img_size, params): the same for every seed
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+               for v in values):
             return {"mean": round(statistics.fmean(values), 6),
                     "std": round(statistics.stdev(values), 6) if len(values) > 1 else 0.0,
                     "values": values}
         return first if all(v == first for v in values) else values
 
-    return {"seeds": list(seeds), "n": len(runs), **merge(list(runs))}
+    def keep(values: list[Any]) -> Any:
+        first = values[0]
+        return first if all(v == first for v in values) else values
+
+    out: dict[str, Any] = {"seeds": list(seeds), "n": len(runs)}
+    for key in runs[0]:
+        values = [r.get(key) for r in runs]
+        out[key] = stat(values) if key in METRIC_KEYS else keep(values)
+    return out
 
 
 def write_aggregate(path: Path, runs: Sequence[dict[str, Any]], seeds: Sequence[int],

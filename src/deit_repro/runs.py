@@ -118,8 +118,17 @@ def eval_batches(ds: Dataset, ev: EvalCfg, img_size: int, *, split: str = "test"
 
 def student_kwargs(m: ModelCfg, *, distilled: bool, num_classes: int, in_chans: int,
                    img_size: int | None = None, drop_path: float = 0.0) -> dict[str, Any]:
-    """Adapter from the config object to :func:`create_student`'s explicit kwargs."""
-    return dict(name=m.name, distilled=distilled, num_classes=num_classes,
+    """Adapter from the config object to :func:`create_student`'s explicit kwargs.
+
+    A timm name stands for the family: the distilled student of ``deit_base_patch16_224`` is
+    ``deit_base_distilled_patch16_224`` and vice versa (timm's naming), so one ``student.model``
+    serves the Table 3 rows with and without the distillation token.
+    """
+    name = m.name
+    if name is not None:
+        plain = name.replace("_distilled_patch", "_patch")
+        name = plain.replace("_patch", "_distilled_patch", 1) if distilled else plain
+    return dict(name=name, distilled=distilled, num_classes=num_classes,
                 img_size=img_size or m.img_size, in_chans=in_chans, patch_size=m.patch_size,
                 embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads,
                 mlp_ratio=m.mlp_ratio, drop_path_rate=drop_path)
