@@ -11,6 +11,7 @@ import errno
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 _logger = logging.getLogger("deit_repro")
@@ -273,9 +274,11 @@ def main(argv: list[str] | None = None) -> int:
                         datefmt="%H:%M:%S", stream=sys.stderr)
     from deit_repro.errors import DeitReproError
 
+    t0 = time.perf_counter()
     try:
         _configure_threads(args)
         args.func(args)
+        _report_cost(args.stage, time.perf_counter() - t0)
     except DeitReproError as err:
         print(f"deit-repro {args.stage}: error: {err}", file=sys.stderr)
         return err.exit_code
@@ -294,6 +297,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"deit-repro {args.stage}: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _report_cost(stage: str, seconds: float) -> None:
+    """One line per stage with its wall time and peak memory (this process and its children), so
+    `dvc repro` shows the per-stage breakdown."""
+    import resource
+
+    peak_kib = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                   resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    print(f"deit-repro {stage}: done in {seconds:.1f} s, peak RSS {peak_kib / 1024:.0f} MiB",
+          file=sys.stderr)
 
 
 def _configure_threads(args) -> None:
