@@ -29,28 +29,27 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="session")
-def fashion_small(tmp_path_factory) -> Path:
-    """400 training / 200 test images of the real Fashion-MNIST, class-balanced."""
+def _prepared(tmp_path_factory, name: str, train_per_class: int, test_per_class: int) -> Path:
     _need_fashion()
     from deit_repro.prepare import run_prepare
 
-    out = tmp_path_factory.mktemp("data") / "fashion_small"
-    run_prepare(source="fashion_mnist", out=out, source_dir=None, train_per_class=40,
-                test_per_class=20, image_size=None, seed=0)
+    out = tmp_path_factory.mktemp("data") / name
+    run_prepare(source="fashion_mnist", out=out, source_dir=None,
+                train_per_class=train_per_class, test_per_class=test_per_class, image_size=None,
+                seed=0)
     return out
+
+
+@pytest.fixture(scope="session")
+def fashion_small(tmp_path_factory) -> Path:
+    """400 training / 200 test images of the real Fashion-MNIST, class-balanced."""
+    return _prepared(tmp_path_factory, "fashion_small", 40, 20)
 
 
 @pytest.fixture(scope="session")
 def fashion_5k(tmp_path_factory) -> Path:
     """5,000 training / 1,000 test images of the real Fashion-MNIST, class-balanced."""
-    _need_fashion()
-    from deit_repro.prepare import run_prepare
-
-    out = tmp_path_factory.mktemp("data") / "fashion_5k"
-    run_prepare(source="fashion_mnist", out=out, source_dir=None, train_per_class=500,
-                test_per_class=100, image_size=None, seed=0)
-    return out
+    return _prepared(tmp_path_factory, "fashion_5k", 500, 100)
 
 
 @pytest.fixture(scope="session")

@@ -61,8 +61,8 @@ def smoke_repo(tmp_path_factory) -> Path:
     return repo
 
 
-STAGES = {"prepare@fashion_mnist", "prepare@digits", "teacher", "pretrain@none", "pretrain@soft",
-          "pretrain@hard", "pretrain@deit", "finetune@bicubic", "finetune@bilinear",
+STAGES = {"prepare@fashion_mnist", "prepare@digits", "teacher@convnet", "teacher@vit", "pretrain@none", "pretrain@soft",
+          "pretrain@hard", "pretrain@deit", "pretrain@deit_vit_teacher", "finetune@bicubic", "finetune@bilinear",
           "finetune@control", "transfer@digits-pretrained", "transfer@digits-scratch",
           "evaluate", "throughput", "tables"}
 
@@ -89,7 +89,7 @@ def test_dvc_repro_then_exp_run_distill_soft(smoke_repo):
     out = run([DVC, "exp", "run", "-S", "distill=soft"], repo)
     # Exactly the stages downstream of the headline model re-run (the Table 3 variants do not);
     # the scratch transfer baseline shares the headline dependency (see dvc.yaml) and re-runs too.
-    assert ran_stages(out) == {"pretrain@deit", "finetune@bicubic", "finetune@bilinear",
+    assert ran_stages(out) == {"pretrain@deit", "pretrain@deit_vit_teacher", "finetune@bicubic", "finetune@bilinear",
                                "finetune@control", "transfer@digits-pretrained",
                                "transfer@digits-scratch", "evaluate", "tables"}
     soft = json.loads((repo / "metrics" / "pretrain" / "deit.json").read_text())

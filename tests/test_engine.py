@@ -152,6 +152,15 @@ def test_teacher_then_distilled_student_train_end_to_end(fashion_small, smoke_pa
     t = run_teacher(smoke_params, data=fashion_small, out=tmp_path / "teacher",
                     run_dir=tmp_path / "ck", seed=0, rt=CPU)
     assert 0.0 <= t["top1"] <= 100.0 and t["heads"]["cls"]["top5"] >= t["top1"]
+    assert t["arch"] == "resnet_small"
+    # Table 2's transformer teacher, and a student distilled from it.
+    v = run_teacher(smoke_params, data=fashion_small, out=tmp_path / "teacher_vit",
+                    run_dir=None, seed=0, arch="vit", rt=CPU)
+    assert v["arch"] == "vit" and v["heads"]["cls"]["top5"] >= v["top1"]
+    m = run_pretrain(smoke_params, data=fashion_small, teacher=tmp_path / "teacher_vit",
+                     out=tmp_path / "deit_vit", run_dir=None, distill="soft", dist_token=True,
+                     seed=0, rt=CPU)
+    assert m["distill"] == "soft" and set(m["heads"]) == {"cls", "dist", "joint"}
     m = run_pretrain(smoke_params, data=fashion_small, teacher=tmp_path / "teacher",
                      out=tmp_path / "deit", run_dir=None, distill="hard", dist_token=True,
                      seed=0, rt=CPU)

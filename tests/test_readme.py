@@ -16,3 +16,14 @@ def test_ci_runs_the_readme_test_command():
     command = block.group(1).strip()
     assert command == "bash scripts/setup.sh && .venv/bin/python -m pytest -q"
     assert command in [line.strip() for line in ci.splitlines()]
+
+
+def test_readme_shows_the_committed_headline_table():
+    """The README's copy of Table 3 is the table the pipeline wrote (it cannot drift)."""
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- results:table3 -->\n(.+?)\n<!-- /results:table3 -->", readme, re.S)
+    assert block, "README lost its headline table"
+    table = (ROOT / "results" / "table3_distillation.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("|")]
+    assert block.group(1).strip().splitlines() == rows
+    assert "![Figure 3" in readme and "results/figure3_epochs.png" in readme

@@ -148,8 +148,40 @@ def eval_tensor(images: torch.Tensor, img_size: int, ev: EvalCfg) -> torch.Tenso
     return (x - m) / s
 
 
+class _EpochBatches:
+    """What both pipelines share: this rank's sample order per epoch and the batch count.
+
+    Subclasses set ``batch_size``, ``seed``, ``repeats``, ``world_size``, ``rank``, ``epoch`` and
+    implement ``_num_samples``.
+    """
+
+    batch_size: int
+    seed: int
+    repeats: int
+    world_size: int
+    rank: int
+    epoch: int
+
+    def _num_samples(self) -> int:
+        raise NotImplementedError
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def indices(self) -> torch.Tensor:
+        return epoch_indices(self._num_samples(), epoch=self.epoch, seed=self.seed,
+                             repeats=self.repeats, world_size=self.world_size, rank=self.rank)
+
+    def __len__(self) -> int:
+        return len(self.indices()) // self.batch_size
+
+    def _generator(self) -> torch.Generator:
+        """The augmentation generator of this epoch and rank (the order has its own)."""
+        return torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch, self.rank) + 1)
+
+
 @dataclass
-class TrainBatches:
+class TrainBatches(_EpochBatches):
     """An epoch of training batches from in-memory uint8 images (tensor pipeline).
 
     Iterating yields ``(images float [B, C, S, S], labels int64 [B])`` for this rank; the last
@@ -166,19 +198,12 @@ class TrainBatches:
     rank: int = 0
     epoch: int = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def indices(self) -> torch.Tensor:
-        return epoch_indices(len(self.labels), epoch=self.epoch, seed=self.seed,
-                             repeats=self.repeats, world_size=self.world_size, rank=self.rank)
-
-    def __len__(self) -> int:
-        return len(self.indices()) // self.batch_size
+    def _num_samples(self) -> int:
+        return len(self.labels)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         idx = self.indices()
-        g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch, self.rank) + 1)
+        g = self._generator()
         for start in range(0, len(idx) - self.batch_size + 1, self.batch_size):
             sel = idx[start:start + self.batch_size]
             yield self.augment(self.images[sel], g), self.labels[sel]
@@ -245,7 +270,7 @@ class _IndexList(torch.utils.data.Sampler):
         return len(self.owner.indices())
 
 
-class LoaderBatches:
+class LoaderBatches(_EpochBatches):
     """An epoch of training batches through a DataLoader (timm pipeline), same contract as
     :class:`TrainBatches`."""
 
@@ -256,18 +281,11 @@ class LoaderBatches:
         self.num_workers = num_workers
         self.epoch = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def indices(self) -> torch.Tensor:
-        return epoch_indices(len(self.dataset), epoch=self.epoch, seed=self.seed,
-                             repeats=self.repeats, world_size=self.world_size, rank=self.rank)
-
-    def __len__(self) -> int:
-        return len(self.indices()) // self.batch_size
+    def _num_samples(self) -> int:
+        return len(self.dataset)
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch, self.rank) + 1)
+        g = self._generator()
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=self.batch_size, sampler=_IndexList(self), drop_last=True,
             num_workers=self.num_workers, generator=g, pin_memory=torch.cuda.is_available(),

@@ -106,7 +106,8 @@ def _cmd_teacher(args) -> None:
 
     params = _params(args)
     runs = _train(args, params, lambda seed, out, run_dir: run_teacher(
-        params, data=args.data, out=out, run_dir=run_dir, seed=seed, weights=args.weights),
+        params, data=args.data, out=out, run_dir=run_dir, seed=seed, weights=args.weights,
+        arch=args.arch),
         multi_seed=False)
     print(f"teacher -> {args.out}: {_summary(runs)}")
 
@@ -182,7 +183,7 @@ def _cmd_tables(args) -> None:
     from deit_repro.tables import run_tables
 
     params = _params(args)
-    written = run_tables(params, metrics=args.metrics, out=args.out)
+    written = run_tables(params, metrics=args.metrics, out=args.out, reference=args.reference)
     print("wrote " + ", ".join(str(p) for p in written))
 
 
@@ -225,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     training(sp)
     sp.add_argument("--weights", type=Path, default=None,
                     help="a local weights file instead of training / downloading")
+    sp.add_argument("--arch", choices=["convnet", "vit"], default="convnet",
+                    help="the distillation teacher (convnet) or Table 2's transformer teacher")
 
     sp = stage("pretrain", _cmd_pretrain, "train a DeiT student (none | soft | hard distillation)")
     training(sp)
@@ -262,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = stage("tables", _cmd_tables, "regenerate the paper's tables from the metrics")
     sp.add_argument("--metrics", type=Path, required=True,
                     help="the metrics directory of the DAG (metrics/)")
+    sp.add_argument("--reference", type=Path, default=Path("reference/paper"),
+                    help="the paper's numbers as CSV (default: reference/paper)")
     sp.add_argument("--out", type=Path, required=True, help="results directory")
     return p
 

@@ -141,7 +141,7 @@ def teacher_kwargs(m: ModelCfg, *, num_classes: int, in_chans: int,
                               in_chans=in_chans, img_size=m.img_size)
     if m.name is None and m.arch == "vit":
         kw.update(patch_size=m.patch_size, embed_dim=m.embed_dim, depth=m.depth,
-                  num_heads=m.num_heads, mlp_ratio=m.mlp_ratio, drop_path_rate=drop_path)
+                  num_heads=m.num_heads, drop_path_rate=drop_path)
     elif m.name is None:
         kw.update(channels=tuple(m.channels), depths=tuple(m.depths))
     return kw

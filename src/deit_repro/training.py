@@ -31,6 +31,18 @@ from deit_repro.runs import (Dataset, build_model, resolve_model_dir, eval_batch
 _logger = logging.getLogger(__name__)
 
 
+def _code_hash() -> str:
+    """sha256 over the package's source files (what produced a checkpoint)."""
+    import hashlib
+
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
 class ResizedInput(nn.Module):
     """Feeds a model its own resolution: the teacher of a student trained at another size
     (facebookresearch/deit#90: no 384 teacher exists, the teacher sees its own 224 input)."""
@@ -110,7 +122,8 @@ def _train_and_save(*, model: nn.Module, role: str, kwargs: dict[str, Any], loss
     ckpt = run_dir / "checkpoint.pth" if run_dir is not None else None
     res = fit(model=train_model, loss_fn=loss_fn, train_batches=batches, recipe=recipe,
               num_classes=ds.num_classes, seed=seed, rt=rt, checkpoint_path=ckpt,
-              fingerprint=config_hash(fingerprint_of),
+              # The code too: a checkpoint written by other code is never resumed from.
+              fingerprint=config_hash({**fingerprint_of, "code": _code_hash()}),
               evaluate=lambda m: _heads_metrics(m, ds, params, img_size, rt),
               on_epoch_end=(lambda h: write_history(run_dir / "history.csv", h))
               if run_dir is not None else None, desc=desc)
@@ -141,15 +154,27 @@ def _teacher_module(teacher_dir: Path, ds: Dataset, rt: Runtime) -> nn.Module:
 
 
 def run_teacher(params: Params, *, data: Path, out: Path, run_dir: Path | None,
-                seed: int, weights: Path | None = None, rt: Runtime | None = None) -> dict:
-    """Train the convnet teacher, or load released weights (pinned sha256); record its accuracy."""
-    rt = rt or Runtime.detect(params.teacher.train.amp)
+                seed: int, weights: Path | None = None, arch: str = "convnet",
+                rt: Runtime | None = None) -> dict:
+    """Train a teacher, or load released weights (pinned sha256); record its accuracy.
+
+    ``arch="convnet"`` is the distillation teacher (``teacher.model``); ``arch="vit"`` the
+    transformer teacher of paper Table 2 (``teacher.vit``), always trained here.
+    """
+    if arch not in ("convnet", "vit"):
+        raise ConfigError(f"teacher arch {arch!r} is not convnet or vit", "pass --arch convnet|vit")
     cfg = params.teacher
+    model_cfg, recipe = (cfg.model, cfg.train) if arch == "convnet" else (cfg.vit.model,
+                                                                          cfg.vit.train)
+    if arch == "vit" and not (model_cfg.name or model_cfg.arch == "vit"):
+        raise ConfigError(f"teacher.vit.model is {model_cfg.name or model_cfg.arch}, not a "
+                          "transformer", "set teacher.vit.model.arch: vit (or a timm ViT name)")
+    rt = rt or Runtime.detect(recipe.amp)
     ds = open_dataset(data)
-    img_size = cfg.model.img_size
-    kwargs = teacher_kwargs(cfg.model, num_classes=ds.num_classes, in_chans=ds.in_chans,
-                            drop_path=cfg.train.drop_path)
-    if cfg.weights is not None or weights is not None:
+    img_size = model_cfg.img_size
+    kwargs = teacher_kwargs(model_cfg, num_classes=ds.num_classes, in_chans=ds.in_chans,
+                            drop_path=recipe.drop_path)
+    if arch == "convnet" and (cfg.weights is not None or weights is not None):
         if cfg.weights is not None:
             path = fetch_weights(cfg.weights, weights, (run_dir or out) / "downloads")
         else:
@@ -167,14 +192,14 @@ def run_teacher(params: Params, *, data: Path, out: Path, run_dir: Path | None,
         return final
     torch.manual_seed(seed)
     model = create_teacher(**kwargs)
-    loss = DistillationLoss(base_criterion(cfg.train), None, distill="none", alpha=0.0, tau=1.0)
+    loss = DistillationLoss(base_criterion(recipe), None, distill="none", alpha=0.0, tau=1.0)
     return _train_and_save(
-        model=model, role="teacher", kwargs=kwargs, loss_fn=loss, recipe=cfg.train, ds=ds,
+        model=model, role="teacher", kwargs=kwargs, loss_fn=loss, recipe=recipe, ds=ds,
         params=params, img_size=img_size, seed=seed, out=out, run_dir=run_dir,
-        fingerprint_of={"stage": "teacher", "cfg": to_dict(cfg), "seed": seed,
-                        "data": ds.content_hash},
-        extra={"role": "teacher", "arch": cfg.model.name or cfg.model.arch}, rt=rt,
-        desc="teacher")
+        fingerprint_of={"stage": "teacher", "model": to_dict(model_cfg),
+                        "train": to_dict(recipe), "seed": seed, "data": ds.content_hash},
+        extra={"role": "teacher", "arch": model_cfg.name or model_cfg.arch}, rt=rt,
+        desc=f"teacher {arch}")
 
 
 def run_pretrain(params: Params, *, data: Path, teacher: Path | None, out: Path,

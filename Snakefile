@@ -1,0 +1,91 @@
+# The same DAG as dvc.yaml, run by Snakemake: one rule per resolved DVC stage, derived through
+# DVC's own API (dvc.yaml stays the one definition; tests/test_engines.py proves both engines see
+# the same stages, edges and commands).
+#
+#   snakemake --cores 2                              # local
+#   snakemake --profile workflow/profiles/slurm      # jobs submitted to SLURM
+#   snakemake -n                                     # plan only
+#
+# After each job the stage is committed to DVC (`dvc commit -f <stage>`), so `dvc status` is clean
+# after a Snakemake run; after a `dvc repro`, Snakemake finds every output up to date.
+import os
+import re
+
+from dvc.dependency.param import ParamsDependency
+from dvc.repo import Repo
+from dvc.stage import PipelineStage
+
+ROOT = workflow.basedir
+
+
+def _rel(path):
+    return os.path.relpath(path, ROOT)
+
+
+def load_dvc_stages(root):
+    """Every stage of dvc.yaml as DVC resolves it (foreach/matrix, ${} interpolation)."""
+    with Repo(root) as repo:
+        stages = []
+        for st in repo.index.stages:
+            if not isinstance(st, PipelineStage) or not st.cmd:
+                continue
+            deps, params = [], {}
+            for d in st.deps:
+                if isinstance(d, ParamsDependency):
+                    params.update(d.read_params())
+                else:
+                    deps.append(_rel(d.fs_path))
+            meta = (st.meta or {}).get("snakemake", {})
+            stages.append(dict(
+                stage=st.addressing,
+                name=re.sub(r"\W", "_", st.addressing),  # pretrain@deit -> pretrain_deit
+                cmd=st.cmd if isinstance(st.cmd, str) else " && ".join(st.cmd),
+                deps=list(dict.fromkeys(deps)),
+                outs=[_rel(o.fs_path) for o in st.outs],
+                params=params,
+                resources=meta.get("resources", {}),
+                threads=meta.get("threads", 1),
+            ))
+        return stages
+
+
+def link_deps(stages):
+    """DVC links a dep to an out that contains it or that it contains (the `models/pretrain`
+    gather); Snakemake links exact paths only: rewrite deps to the producing outs."""
+    outs = [o for s in stages for o in s["outs"]]
+    for s in stages:
+        linked = []
+        for d in s["deps"]:
+            inner = [o for o in outs if o == d or o.startswith(d.rstrip("/") + "/")]
+            outer = [o for o in outs if d.startswith(o.rstrip("/") + "/")]
+            linked += inner or outer or [d]
+        s["deps"] = [d for d in dict.fromkeys(linked) if d not in s["outs"]]
+    return stages
+
+
+DVC_STAGES = link_deps(load_dvc_stages(ROOT))
+# Outputs without a file extension are directories (data/<name>, models/...).
+def _out(path):
+    return directory(path) if os.path.splitext(path)[1] == "" else path
+
+
+rule all:
+    default_target: True
+    input: [o for s in DVC_STAGES for o in s["outs"]]
+
+
+for _s in DVC_STAGES:
+
+    rule:
+        name: _s["name"]
+        input: _s["deps"]
+        output: [_out(o) for o in _s["outs"]]
+        params:
+            cmd=_s["cmd"],
+            stage=_s["stage"],
+            dvc_params=_s["params"],
+        threads: _s["threads"]
+        resources: **_s["resources"]
+        log: f"logs/{_s['name']}.log"
+        shell:
+            "( {params.cmd} ) > {log} 2>&1 && dvc commit -f -q {params.stage:q} >> {log} 2>&1"
