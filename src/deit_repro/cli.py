@@ -179,6 +179,14 @@ def _cmd_throughput(args) -> None:
               f"(batch {entry['batch_size']})")
 
 
+def _cmd_import_weights(args) -> None:
+    from deit_repro.released import import_weights
+
+    meta = import_weights(model=args.model, weights=args.weights, sha256=args.sha256,
+                          data=args.data, out=args.out, img_size=args.img_size)
+    print(f"{args.model} ({meta['img_size']} px, sha256 {meta['sha256'][:12]}) -> {args.out}")
+
+
 def _cmd_tables(args) -> None:
     from deit_repro.tables import run_tables
 
@@ -261,6 +269,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--data", type=Path, required=True,
                     help="prepared dataset giving the class count and channels")
     sp.add_argument("--out", type=Path, required=True, help="JSON file to write")
+
+    sp = stage("import-weights", _cmd_import_weights, "released weights (URL or file, pinned "
+               "sha256) as a model directory: the evaluate-only path")
+    sp.add_argument("--model", required=True, help="exact timm name, e.g. "
+                    "deit_base_distilled_patch16_224")
+    sp.add_argument("--weights", required=True, help="a local file or a URL")
+    sp.add_argument("--sha256", required=True,
+                    help="pinned digest (or the >= 8-digit prefix in a release's file name)")
+    sp.add_argument("--data", type=Path, required=True,
+                    help="prepared dataset it will be evaluated on (classes, channels)")
+    sp.add_argument("--img-size", type=int, default=None,
+                    help="input resolution (default: from the name, else 224)")
+    sp.add_argument("--out", type=Path, required=True, help="model directory to write")
 
     sp = stage("tables", _cmd_tables, "regenerate the paper's tables from the metrics")
     sp.add_argument("--metrics", type=Path, required=True,

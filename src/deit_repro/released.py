@@ -1,0 +1,69 @@
+"""Released checkpoints as model directories: the evaluate-only path (issue #5).
+
+A user with ImageNet but no cluster fills the paper's tables from the released weights: each
+checkpoint (a URL or a local file, pinned by sha256 and loaded with ``weights_only=True``) becomes a
+model directory like the ones the training stages write, so ``deit-repro evaluate`` and
+``deit-repro tables`` read it unchanged::
+
+    deit-repro import-weights --model deit_base_distilled_patch16_224 \\
+        --weights https://dl.fbaipublicfiles.com/deit/deit_base_distilled_patch16_224-df68dfff.pth \\
+        --sha256 df68dfff --data data/imagenet --out models/released/deit_base_distilled
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from deit_repro.config import WeightsCfg
+from deit_repro.errors import ConfigError
+from deit_repro.models import load_state_dict_checked
+from deit_repro.runs import (build_model, fetch_weights, load_weights_file, open_dataset,
+                             save_model)
+
+_logger = logging.getLogger(__name__)
+
+
+def import_weights(*, model: str, weights: str, sha256: str, data: Path, out: Path,
+                   img_size: int | None = None, cache_dir: Path | None = None) -> dict[str, Any]:
+    """Write a model directory for released weights of a timm DeiT (or convnet teacher).
+
+    Args:
+        model: exact timm name, e.g. ``deit_base_distilled_patch16_224`` or ``regnety_160``.
+        weights: a local file, or a URL downloaded into ``cache_dir``.
+        sha256: the pinned digest (full, or the release file name's prefix, >= 8 hex digits).
+        data: the prepared dataset the model is evaluated on (classes and channels).
+        out: the model directory to write.
+        img_size: input resolution; default: the one in the timm name (``..._384``) or 224.
+        cache_dir: where downloads go (default: ``out``'s parent ``.downloads``).
+
+    Returns:
+        The model description written to ``out/model.json``.
+    """
+    pin = WeightsCfg(url=weights, sha256=sha256)  # validates the pin
+    local = Path(weights) if "://" not in weights else None
+    path = fetch_weights(pin, local, cache_dir or out.parent / ".downloads")
+    ds = open_dataset(data)
+    size = img_size or (384 if model.endswith("_384") else 224)
+    role = "student" if model.startswith("deit") else "teacher"
+    if role == "student":
+        kwargs = dict(name=model, distilled="distilled" in model, num_classes=ds.num_classes,
+                      img_size=size, in_chans=ds.in_chans, drop_path_rate=0.0)
+    elif model.startswith(("regnet", "resnet")):
+        kwargs = dict(name=model, num_classes=ds.num_classes, in_chans=ds.in_chans,
+                      img_size=size)
+    else:
+        raise ConfigError(f"--model {model} is neither a timm DeiT nor a convnet teacher",
+                          "use an exact timm name such as deit_base_distilled_patch16_224")
+    net = build_model(role, kwargs)
+    load_state_dict_checked(net, load_weights_file(path), what=f"released weights {path}")
+    from deit_repro.atomic import sha256_file
+
+    extra = {"source": weights, "sha256": sha256_file(path), "released": True}
+    if role == "student":
+        extra.update(distill="hard" if kwargs["distilled"] else "none",
+                     dist_token=bool(kwargs["distilled"]))
+    save_model(out, net, role=role, kwargs=kwargs, ds=ds, img_size=size, extra=extra)
+    _logger.info("imported %s (%s) into %s", model, path, out)
+    return {"role": role, "kwargs": kwargs, "img_size": size, **extra}
