@@ -376,7 +376,7 @@ def test_evaluate_model_must_be_name_eq_dir(capsys, tmp_path, fashion_small, ite
     refused_everywhere(
         capsys, tmp_path, "evaluate",
         lambda out: ["evaluate", "--params", SMOKE, "--data", fashion_small, "--model", item,
-                     "--out", out, "--no-throughput"],
+                     "--out", out],
         f"--model {item!r} is not NAME=DIR", "--model deit=runs/x", out_is_file=True)
 
 
