@@ -18,9 +18,12 @@ _logger = logging.getLogger("deit_repro")
 
 
 def _params(args):
+    """params.yaml, loaded once per command (thread set-up and the stage share it)."""
     from deit_repro.config import load_params
 
-    return load_params(args.params)
+    if getattr(args, "loaded_params", None) is None:
+        args.loaded_params = load_params(args.params)
+    return args.loaded_params
 
 
 def _seed(args, params) -> int:
