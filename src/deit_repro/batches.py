@@ -65,8 +65,10 @@ def epoch_indices(n: int, *, epoch: int, seed: int, repeats: int = 1, world_size
     g = torch.Generator().manual_seed(epoch_seed(seed, epoch))
     perm = torch.randperm(n, generator=g)
     if repeats == 1:
-        per_rank = n // world_size
-        return perm[rank * per_rank:(rank + 1) * per_rank] if world_size > 1 else perm
+        # Dealt round-robin like the repeated copies below: the ranks' k-th batches together are
+        # the single process's k-th global batch (DDP with the same global batch sees the same
+        # images per step; tests/test_slurm.py compares the two).
+        return perm[rank::world_size][: n // world_size] if world_size > 1 else perm
     idx = perm.repeat_interleave(repeats)
     total = math.ceil(n * repeats / world_size) * world_size
     idx = torch.cat([idx, idx[: total - len(idx)]])

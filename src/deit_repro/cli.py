@@ -49,8 +49,8 @@ def _cmd_prepare(args) -> None:
           f"{manifest['content_hash'][:12]}")
 
 
-#: options that differ between the runs of a multi-seed stage (set per run by launch.run_seeds)
-_PER_RUN = ("--seed", "--out", "--run-dir", "--metrics", "--history", "--jobs")
+#: options that differ between the runs of a multi-seed stage (set per run by the launchers)
+_PER_RUN = ("--seed", "--out", "--run-dir", "--metrics", "--history", "--jobs", "--launcher")
 
 
 def _child_argv(argv: list[str]) -> list[str]:
@@ -66,25 +66,104 @@ def _child_argv(argv: list[str]) -> list[str]:
     return out
 
 
-def _train(args, params, run_one, *, multi_seed: bool = True) -> list[dict]:
-    """Run a training stage: one run (``--seed`` given, or the teacher) into ``--out``, or one
-    run per seed of the profile into ``--out/seed<k>/``; then the aggregate to ``--metrics``."""
-    from deit_repro import launch
+# One run of a training stage: ``runner(args, params)`` returns ``run_one(seed, out, run_dir)``.
+# The same function serves the in-process path, the per-seed child processes and the submitit
+# jobs (run_single), so every launcher runs the same code.
 
-    if args.seed is not None or not multi_seed:
-        seeds = [_seed(args, params)]
-        runs = [run_one(seeds[0], args.out, args.run_dir)]
-        histories = [args.out / "history.csv"]
+
+def _teacher_runner(args, params):
+    from deit_repro.training import run_teacher
+
+    return lambda seed, out, run_dir: run_teacher(
+        params, data=args.data, out=out, run_dir=run_dir, seed=seed, weights=args.weights,
+        arch=args.arch)
+
+
+def _dist_token(args) -> bool:
+    return args.distill != "none" if args.dist_token == "auto" else args.dist_token == "yes"
+
+
+def _pretrain_runner(args, params):
+    from deit_repro.training import run_pretrain
+
+    # The teacher is read only when there is something to distil (the headline with distill
+    # none gets --teacher too and ignores it).
+    teacher = args.teacher if args.distill != "none" else None
+    return lambda seed, out, run_dir: run_pretrain(
+        params, data=args.data, teacher=teacher, out=out, run_dir=run_dir,
+        distill=args.distill, dist_token=_dist_token(args), seed=seed)
+
+
+def _finetune_runner(args, params):
+    from deit_repro.training import run_finetune
+
+    return lambda seed, out, run_dir: run_finetune(
+        params, data=args.data, student=args.student, teacher=args.teacher, out=out,
+        run_dir=run_dir, seed=seed, img_size=args.img_size, interpolation=args.interpolation)
+
+
+def _transfer_runner(args, params):
+    from deit_repro.errors import ConfigError
+    from deit_repro.training import run_transfer
+
+    if args.init == "pretrained" and args.student is None:
+        raise ConfigError("--init pretrained needs --student DIR", "pass the pretrained student")
+    student = args.student if args.init == "pretrained" else None
+    return lambda seed, out, run_dir: run_transfer(
+        params, data=args.data, student=student, out=out, run_dir=run_dir, seed=seed)
+
+
+_RUNNERS = {"teacher": _teacher_runner, "pretrain": _pretrain_runner,
+            "finetune": _finetune_runner, "transfer": _transfer_runner}
+
+
+def run_single(argv: list[str]) -> dict:
+    """One run (``--seed`` given) of a training stage in this process: what a submitit job
+    executes in each of its tasks (launch.TrainingJob)."""
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    if args.seed is None:
+        raise ValueError("run_single needs --seed")  # a bug in the launcher
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)
+    _configure_threads(args)
+    return _RUNNERS[args.stage](args, _params(args))(args.seed, args.out, args.run_dir)
+
+
+def _train(args, params, *, multi_seed: bool = True) -> list[dict]:
+    """Run a training stage: one run (``--seed`` given, or the teacher) into ``--out``, or one
+    run per seed of the profile into ``--out/seed<k>/``; then the aggregate to ``--metrics``.
+
+    Where the runs happen is ``params.launch.launcher`` (or ``--launcher``): in this process (and
+    child processes for the seeds), or as submitit jobs on this machine or on SLURM.
+    """
+    from deit_repro import launch
+    from deit_repro.errors import ConfigError
+
+    run_one = _RUNNERS[args.stage](args, params)
+    single = args.seed is not None or not multi_seed
+    seeds = [_seed(args, params)] if single else list(params.seeds)
+    specs = [(k, args.out, args.run_dir) if single else
+             (k, args.out / f"seed{k}", args.run_dir / f"seed{k}" if args.run_dir else None)
+             for k in seeds]
+    launcher = getattr(args, "launcher", None) or params.launch.launcher
+    if launcher != "in-process" and args.stage in launch.LAUNCHED_STAGES:
+        if args.run_dir is None:
+            raise ConfigError(f"launcher {launcher!r} needs --run-dir (the jobs checkpoint and "
+                              "requeue from it)", "pass --run-dir DIR or use --launcher "
+                              "in-process")
+        runs = launch.submit_runs(_child_argv(args.argv), specs, params.launch, stage=args.stage,
+                                  cluster=launcher)
+    elif single:
+        runs = [run_one(*specs[0])]
     else:
-        seeds = list(params.seeds)
         jobs = args.jobs or launch.default_jobs(len(seeds), params.threads)
         if jobs == 1:  # one at a time: no need for child processes
-            runs = [run_one(k, args.out / f"seed{k}",
-                            args.run_dir / f"seed{k}" if args.run_dir else None) for k in seeds]
+            runs = [run_one(*spec) for spec in specs]
         else:
             runs = launch.run_seeds(_child_argv(args.argv), seeds=seeds, out=args.out,
                                     run_dir=args.run_dir, jobs=jobs)
-        histories = [args.out / f"seed{k}" / "history.csv" for k in seeds]
+    histories = [out / "history.csv" for _, out, _ in specs]
     if args.metrics is not None:
         launch.write_aggregate(args.metrics, runs, seeds)
     if args.history is not None:
@@ -105,55 +184,47 @@ def _summary(runs: list[dict]) -> str:
 
 
 def _cmd_teacher(args) -> None:
-    from deit_repro.training import run_teacher
-
-    params = _params(args)
-    runs = _train(args, params, lambda seed, out, run_dir: run_teacher(
-        params, data=args.data, out=out, run_dir=run_dir, seed=seed, weights=args.weights,
-        arch=args.arch),
-        multi_seed=False)
+    runs = _train(args, _params(args), multi_seed=False)
     print(f"teacher -> {args.out}: {_summary(runs)}")
 
 
-def _dist_token(args) -> bool:
-    return args.distill != "none" if args.dist_token == "auto" else args.dist_token == "yes"
-
-
 def _cmd_pretrain(args) -> None:
-    from deit_repro.training import run_pretrain
-
-    params = _params(args)
-    token = _dist_token(args)
-    # The teacher is read only when there is something to distil (the headline with distill
-    # none gets --teacher too and ignores it).
-    teacher = args.teacher if args.distill != "none" else None
-    runs = _train(args, params, lambda seed, out, run_dir: run_pretrain(
-        params, data=args.data, teacher=teacher, out=out, run_dir=run_dir,
-        distill=args.distill, dist_token=token, seed=seed))
-    print(f"pretrain {args.distill} token={token} -> {args.out}: {_summary(runs)}")
+    runs = _train(args, _params(args))
+    print(f"pretrain {args.distill} token={_dist_token(args)} -> {args.out}: {_summary(runs)}")
 
 
 def _cmd_finetune(args) -> None:
-    from deit_repro.training import run_finetune
-
-    params = _params(args)
-    runs = _train(args, params, lambda seed, out, run_dir: run_finetune(
-        params, data=args.data, student=args.student, teacher=args.teacher, out=out,
-        run_dir=run_dir, seed=seed, img_size=args.img_size, interpolation=args.interpolation))
+    runs = _train(args, _params(args))
     print(f"finetune -> {args.out}: {_summary(runs)}")
 
 
 def _cmd_transfer(args) -> None:
-    from deit_repro.errors import ConfigError
-    from deit_repro.training import run_transfer
+    runs = _train(args, _params(args))
+    print(f"transfer ({args.init}) -> {args.out}: {_summary(runs)}")
+
+
+def _cmd_launch_plan(args) -> None:
+    """Dry run: what the submitit launcher would submit for a training stage (no job is sent)."""
+    from deit_repro import launch
 
     params = _params(args)
-    if args.init == "pretrained" and args.student is None:
-        raise ConfigError("--init pretrained needs --student DIR", "pass the pretrained student")
-    student = args.student if args.init == "pretrained" else None
-    runs = _train(args, params, lambda seed, out, run_dir: run_transfer(
-        params, data=args.data, student=student, out=out, run_dir=run_dir, seed=seed))
-    print(f"transfer ({args.init}) -> {args.out}: {_summary(runs)}")
+    res = getattr(params.launch, args.stage)
+    recipe = {"pretrain": params.student.train, "finetune": params.finetune.train,
+              "transfer": params.transfer.train}[args.stage]
+    world = res.world_size
+    per_task = recipe.batch_size / world
+    print(f"# {args.stage} on launcher {params.launch.launcher}: {res.nodes} node(s) x "
+          f"{res.tasks_per_node} task(s) = world size {world}, {res.gpus_per_node} GPU(s)/node; "
+          f"global batch {recipe.batch_size} = {per_task:g} per task; effective lr "
+          f"{recipe.effective_lr():g}; one job per seed {list(params.seeds)}")
+    if recipe.batch_size % world:
+        from deit_repro.errors import ConfigError
+
+        raise ConfigError(f"batch_size {recipe.batch_size} does not split over {world} "
+                          "processes", "choose a multiple of the process count")
+    folder = (args.folder / f"seed{params.seeds[0]}" / "submitit").resolve() / "%j"
+    print(launch.sbatch_script(params.launch, args.stage, folder,
+                               f"deit-repro-{args.stage}-seed{params.seeds[0]}"))
 
 
 def _cmd_evaluate(args) -> None:
@@ -198,6 +269,17 @@ def _cmd_tables(args) -> None:
     print("wrote " + ", ".join(str(p) for p in written))
 
 
+def _cmd_schema(args) -> None:
+    import yaml
+
+    from deit_repro import atomic
+    from deit_repro.config import params_schema
+
+    text = yaml.safe_dump(params_schema(), sort_keys=False, width=100)
+    atomic.write_text(args.out, text)
+    print(f"wrote {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deit-repro", description=__doc__.splitlines()[0])
     p.add_argument("--log-level", default=os.environ.get("DEIT_REPRO_LOG", "INFO"),
@@ -211,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(func=func)
         return sp
 
-    def training(sp: argparse.ArgumentParser) -> None:
+    def training(sp: argparse.ArgumentParser, launched: bool = True) -> None:
         sp.add_argument("--data", type=Path, required=True, help="prepared dataset directory")
         sp.add_argument("--out", type=Path, required=True, help="model directory to write")
         sp.add_argument("--run-dir", type=Path, default=None,
@@ -226,6 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="CSV file for the per-epoch metrics of every seed")
         sp.add_argument("--jobs", type=int, default=None,
                         help="seeds trained at a time (default: cores / params threads)")
+        if launched:
+            sp.add_argument("--launcher", choices=["in-process", "local", "slurm"], default=None,
+                            help="where the runs train (default: params launch.launcher): here, "
+                                 "or one submitit job per seed on this machine or on SLURM")
 
     sp = stage("prepare", _cmd_prepare, "materialise a dataset of the profile (with manifest)")
     sp.add_argument("--dataset", required=True, help="a key of datasets: in params.yaml")
@@ -234,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="where the raw data is (default: the source's usual place)")
 
     sp = stage("teacher", _cmd_teacher, "train the convnet teacher or load released weights")
-    training(sp)
+    training(sp, launched=False)
     sp.add_argument("--weights", type=Path, default=None,
                     help="a local weights file instead of training / downloading")
     sp.add_argument("--arch", choices=["convnet", "vit"], default="convnet",
@@ -285,6 +371,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--img-size", type=int, default=None,
                     help="input resolution (default: from the name, else 224)")
     sp.add_argument("--out", type=Path, required=True, help="model directory to write")
+
+    sp = stage("launch-plan", _cmd_launch_plan, "dry run: print the sbatch file the submitit "
+               "launcher would submit for a training stage (nothing is submitted)")
+    sp.add_argument("--stage", choices=["pretrain", "finetune", "transfer"], default="pretrain")
+    sp.add_argument("--folder", type=Path, default=Path("runs/pretrain/deit"),
+                    help="the stage's run directory (submitit logs go below it)")
+
+    sp = sub.add_parser("schema", help="write the JSON schema of params.yaml (Snakemake "
+                        "validates its config with it)")
+    sp.add_argument("--out", type=Path, default=Path("workflow/schemas/params.schema.yaml"))
+    sp.set_defaults(func=_cmd_schema)
 
     sp = stage("tables", _cmd_tables, "regenerate the paper's tables from the metrics")
     sp.add_argument("--metrics", type=Path, required=True,
@@ -341,7 +438,7 @@ def _report_cost(stage: str, seconds: float) -> None:
 
 def _configure_threads(args) -> None:
     """Fix torch's thread count from params (results on CPU depend on it: notes/small-scale.md)."""
-    if args.stage == "prepare":
+    if args.stage in ("prepare", "schema"):
         return
     import torch
 

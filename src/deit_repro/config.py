@@ -26,9 +26,33 @@ from deit_repro.errors import ConfigError
 DistillKind = Literal["none", "soft", "hard"]
 
 
+def _bounded(default: Any = dataclasses.MISSING, *, expect: str, **schema: Any) -> Any:
+    """A field whose value must satisfy JSON-schema keywords (``minimum``, ``exclusiveMinimum``,
+    ``maximum``, ``exclusiveMaximum``, ``enum``, ``pattern``, ``minItems``, ``items``).
+
+    The loader checks them (:func:`_violates`) and :func:`params_schema` writes them into
+    ``workflow/schemas/params.schema.yaml``: one declaration, so the Python loader and the schema
+    Snakemake validates with cannot disagree on a range (issue #4). ``expect`` is the phrase of
+    the error message. Checks across fields stay in ``__post_init__`` (a schema cannot say them).
+    """
+    meta = {"schema": schema, "expect": expect}
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("mutable default")  # a bug in this module
+    return field(default=default, metadata=meta)
+
+
+_POSITIVE = dict(expect="a positive integer", exclusiveMinimum=0)
+_POSITIVE_OR_NULL = dict(expect="a positive integer or null", exclusiveMinimum=0)
+_UNIT = dict(expect="in [0, 1]", minimum=0, maximum=1)
+
+
 # --------------------------------------------------------------------------------------------------
 # Sections
 # --------------------------------------------------------------------------------------------------
+
+
+_SOURCES = ("fashion_mnist", "digits", "imagefolder", "cifar10", "cifar100", "flowers102",
+            "stanford_cars", "inat2018", "inat2019")
 
 
 @dataclass(frozen=True)
@@ -37,33 +61,26 @@ class DatasetCfg:
 
     #: fashion_mnist | digits | imagefolder | cifar10 | cifar100 | flowers102 | stanford_cars |
     #: inat2018 | inat2019
-    source: str
+    source: str = _bounded(expect="one of " + str(sorted(_SOURCES)), enum=sorted(_SOURCES))
     #: where the raw data lies (ImageNet's ImageFolder root, torchvision's root); null = the
     #: source's usual place (Fashion-MNIST: the Debian package). `--source-dir` overrides it.
     root: Optional[str] = None
     #: class-balanced subset of the training split (images per class); null = all
-    train_per_class: Optional[int] = None
+    train_per_class: Optional[int] = _bounded(None, **_POSITIVE_OR_NULL)
     #: class-balanced subset of the test split; null = all
-    test_per_class: Optional[int] = None
+    test_per_class: Optional[int] = _bounded(None, **_POSITIVE_OR_NULL)
     #: resize (shorter side + centre crop, bicubic) when preparing; null = native size
-    image_size: Optional[int] = None
+    image_size: Optional[int] = _bounded(None, **_POSITIVE_OR_NULL)
     #: an unreadable image in an image tree: refuse ("error") or skip and count it ("skip")
     on_bad_image: Literal["error", "skip"] = "error"
     #: held-out fraction for sources without an official test split (digits)
-    test_fraction: float = 0.2
+    test_fraction: float = _bounded(0.2, expect="in (0, 1)", exclusiveMinimum=0,
+                                    exclusiveMaximum=1)
     #: seed of the subset / split draw
     seed: int = 0
     #: let torchvision download the data where a network exists
     download: bool = False
 
-    def __post_init__(self) -> None:
-        sources = {"fashion_mnist", "digits", "imagefolder", "cifar10", "cifar100", "flowers102",
-                   "stanford_cars", "inat2018", "inat2019"}
-        _check(self.source in sources, "source", self.source, f"one of {sorted(sources)}")
-        for key in ("train_per_class", "test_per_class", "image_size"):
-            value = getattr(self, key)
-            _check(value is None or value > 0, key, value, "a positive integer or null")
-        _check(0.0 < self.test_fraction < 1.0, "test_fraction", self.test_fraction, "in (0, 1)")
 
 
 @dataclass(frozen=True)
@@ -76,19 +93,17 @@ class ModelCfg:
     #: custom teachers only: resnet_small | regnety_small | vit
     arch: str = "vit"
     #: training resolution in pixels (square); input channels come from the dataset
-    img_size: int = 224
-    patch_size: int = 16
-    embed_dim: int = 192
-    depth: int = 12
-    num_heads: int = 3
-    mlp_ratio: float = 4.0
+    img_size: int = _bounded(224, **_POSITIVE)
+    patch_size: int = _bounded(16, **_POSITIVE)
+    embed_dim: int = _bounded(192, **_POSITIVE)
+    depth: int = _bounded(12, **_POSITIVE)
+    num_heads: int = _bounded(3, **_POSITIVE)
+    mlp_ratio: float = _bounded(4.0, expect="positive", exclusiveMinimum=0)
     #: custom convnet teachers: channels and blocks per stage
     channels: tuple[int, ...] = (16, 32, 64)
     depths: tuple[int, ...] = (1, 1, 1)
 
     def __post_init__(self) -> None:
-        for key in ("img_size", "patch_size", "embed_dim", "depth", "num_heads"):
-            _check(getattr(self, key) > 0, key, getattr(self, key), "a positive integer")
         if self.name is None and self.arch == "vit":
             _check(self.img_size % self.patch_size == 0, "patch_size", self.patch_size,
                    f"a divisor of img_size={self.img_size}")
@@ -106,23 +121,22 @@ class AugCfg:
     #: "timm": per-image timm create_transform (PIL), the ImageNet path
     pipeline: Literal["tensor", "timm"] = "timm"
     #: random-resized-crop area range
-    scale: tuple[float, float] = (0.08, 1.0)
-    ratio: tuple[float, float] = (0.75, 4.0 / 3.0)
-    hflip: float = 0.5
+    scale: tuple[float, float] = _bounded((0.08, 1.0), expect="0 < min <= max <= 1",
+                                          items={"exclusiveMinimum": 0, "maximum": 1})
+    ratio: tuple[float, float] = _bounded((0.75, 4.0 / 3.0), expect="0 < min <= max",
+                                          items={"exclusiveMinimum": 0})
+    hflip: float = _bounded(0.5, **_UNIT)
     #: timm RandAugment string (paper: rand-m9-mstd0.5-inc1); null = off; timm pipeline only
     rand_augment: Optional[str] = "rand-m9-mstd0.5-inc1"
     color_jitter: float = 0.3
     #: random erasing probability (paper: 0.25) and mode
-    reprob: float = 0.25
+    reprob: float = _bounded(0.25, **_UNIT)
     remode: Literal["pixel", "rand", "const"] = "pixel"
     interpolation: Literal["bicubic", "bilinear"] = "bicubic"
 
     def __post_init__(self) -> None:
-        _check(0.0 < self.scale[0] <= self.scale[1] <= 1.0, "scale", self.scale,
-               "0 < min <= max <= 1")
-        _check(0.0 < self.ratio[0] <= self.ratio[1], "ratio", self.ratio, "0 < min <= max")
-        for key in ("hflip", "reprob"):
-            _check(0.0 <= getattr(self, key) <= 1.0, key, getattr(self, key), "in [0, 1]")
+        _check(self.scale[0] <= self.scale[1], "scale", self.scale, "0 < min <= max <= 1")
+        _check(self.ratio[0] <= self.ratio[1], "ratio", self.ratio, "0 < min <= max")
         if self.pipeline == "tensor":
             _check(self.rand_augment is None and self.color_jitter == 0.0, "rand_augment",
                    self.rand_augment, "null with color_jitter 0 for pipeline 'tensor' "
@@ -133,55 +147,44 @@ class AugCfg:
 class TrainCfg:
     """One training recipe (paper Table 9; official main.py defaults)."""
 
-    epochs: int = 300
+    epochs: int = _bounded(300, **_POSITIVE)
     #: global batch over all processes (images per optimizer step)
-    batch_size: int = 1024
+    batch_size: int = _bounded(1024, **_POSITIVE)
     #: learning rate per 512 images: the effective lr is lr_per_512 * batch_size / 512 (paper §6)
-    lr_per_512: float = 5e-4
-    min_lr: float = 1e-5
-    warmup_lr: float = 1e-6
-    warmup_epochs: int = 5
-    weight_decay: float = 0.05
+    lr_per_512: float = _bounded(5e-4, expect="positive", exclusiveMinimum=0)
+    min_lr: float = _bounded(1e-5, expect=">= 0", minimum=0)
+    warmup_lr: float = _bounded(1e-6, expect=">= 0", minimum=0)
+    warmup_epochs: int = _bounded(5, expect=">= 0", minimum=0)
+    weight_decay: float = _bounded(0.05, expect=">= 0", minimum=0)
     opt: str = "adamw"
     opt_eps: float = 1e-8
     momentum: float = 0.9
     #: gradient-norm clip; null = none (paper)
     clip_grad: Optional[float] = None
     sched: str = "cosine"
-    label_smoothing: float = 0.1
-    drop_path: float = 0.1
+    label_smoothing: float = _bounded(0.1, expect="in [0, 1)", minimum=0, exclusiveMaximum=1)
+    drop_path: float = _bounded(0.1, expect="in [0, 1)", minimum=0, exclusiveMaximum=1)
     #: Mixup / CutMix alphas (0 = off), probability and switch probability
-    mixup: float = 0.8
-    cutmix: float = 1.0
-    mixup_prob: float = 1.0
-    mixup_switch_prob: float = 0.5
+    mixup: float = _bounded(0.8, expect=">= 0 (0 = off)", minimum=0)
+    cutmix: float = _bounded(1.0, expect=">= 0 (0 = off)", minimum=0)
+    mixup_prob: float = _bounded(1.0, **_UNIT)
+    mixup_switch_prob: float = _bounded(0.5, **_UNIT)
     #: repeated augmentation: copies of each image per epoch (paper: 3; 1 = off)
-    repeated_aug: int = 3
+    repeated_aug: int = _bounded(3, expect=">= 1 (1 = off)", minimum=1)
     ema: bool = False
-    ema_decay: float = 0.99996
+    ema_decay: float = _bounded(0.99996, expect="in (0, 1)", exclusiveMinimum=0,
+                                exclusiveMaximum=1)
     #: mixed precision on CUDA: auto (bf16 where supported) | bf16 | fp16 | off; CPU runs fp32
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     #: evaluate on the test split every n epochs for the accuracy-vs-epoch curve (0 = final only)
-    eval_every: int = 1
+    eval_every: int = _bounded(1, expect=">= 0", minimum=0)
     #: dataloader workers for the per-image 'timm' pipeline
-    num_workers: int = 0
+    num_workers: int = _bounded(0, expect=">= 0", minimum=0)
     aug: AugCfg = field(default_factory=AugCfg)
 
     def __post_init__(self) -> None:
-        _check(self.epochs > 0, "epochs", self.epochs, "a positive integer")
-        _check(self.batch_size > 0, "batch_size", self.batch_size, "a positive integer")
-        _check(self.lr_per_512 > 0, "lr_per_512", self.lr_per_512, "positive")
-        _check(0 <= self.warmup_epochs < self.epochs or self.warmup_epochs == 0, "warmup_epochs",
+        _check(self.warmup_epochs < self.epochs or self.warmup_epochs == 0, "warmup_epochs",
                self.warmup_epochs, f"in [0, epochs={self.epochs})")
-        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
-        _check(0.0 <= self.label_smoothing < 1.0, "label_smoothing", self.label_smoothing,
-               "in [0, 1)")
-        _check(0.0 <= self.drop_path < 1.0, "drop_path", self.drop_path, "in [0, 1)")
-        _check(self.repeated_aug >= 1, "repeated_aug", self.repeated_aug, ">= 1 (1 = off)")
-        _check(0.0 < self.ema_decay < 1.0, "ema_decay", self.ema_decay, "in (0, 1)")
-        _check(self.eval_every >= 0, "eval_every", self.eval_every, ">= 0")
-        for key in ("mixup", "cutmix"):
-            _check(getattr(self, key) >= 0, key, getattr(self, key), ">= 0 (0 = off)")
 
     def effective_lr(self) -> float:
         """The paper's linear scaling rule, lr = lr_per_512 x global batch / 512 (§6)."""
@@ -196,12 +199,9 @@ class TrainCfg:
 class EvalCfg:
     """Test-time preprocessing (official: resize to size/0.875, centre crop, bicubic)."""
 
-    crop_pct: float = 0.875
+    crop_pct: float = _bounded(0.875, expect="in (0, 1]", exclusiveMinimum=0, maximum=1)
     interpolation: Literal["bicubic", "bilinear"] = "bicubic"
-    batch_size: int = 256
-
-    def __post_init__(self) -> None:
-        _check(0.0 < self.crop_pct <= 1.0, "crop_pct", self.crop_pct, "in (0, 1]")
+    batch_size: int = _bounded(256, **_POSITIVE)
 
 
 @dataclass(frozen=True)
@@ -209,13 +209,10 @@ class WeightsCfg:
     """Released weights: a URL (or local file) and the sha256 they must have."""
 
     url: str
-    sha256: str
-
-    def __post_init__(self) -> None:
-        # A full sha256, or (as torch.hub's check_hash) the prefix in a release's file name,
-        # e.g. regnety_160-a5fe301d.pth: at least 8 hex digits.
-        _check(8 <= len(self.sha256) <= 64 and all(c in "0123456789abcdef" for c in self.sha256),
-               "sha256", self.sha256, "8 to 64 lowercase hex digits (a sha256 or its prefix)")
+    #: a full sha256, or (as torch.hub's check_hash) the prefix in a release's file name, e.g.
+    #: regnety_160-a5fe301d.pth: at least 8 hex digits
+    sha256: str = _bounded(expect="8 to 64 lowercase hex digits (a sha256 or its prefix)",
+                           pattern="^[0-9a-f]{8,64}$")
 
 
 @dataclass(frozen=True)
@@ -249,22 +246,15 @@ class StudentCfg:
 @dataclass(frozen=True)
 class SoftCfg:
     #: weight of the distillation term (paper §5.1 text: λ = 0.1)
-    alpha: float = 0.1
+    alpha: float = _bounded(0.1, **_UNIT)
     #: softmax temperature (paper §5.1 text: τ = 3.0)
-    tau: float = 3.0
-
-    def __post_init__(self) -> None:
-        _check(0.0 <= self.alpha <= 1.0, "alpha", self.alpha, "in [0, 1]")
-        _check(self.tau > 0, "tau", self.tau, "positive")
+    tau: float = _bounded(3.0, expect="positive", exclusiveMinimum=0)
 
 
 @dataclass(frozen=True)
 class HardCfg:
     #: weight of the hard-label term (paper eq. 2: 1/2)
-    alpha: float = 0.5
-
-    def __post_init__(self) -> None:
-        _check(0.0 <= self.alpha <= 1.0, "alpha", self.alpha, "in [0, 1]")
+    alpha: float = _bounded(0.5, **_UNIT)
 
 
 @dataclass(frozen=True)
@@ -285,7 +275,7 @@ class DistillationCfg:
 class FinetuneCfg:
     """Fine-tuning at a higher resolution (paper §6, 224 -> 384)."""
 
-    img_size: int
+    img_size: int = _bounded(expect="a positive integer", exclusiveMinimum=0)
     train: TrainCfg
     #: positional-embedding resampling: bicubic (paper) or bilinear (ablation, Table 10)
     interpolation: Literal["bicubic", "bilinear"] = "bicubic"
@@ -305,9 +295,76 @@ class TransferCfg:
 class ThroughputCfg:
     """Inference throughput measured the paper's way (largest batch that fits, mean of repeats)."""
 
-    batch_sizes: tuple[int, ...] = (1024, 512, 256, 128, 64)
-    warmup: int = 3
-    repeats: int = 10
+    batch_sizes: tuple[int, ...] = _bounded((1024, 512, 256, 128, 64),
+                                            expect="a non-empty list of positive integers",
+                                            minItems=1, items={"exclusiveMinimum": 0})
+    warmup: int = _bounded(3, expect=">= 0", minimum=0)
+    repeats: int = _bounded(10, **_POSITIVE)
+
+
+@dataclass(frozen=True)
+class JobResources:
+    """What one training job of a stage gets from the cluster (submitit launchers only)."""
+
+    nodes: int = _bounded(1, **_POSITIVE)
+    #: GPUs per node; 0 = a CPU job (DDP over gloo instead of NCCL)
+    gpus_per_node: int = _bounded(0, expect=">= 0", minimum=0)
+    #: processes per node: one per GPU on GPU nodes (official run_with_submitit.py)
+    tasks_per_node: int = _bounded(1, **_POSITIVE)
+    cpus_per_task: int = _bounded(1, **_POSITIVE)
+    #: memory per node in GB
+    mem_gb: float = _bounded(4.0, expect="positive", exclusiveMinimum=0)
+    #: wall-clock limit of one allocation; a longer run is checkpointed and requeued
+    timeout_min: int = _bounded(60, **_POSITIVE)
+
+    def __post_init__(self) -> None:
+        _check(self.gpus_per_node in (0, self.tasks_per_node), "tasks_per_node",
+               self.tasks_per_node, f"gpus_per_node={self.gpus_per_node} (one task per GPU)")
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.tasks_per_node
+
+
+@dataclass(frozen=True)
+class SlurmCfg:
+    """A user's cluster: these are the only site-specific settings (none is hard-coded)."""
+
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    #: node features, e.g. volta32gb (official run_with_submitit.py --use_volta32)
+    constraint: Optional[str] = None
+    #: any other sbatch option, e.g. {exclude: node[1-2], mail-type: END}
+    additional: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LaunchCfg:
+    """How the training stages (pretrain, finetune, transfer) run: where, not what.
+
+    Not a DVC param of any stage: where a run happens does not change what it computes (the global
+    batch is ``train.batch_size`` whatever the process count). ``dvc repro`` and Snakemake call the
+    same command; with ``submitit`` launchers the stage submits its jobs and waits for them.
+    """
+
+    #: in-process | local (submitit's local executor: processes on this machine) | slurm
+    launcher: Literal["in-process", "local", "slurm"] = "in-process"
+    #: seconds between SLURM's USR2 warning and the kill: time to finish the checkpoint
+    signal_delay_s: int = _bounded(120, expect=">= 0", minimum=0)
+    #: how many times a timed-out or preempted job is requeued (submitit max_num_timeout)
+    max_requeues: int = _bounded(30, expect=">= 0", minimum=0)
+    pretrain: JobResources = field(default_factory=JobResources)
+    finetune: JobResources = field(default_factory=JobResources)
+    transfer: JobResources = field(default_factory=JobResources)
+    slurm: SlurmCfg = field(default_factory=SlurmCfg)
+
+    def __post_init__(self) -> None:
+        if self.launcher == "local":
+            for stage in ("pretrain", "finetune", "transfer"):
+                res = getattr(self, stage)
+                _check(res.nodes == 1, f"{stage}.nodes", res.nodes,
+                       "1 with launcher 'local' (one machine)")
 
 
 @dataclass(frozen=True)
@@ -323,16 +380,16 @@ class Params:
     finetune: FinetuneCfg
     transfer: TransferCfg
     #: seeds of the repeated runs (mean ± std)
-    seeds: tuple[int, ...] = (0,)
+    seeds: tuple[int, ...] = _bounded((0,), expect="a non-empty list", minItems=1)
     #: torch intra-op threads per process on CPU (fixed: results depend on it)
-    threads: int = 1
+    threads: int = _bounded(1, **_POSITIVE)
     distillation: DistillationCfg = field(default_factory=DistillationCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
     throughput: ThroughputCfg = field(default_factory=ThroughputCfg)
+    #: where the training stages run (not a DVC param: see LaunchCfg)
+    launch: LaunchCfg = field(default_factory=LaunchCfg)
 
     def __post_init__(self) -> None:
-        _check(self.threads > 0, "threads", self.threads, "a positive integer")
-        _check(len(self.seeds) > 0, "seeds", self.seeds, "a non-empty list")
         for where, name in (("teacher.dataset", self.teacher.dataset),
                             ("student.dataset", self.student.dataset),
                             *(("transfer.datasets", d) for d in self.transfer.datasets)):
@@ -459,6 +516,11 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
     for name, f in fields.items():
         if name in data:
             kwargs[name] = _convert(data[name], hints[name], path + name)
+            spec = f.metadata.get("schema")
+            if spec and kwargs[name] is not None and _violates(kwargs[name], spec):
+                raise ConfigError(f"params key '{path}{name}' = {kwargs[name]!r} is out of range "
+                                  f"(expected {f.metadata['expect']})",
+                                  "fix its value in params.yaml")
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"params key '{path}{name}' is missing", "add it to params.yaml")
     try:
@@ -466,6 +528,109 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
     except _Invalid as err:
         raise ConfigError(f"params key '{path}{err.key}' = {err.value!r} is out of range "
                           f"(expected {err.expected})", "fix its value in params.yaml") from None
+
+
+def _violates(value: Any, spec: dict[str, Any]) -> bool:
+    """Whether ``value`` breaks one of the JSON-schema keywords of a :func:`_bounded` field
+    (the same keywords the generated schema holds; jsonschema checks them for Snakemake)."""
+    import re
+
+    for key, bound in spec.items():
+        if key == "items":
+            if any(_violates(v, bound) for v in value):
+                return True
+        elif key == "minItems":
+            if len(value) < bound:
+                return True
+        elif key == "enum":
+            if value not in bound:
+                return True
+        elif key == "pattern":
+            if re.search(bound, value) is None:
+                return True
+        elif not {"minimum": value >= bound, "exclusiveMinimum": value > bound,
+                  "maximum": value <= bound, "exclusiveMaximum": value < bound}[key]:
+            return True
+    return False
+
+
+# --------------------------------------------------------------------------------------------------
+# JSON schema (workflow/schemas/params.schema.yaml)
+# --------------------------------------------------------------------------------------------------
+
+
+def _type_schema(tp: Any, defs: dict[str, Any]) -> dict[str, Any]:
+    """A type's schema; dataclasses go to ``defs`` once and are referenced (``$ref``)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return {}
+    if origin is Literal:
+        return {"enum": list(typing.get_args(tp))}
+    if origin in (Union, types.UnionType):
+        return {"anyOf": [_type_schema(a, defs) for a in typing.get_args(tp)]}
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return {"type": "array", "items": _type_schema(args[0], defs)}
+        return {"type": "array", "prefixItems": [_type_schema(a, defs) for a in args],
+                "minItems": len(args), "maxItems": len(args)}
+    if origin is dict:
+        return {"type": "object",
+                "additionalProperties": _type_schema(typing.get_args(tp)[1], defs)}
+    if dataclasses.is_dataclass(tp):
+        if tp.__name__ not in defs:
+            defs[tp.__name__] = {}  # placeholder: recursion-safe, keeps first-seen order
+            defs[tp.__name__] = _dataclass_schema(tp, defs)
+        return {"$ref": f"#/$defs/{tp.__name__}"}
+    return {"type": {type(None): "null", int: "integer", float: "number", str: "string",
+                     bool: "boolean"}[tp]}
+
+
+def _with_bounds(schema: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
+    """Attach range keywords to the non-null branch of a type schema."""
+    if "anyOf" in schema:
+        return {"anyOf": [b if b.get("type") == "null" else _with_bounds(b, spec)
+                          for b in schema["anyOf"]]}
+    out = dict(schema)
+    for key, bound in spec.items():
+        if key == "items":
+            if "prefixItems" in out:
+                out["prefixItems"] = [{**s, **bound} for s in out["prefixItems"]]
+            else:
+                out["items"] = {**out["items"], **bound}
+        else:
+            out[key] = bound
+    return out
+
+
+def _dataclass_schema(cls: type, defs: dict[str, Any]) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    props, required = {}, []
+    for f in dataclasses.fields(cls):
+        schema = _type_schema(hints[f.name], defs)
+        if f.metadata.get("schema"):
+            schema = _with_bounds(schema, f.metadata["schema"])
+        props[f.name] = schema
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            required.append(f.name)
+    out: dict[str, Any] = {"type": "object", "additionalProperties": False, "properties": props}
+    if required:
+        out["required"] = required
+    if cls.__doc__ and not cls.__doc__.startswith(cls.__name__ + "("):
+        out = {"description": " ".join(cls.__doc__.split()), **out}
+    return out
+
+
+def params_schema() -> dict[str, Any]:
+    """The JSON schema of params.yaml, generated from these dataclasses (keys, types, enums and
+    ranges). Checks across fields (a patch size dividing the image size, warmup < epochs, dataset
+    names that exist) are the loader's alone: a JSON schema cannot state them."""
+    defs: dict[str, Any] = {}
+    top = _dataclass_schema(Params, defs)
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema",
+            "$comment": "Generated by `deit-repro schema` from src/deit_repro/config.py; "
+                        "tests/test_schema.py keeps it identical.",
+            "title": "deit-repro params.yaml", **top, "$defs": defs}
 
 
 def _is_number(text: str) -> bool:

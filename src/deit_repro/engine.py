@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -59,7 +60,9 @@ class Runtime:
         world, rank = (dist.get_world_size(), dist.get_rank()) if (
             dist.is_available() and dist.is_initialized()) else (1, 0)
         if torch.cuda.is_available():
-            local = rank % torch.cuda.device_count()
+            # One process per GPU: the node-local rank picks it (LOCAL_RANK, exported from
+            # submitit's environment), not rank % device_count as the official code does.
+            local = int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count()))
             device = torch.device("cuda", local)
             torch.cuda.set_device(device)
             if amp == "off":
@@ -319,11 +322,15 @@ def fit(*, model: nn.Module, loss_fn: Callable[[torch.Tensor, Any, torch.Tensor]
                 ema.update(raw)
             loss_sum += loss.item() * x.shape[0]
             n_seen += x.shape[0]
+        if rt.world_size > 1:  # the loss over the global batch, as one process would report it
+            tot = torch.tensor([loss_sum, float(n_seen)], dtype=torch.float64)
+            torch.distributed.all_reduce(tot)
+            loss_sum, n_seen = float(tot[0]), int(tot[1])
         row: dict[str, Any] = {
             "epoch": epoch + 1,
             "lr": optimizer.param_groups[0]["lr"],
             "train_loss": loss_sum / max(n_seen, 1),
-            "train_images_per_s": n_seen * rt.world_size / (time.perf_counter() - t_epoch),
+            "train_images_per_s": n_seen / (time.perf_counter() - t_epoch),
         }
         last = epoch == num_epochs - 1
         if evaluate is not None and rt.is_main and (

@@ -21,6 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Sequence
 
+import submitit
+
 from deit_repro import atomic
 from deit_repro.errors import DeitReproError, TrainingError
 
@@ -134,3 +136,209 @@ def write_aggregate(path: Path, runs: Sequence[dict[str, Any]], seeds: Sequence[
     agg = aggregate(clean, seeds)
     atomic.write_json(path, agg)
     return agg
+
+
+# --------------------------------------------------------------------------------------------------
+# submitit: the training stages on this machine's processes or on SLURM (issue #4)
+# --------------------------------------------------------------------------------------------------
+#
+# One scheme, whatever engine calls the stage: the stage command submits one job per seed (nodes x
+# tasks_per_node processes, one per GPU, DDP over NCCL on GPUs and gloo on CPUs) and waits. Under
+# Snakemake's SLURM profile such a stage is a *local* rule (Snakefile): it is never itself a SLURM
+# job that submits SLURM jobs. On timeout or preemption (SLURM's USR2, `signal_delay_s` before the
+# kill) submitit requeues the job and it resumes from the run's last complete checkpoint, written
+# every epoch (engine.fit); `scontrol requeue` restarts it the same way.
+
+#: the stages a submitit launcher runs (the teacher trains in-process or is downloaded)
+LAUNCHED_STAGES = ("pretrain", "finetune", "transfer")
+
+#: where a stage's run directory keeps the job it submitted (to wait on it again after a restart)
+JOB_FILE = "submitit-job.json"
+
+
+def sbatch_parameters(launch, stage: str, name: str) -> dict[str, Any]:
+    """The sbatch options of one training job of ``stage`` (submitit SlurmExecutor keywords).
+
+    Everything comes from ``params.launch``: resources per stage and the user's site settings
+    (partition, account, qos, constraint, extra options); nothing about a cluster is in code.
+    """
+    res = getattr(launch, stage)
+    mem = (f"{int(res.mem_gb)}GB" if float(res.mem_gb).is_integer()
+           else f"{int(res.mem_gb * 1024)}MB")
+    slurm = launch.slurm
+    params: dict[str, Any] = {
+        "job_name": name, "time": res.timeout_min, "nodes": res.nodes,
+        "ntasks_per_node": res.tasks_per_node, "cpus_per_task": res.cpus_per_task,
+        "gpus_per_node": res.gpus_per_node or None, "mem": mem,
+        "signal_delay_s": launch.signal_delay_s, "partition": slurm.partition,
+        "account": slurm.account, "qos": slurm.qos, "constraint": slurm.constraint,
+        "additional_parameters": dict(slurm.additional) or None,
+    }
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def sbatch_script(launch, stage: str, folder: Path, name: str) -> str:
+    """The sbatch file submitit would submit for ``stage`` (the dry run of ``launch-plan``)."""
+    import shlex
+
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    command = f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(str(folder))}"
+    return _make_sbatch_string(command=command, folder=folder,
+                               **sbatch_parameters(launch, stage, name))
+
+
+def make_executor(cluster: str, folder: Path, launch, stage: str, name: str):
+    """A submitit executor for one training job of ``stage``: ``slurm`` or ``local``.
+
+    Always explicit: submitit's AutoExecutor silently picks SLURM wherever ``srun`` is on PATH.
+    """
+    import submitit
+
+    res = getattr(launch, stage)
+    if cluster == "slurm":
+        ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=launch.max_requeues)
+        ex.update_parameters(**sbatch_parameters(launch, stage, name))
+        return ex
+    if cluster == "local":
+        ex = submitit.LocalExecutor(folder=folder, max_num_timeout=launch.max_requeues)
+        ex.update_parameters(timeout_min=res.timeout_min, tasks_per_node=res.tasks_per_node,
+                             gpus_per_node=res.gpus_per_node, nodes=1,
+                             signal_delay_s=launch.signal_delay_s)
+        return ex
+    raise DeitReproError(f"launcher {cluster!r} is not local or slurm",
+                         "set launch.launcher to in-process, local or slurm")
+
+
+class TrainingJob(submitit.helpers.Checkpointable):
+    """One seed of a training stage as a submitit job: every task joins one DDP group.
+
+    The job re-runs the stage's own command line (``argv``, one seed) in each task, so a job and an
+    in-process run execute the same code. Requeued after a timeout or preemption, it simply runs
+    again: :func:`deit_repro.engine.fit` resumes from the run directory's checkpoint.
+    """
+
+    def __init__(self, argv: Sequence[str]):
+        self.argv = list(argv)
+
+    def __call__(self) -> dict[str, Any]:
+        import submitit
+        import torch
+
+        env = submitit.helpers.TorchDistributedEnvironment()
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+        if env.world_size > 1:
+            env.export(set_cuda_visible_devices=False, overwrite=True)
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            torch.distributed.init_process_group(backend=backend, init_method="env://")
+        from deit_repro.cli import run_single
+
+        try:
+            metrics = run_single(self.argv)
+        except DeitReproError as err:
+            return {"error": str(err), "exit_code": err.exit_code, "rank": env.rank}
+        finally:
+            if torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+        return {"metrics": metrics if env.rank == 0 else None, "rank": env.rank,
+                "world_size": env.world_size, "restarts": restarts}
+
+    def checkpoint(self, *args: Any, **kwargs: Any):
+        """Called by submitit on USR2 (timeout / preemption): requeue the same job. The model
+        state is already on disk (a complete checkpoint every epoch, written atomically)."""
+        import submitit
+
+        _logger.warning("training job interrupted: requeuing; it resumes from the last complete "
+                        "checkpoint")
+        return submitit.helpers.DelayedSubmission(TrainingJob(self.argv))
+
+
+def _reattach(cluster: str, job_file: Path, argv: list[str]):
+    """The SLURM job an earlier (killed) invocation submitted for the same command, if it is
+    still queued or running: wait for it instead of training the same run twice."""
+    import submitit
+
+    if cluster != "slurm" or not job_file.is_file():
+        return None
+    try:
+        rec = json.loads(job_file.read_text())
+    except (OSError, ValueError):
+        return None
+    if rec.get("argv") != argv:
+        return None
+    job = submitit.SlurmJob(folder=rec["folder"], job_id=rec["job_id"])
+    if job.state in ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
+                     "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED"):
+        return job
+    return None
+
+
+def submit_runs(argv: Sequence[str], runs: Sequence[tuple[int, Path, Path]], launch, *,
+                stage: str, cluster: str) -> list[dict[str, Any]]:
+    """Submit one job per ``(seed, out, run_dir)`` and wait for all; their ``metrics.json``.
+
+    Args:
+        argv: the stage's command line without the per-run options (see cli._child_argv).
+        runs: each run's seed, model directory and run directory (checkpoint, submitit logs).
+        launch: ``params.launch``.
+        stage: pretrain | finetune | transfer (selects ``launch.<stage>`` resources).
+        cluster: ``local`` or ``slurm``.
+    """
+    import signal
+
+    from submitit.core.utils import FailedJobError, UncompletedJobError
+
+    res = getattr(launch, stage)
+    jobs = []
+    for seed, out, run_dir in runs:
+        run_argv = [*argv, "--seed", str(seed), "--out", str(out), "--run-dir", str(run_dir),
+                    "--launcher", "in-process"]
+        run_dir.mkdir(parents=True, exist_ok=True)
+        job_file = run_dir / JOB_FILE
+        job = _reattach(cluster, job_file, run_argv)
+        if job is not None:
+            _logger.info("%s seed %d: waiting again for SLURM job %s submitted earlier", stage,
+                         seed, job.job_id)
+        else:
+            folder = (run_dir / "submitit").resolve()
+            name = f"deit-repro-{stage}-seed{seed}"
+            ex = make_executor(cluster, folder / "%j", launch, stage, name)
+            job = ex.submit(TrainingJob(run_argv))
+            atomic.write_json(job_file, {"job_id": job.job_id, "cluster": cluster,
+                                         "folder": str(folder / "%j"), "argv": run_argv})
+            print(f"deit-repro {stage}: seed {seed} submitted as {cluster} job {job.job_id} "
+                  f"({res.nodes} node(s) x {res.tasks_per_node} task(s), "
+                  f"{res.gpus_per_node} GPU(s)/node); logs in {folder / str(job.job_id)}",
+                  file=sys.stderr, flush=True)
+        jobs.append((seed, out, job))
+
+    # The stage waits for its jobs; if it is stopped (Ctrl-C, SIGTERM from an engine) it cancels
+    # them, so no job keeps training into a run directory that a later invocation will use.
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    results = []
+    try:
+        for seed, out, job in jobs:
+            try:
+                result = job.results()[0]  # task 0 is global rank 0
+            except (FailedJobError, UncompletedJobError) as err:
+                first = next((line for line in str(err).splitlines() if line.strip()), "")
+                raise TrainingError(
+                    f"seed {seed}: {cluster} job {job.job_id} failed ({first[:200]}); its log: "
+                    f"{job.paths.stderr}", "fix the cause and re-run: the run resumes from its "
+                    "last checkpoint") from None
+            if "error" in result:
+                err = DeitReproError(f"seed {seed}: {result['error']}")
+                err.exit_code = result.get("exit_code", 2)
+                raise err
+            _logger.info("%s seed %d: job %s finished (world size %d, %d restart(s))", stage, seed,
+                         job.job_id, result["world_size"], result["restarts"])
+            results.append(json.loads((out / "metrics.json").read_text()))
+    except BaseException:
+        for _, _, job in jobs:
+            if not job.done():
+                job.cancel(check=False)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return results

@@ -127,6 +127,8 @@ def _train_and_save(*, model: nn.Module, role: str, kwargs: dict[str, Any], loss
               evaluate=lambda m: _heads_metrics(m, ds, params, img_size, rt),
               on_epoch_end=(lambda h: write_history(run_dir / "history.csv", h))
               if run_dir is not None else None, desc=desc)
+    if not rt.is_main:
+        return {}  # rank 0 evaluates and writes; the others only trained their share
     metrics = _final_metrics(res.history, params, img_size, extra)
     if rt.is_main:
         _write_outputs(out, run_dir, model, role=role, kwargs=kwargs, ds=ds, params=params,
