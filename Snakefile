@@ -6,16 +6,30 @@
 #   snakemake --profile workflow/profiles/slurm      # jobs submitted to SLURM
 #   snakemake -n                                     # plan only
 #
-# After each job the stage is committed to DVC (`dvc commit -f <stage>`), so `dvc status` is clean
-# after a Snakemake run; after a `dvc repro`, Snakemake finds every output up to date.
+# After each job the stage is committed to DVC (`dvc commit -f <stage>`, one at a time under a file
+# lock), so `dvc status` is clean after a Snakemake run; after a `dvc repro`, Snakemake finds every
+# output up to date.
+#
+# SLURM, one scheme (issue #4): a training stage whose params `launch.launcher` is `slurm` (or
+# `local`) submits its own submitit jobs (nodes x GPUs, DDP, requeue) and waits, so it is a local
+# rule here and never a SLURM job that submits SLURM jobs; every other rule is a job of the
+# executor (a SLURM job under workflow/profiles/slurm, with that profile's per-rule resources).
 import os
 import re
 
 from dvc.dependency.param import ParamsDependency
 from dvc.repo import Repo
 from dvc.stage import PipelineStage
+from snakemake.utils import validate
 
 ROOT = workflow.basedir
+
+configfile: os.path.join(ROOT, "params.yaml")
+# The schema is generated from the loader's own declarations (`deit-repro schema`).
+validate(config, os.path.join(ROOT, "workflow", "schemas", "params.schema.yaml"))
+
+LAUNCHER = config.get("launch", {}).get("launcher", "in-process")
+LAUNCHED_STAGES = ("pretrain", "finetune", "transfer")  # deit_repro.launch.LAUNCHED_STAGES
 
 
 def _rel(path):
@@ -38,6 +52,7 @@ def load_dvc_stages(root):
             meta = (st.meta or {}).get("snakemake", {})
             stages.append(dict(
                 stage=st.addressing,
+                family=st.addressing.split("@")[0],
                 name=re.sub(r"\W", "_", st.addressing),  # pretrain@deit -> pretrain_deit
                 cmd=st.cmd if isinstance(st.cmd, str) else " && ".join(st.cmd),
                 deps=list(dict.fromkeys(deps)),
@@ -78,6 +93,7 @@ for _s in DVC_STAGES:
 
     rule:
         name: _s["name"]
+        localrule: LAUNCHER != "in-process" and _s["family"] in LAUNCHED_STAGES
         input: _s["deps"]
         output: [_out(o) for o in _s["outs"]]
         params:
@@ -88,4 +104,7 @@ for _s in DVC_STAGES:
         resources: **_s["resources"]
         log: f"logs/{_s['name']}.log"
         shell:
-            "( {params.cmd} ) > {log} 2>&1 && dvc commit -f -q {params.stage:q} >> {log} 2>&1"
+            # flock: DVC takes its repository lock without waiting; jobs finishing together
+            # commit one after the other.
+            "( {params.cmd} ) > {log} 2>&1"
+            " && flock .snakemake/dvc-commit.lock dvc commit -f -q {params.stage:q} >> {log} 2>&1"

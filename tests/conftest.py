@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -57,3 +58,28 @@ def smoke_params():
     from deit_repro.config import load_params
 
     return load_params(SMOKE)
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """A running real SLURM cluster (started by the project's script as root; stopped again at
+    the end if this session started it)."""
+    import slurm_cluster
+
+    started = slurm_cluster.start()
+    yield
+    if started and os.environ.get("DEIT_REPRO_KEEP_SLURM") != "1":
+        slurm_cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def dvc_reference(tmp_path_factory):
+    """The smoke DAG run once by `dvc repro` in a fresh repository: what the other engines must
+    reproduce. Returns the repo, the repro's output, its dvc.lock stages and metric files (a
+    snapshot: later tests may change the repository)."""
+    from workflow_helpers import DVC, lock_stages, make_repo, metric_files, run
+
+    repo = make_repo(tmp_path_factory.mktemp("dvc") / "repo")
+    out = run([DVC, "repro"], repo)
+    return {"repo": repo, "output": out, "lock": lock_stages(repo),
+            "metrics": metric_files(repo)}

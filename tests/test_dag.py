@@ -1,65 +1,16 @@
-"""The whole DAG on the smoke profile with the real DVC: `dvc repro` in a fresh repository, then
-`dvc exp run -S distill=soft` re-runs exactly what depends on `distill` (issue #3)."""
+"""The whole DAG on the smoke profile with the real engines, each in a fresh repository: `dvc repro`,
+then `dvc exp run -S distill=soft` re-runs exactly what depends on `distill` (issue #3); `snakemake
+--cores 2` gives the same outputs and metrics and leaves dvc.lock up to date (issue #4)."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
-
-BIN = Path(sys.executable).parent
-DVC = str(BIN / "dvc")
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", DVC_NO_ANALYTICS="1",
-               DEIT_REPRO_LOG="WARNING", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t",
-               GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
-    return env
-
-
-def run(cmd: list[str], cwd: Path, timeout: int = 900) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True,
-                          timeout=timeout)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout + proc.stderr
-
-
-def ran_stages(output: str) -> set[str]:
-    return set(re.findall(r"Running stage '([^']+)'", output))
-
-
-def copy_project(dst: Path) -> None:
-    """The project's files as a clone would have them (tracked + new, minus ignored)."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout.split("\0")
-    for rel in filter(None, files):
-        src = ROOT / rel
-        if src.is_file() and not rel.startswith(("data/", "models/", "metrics/", "results/",
-                                                  "runs/")) and rel != "dvc.lock":
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst / rel)
-
-
-@pytest.fixture(scope="module")
-def smoke_repo(tmp_path_factory) -> Path:
-    repo = tmp_path_factory.mktemp("dag") / "repo"
-    repo.mkdir()
-    copy_project(repo)
-    shutil.copy(repo / "profiles" / "smoke.yaml", repo / "params.yaml")
-    run(["git", "init", "-q", "-b", "main"], repo)
-    run(["git", "add", "-A"], repo)
-    run(["git", "commit", "-qm", "smoke profile"], repo)
-    return repo
-
+from workflow_helpers import (DVC, SNAKEMAKE, TIMED_STAGES, lock_stages, make_repo,
+                              metric_files, ran_stages, run)
 
 STAGES = {"prepare@fashion_mnist", "prepare@digits", "teacher@convnet", "teacher@vit", "pretrain@none", "pretrain@soft",
           "pretrain@hard", "pretrain@deit", "pretrain@deit_vit_teacher", "finetune@bicubic", "finetune@bilinear",
@@ -68,10 +19,9 @@ STAGES = {"prepare@fashion_mnist", "prepare@digits", "teacher@convnet", "teacher
 
 
 @pytest.mark.slow
-def test_dvc_repro_then_exp_run_distill_soft(smoke_repo):
-    repo = smoke_repo
-    out = run([DVC, "repro"], repo)
-    assert ran_stages(out) == STAGES
+def test_dvc_repro_then_exp_run_distill_soft(dvc_reference):
+    repo = dvc_reference["repo"]
+    assert ran_stages(dvc_reference["output"]) == STAGES
     lock = (repo / "dvc.lock").read_text()
     for stage in STAGES:
         assert f"\n  {stage}:\n" in lock
@@ -81,8 +31,9 @@ def test_dvc_repro_then_exp_run_distill_soft(smoke_repo):
     table = (repo / "results" / "table3_distillation.csv").read_text()
     assert f"{deit['heads']['joint']['top1']['mean']:.2f}" in table
 
-    # A no-op repro runs nothing.
+    # A no-op repro runs nothing, and Snakemake finds everything up to date (issue #4).
     assert ran_stages(run([DVC, "repro"], repo)) == set()
+    assert "Nothing to be done" in run([SNAKEMAKE, "-n", "--cores", "1"], repo)
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "baseline"], repo)
 
@@ -100,3 +51,22 @@ def test_dvc_repro_then_exp_run_distill_soft(smoke_repo):
     show = run([DVC, "exp", "show", "--csv"], repo)
     rows = [r for r in show.splitlines()[1:] if r.strip()]
     assert len(rows) >= 2 and any("soft" in r for r in rows) and any(",hard," in r for r in rows)
+
+
+@pytest.mark.slow
+def test_snakemake_runs_the_same_dag_with_the_same_results(dvc_reference, tmp_path):
+    """`snakemake --cores 2` in a fresh clone: same stages, same outputs and metrics as `dvc
+    repro`, dvc.lock brought up to date, and then neither engine wants to run anything."""
+    repo = make_repo(tmp_path / "repo")
+    out = run([SNAKEMAKE, "--cores", "2"], repo)
+    rules = set(re.findall(r"^rule (\w+):", out, re.M)) | set(
+        re.findall(r"^localrule (\w+):", out, re.M))
+    assert rules == {re.sub(r"\W", "_", s) for s in STAGES} | {"all"}
+    assert metric_files(repo) == dvc_reference["metrics"]  # byte for byte
+    lock, ref = lock_stages(repo), dvc_reference["lock"]
+    assert set(lock) == set(ref)
+    same = {k for k in ref if lock[k] == ref[k]}
+    assert same == set(ref) - set(TIMED_STAGES), set(ref) - same  # only timings differ
+    assert "Data and pipelines are up to date" in run([DVC, "status"], repo)
+    assert ran_stages(run([DVC, "repro"], repo)) == set()
+    assert "Nothing to be done" in run([SNAKEMAKE, "-n", "--cores", "1"], repo)
