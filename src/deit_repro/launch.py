@@ -331,8 +331,9 @@ def submit_runs(argv: Sequence[str], runs: Sequence[tuple[int, Path, Path]], lau
                 err = DeitReproError(f"seed {seed}: {result['error']}")
                 err.exit_code = result.get("exit_code", 2)
                 raise err
-            _logger.info("%s seed %d: job %s finished (world size %d, %d restart(s))", stage, seed,
-                         job.job_id, result["world_size"], result["restarts"])
+            print(f"deit-repro {stage}: seed {seed} {cluster} job {job.job_id} finished (world "
+                  f"size {result['world_size']}, {result['restarts']} restart(s))",
+                  file=sys.stderr, flush=True)
             results.append(json.loads((out / "metrics.json").read_text()))
     except BaseException:
         for _, _, job in jobs:
