@@ -29,9 +29,21 @@ from deit_repro.errors import DeitReproError, TrainingError
 _logger = logging.getLogger(__name__)
 
 
+def available_cpus() -> int:
+    """CPUs this process may use: its SLURM allocation inside a job (a Snakemake SLURM job
+    running a training stage), else its affinity mask."""
+    for var in ("SLURM_CPUS_PER_TASK", "SLURM_CPUS_ON_NODE"):
+        if os.environ.get(var, "").isdigit() and os.environ.get("SLURM_JOB_ID"):
+            return int(os.environ[var])
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def default_jobs(num_runs: int, threads: int) -> int:
-    """As many runs at once as the CPU has room for at ``threads`` threads each."""
-    return max(1, min(num_runs, (os.cpu_count() or 1) // max(threads, 1)))
+    """As many runs at once as the CPUs have room for at ``threads`` threads each."""
+    return max(1, min(num_runs, available_cpus() // max(threads, 1)))
 
 
 def run_seeds(argv: Sequence[str], *, seeds: Sequence[int], out: Path,
