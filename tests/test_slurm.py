@@ -184,3 +184,32 @@ def test_snakemake_slurm_profile_runs_the_smoke_dag(slurm, dvc_reference, tmp_pa
     assert {k for k in ref if lock[k] != ref[k]} <= set(TIMED_STAGES)
     assert "Data and pipelines are up to date" in run([str(Path(SNAKEMAKE).parent / "dvc"),
                                                        "status"], repo)
+
+
+def test_a_killed_stage_waits_for_its_job_instead_of_submitting_another(prepared):
+    """kill -9 of the stage while its SLURM job trains, then the same command again: it attaches
+    to the running job (one job in sacct), which finishes the run."""
+    root = prepared
+    params = _params(root, "reattach", epochs=30, wide=True)
+    cmd = _pretrain(root, params, "reattach", "slurm")
+    first = subprocess.Popen(cmd, cwd=root, env=env(), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        job = sc.wait_for("the submitted job", lambda: (root / "runs/reattach/"
+                                                        "submitit-job.json").exists()
+                          and _job_id(root, "reattach"), timeout=120)
+        sc.wait_for("the job running", lambda: sc.scontrol_job(job).get("JobState") ==
+                    "RUNNING", timeout=120)
+        first.kill()  # SIGKILL: no chance to cancel its job
+        first.wait(timeout=30)
+        out = run(cmd, root, timeout=600)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert f"waiting again for slurm job {job}" in out
+    assert _job_id(root, "reattach") == job
+    assert (root / "models" / "reattach" / "metrics.json").exists()
+    assert len(_history(root, "reattach")) == 30
+    since = sc.scontrol_job(job)["SubmitTime"]
+    names = [r["JobName"] for r in sc.sacct(since=since)]
+    assert names.count("deit-repro-pretrain-seed0") == 1, names

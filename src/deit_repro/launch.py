@@ -309,8 +309,8 @@ def submit_runs(argv: Sequence[str], runs: Sequence[tuple[int, Path, Path]], lau
         job_file = run_dir / JOB_FILE
         job = _reattach(cluster, job_file, run_argv)
         if job is not None:
-            _logger.info("%s seed %d: waiting again for SLURM job %s submitted earlier", stage,
-                         seed, job.job_id)
+            print(f"deit-repro {stage}: seed {seed}: waiting again for slurm job {job.job_id}, "
+                  "submitted by an earlier invocation", file=sys.stderr, flush=True)
         else:
             folder = (run_dir / "submitit").resolve()
             name = f"deit-repro-{stage}-seed{seed}"

@@ -1,0 +1,79 @@
+"""The submitit launcher on this machine (`launch.launcher: local`), no cluster needed: DDP over
+2 gloo processes computes what one process computes, and a job's error comes back as the
+stage's one-line error (issue #4). The SLURM side is tests/test_slurm.py."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import SMOKE
+from workflow_helpers import DEIT, env, run
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, fashion_small):
+    root = tmp_path_factory.mktemp("launch")
+    data = json.loads(json.dumps(yaml.safe_load(SMOKE.read_text())))
+    train = data["student"]["train"]
+    # No random draw (augmentation, Mixup, drop-path, repeated copies): then 2 DDP processes with
+    # half the global batch each compute the 1-process gradient up to float summation order.
+    train.update(epochs=2, eval_every=1, mixup=0.0, cutmix=0.0, drop_path=0.0, repeated_aug=1)
+    train["aug"].update(scale=[1.0, 1.0], ratio=[1.0, 1.0], hflip=0.0, reprob=0.0)
+    data["launch"]["pretrain"].update(tasks_per_node=2)
+    (root / "params.yaml").write_text(yaml.safe_dump(data))
+    (root / "data").symlink_to(fashion_small)
+    run([DEIT, "teacher", "--data", "data", "--out", "teacher", "--run-dir", "runs/teacher"], root)
+    return root
+
+
+def _pretrain(name: str, launcher: str, teacher: str = "teacher") -> list[str]:
+    return [DEIT, "pretrain", "--data", "data", "--teacher", teacher, "--distill", "soft",
+            "--seed", "0", "--out", f"models/{name}", "--run-dir", f"runs/{name}",
+            "--launcher", launcher]
+
+
+def _history(path: Path) -> list[dict[str, float]]:
+    with open(path) as fh:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+
+
+def test_local_submitit_ddp_matches_one_process(workdir):
+    run(_pretrain("one", "in-process"), workdir)
+    out = run(_pretrain("ddp", "local"), workdir)
+    assert "finished (world size 2, 0 restart(s))" in out
+    assert json.loads((workdir / "runs/ddp/run.json").read_text())["world_size"] == 2
+    one = _history(workdir / "models/one/history.csv")
+    two = _history(workdir / "models/ddp/history.csv")
+    for a, b in zip(one, two, strict=True):
+        assert abs(a["train_loss"] - b["train_loss"]) <= 1e-3 * a["train_loss"], (a, b)
+        assert abs(a["test_cls_top1"] - b["test_cls_top1"]) <= 1.0
+    w1 = torch.load(workdir / "models/one/model.pt", weights_only=True)
+    w2 = torch.load(workdir / "models/ddp/model.pt", weights_only=True)
+    assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-3
+
+
+def test_an_error_inside_a_job_is_the_stages_one_line_error(workdir):
+    proc = subprocess.run(_pretrain("bad", "local", teacher="no/such/teacher"), cwd=workdir,
+                          env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("deit-repro pretrain: error: seed 0: ") and "no/such/teacher" in last
+    assert not (workdir / "models" / "bad" / "metrics.json").exists()
+
+
+def test_a_submitit_launcher_needs_a_run_dir(workdir):
+    cmd = _pretrain("norun", "local")
+    cmd = cmd[:cmd.index("--run-dir")] + cmd[cmd.index("--run-dir") + 2:]
+    proc = subprocess.run(cmd, cwd=workdir, env=env(), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert "launcher 'local' needs --run-dir" in proc.stderr
