@@ -1,0 +1,124 @@
+"""Faults a long run meets (issue #6): `kill -9` of a training stage at a random step under
+`dvc repro` and under Snakemake, then the same command again, resumes from the last complete
+checkpoint and ends with exactly the weights and metrics of an uninterrupted run; the same params,
+seed and thread count give the same bytes twice, another seed does not."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import SMOKE
+from workflow_helpers import DEIT, DVC, SNAKEMAKE, env, make_repo, run
+
+pytestmark = pytest.mark.slow
+
+EPOCHS = 10
+TARGET = "pretrain@deit"
+MODEL = Path("models/pretrain/deit/seed0/model.pt")
+CKPT = Path("runs/pretrain/deit/seed0/checkpoint.pth")
+RUN_JSON = Path("runs/pretrain/deit/seed0/run.json")
+METRICS = Path("metrics/pretrain/deit.json")
+
+
+def _params(tmp: Path) -> Path:
+    data = yaml.safe_load(SMOKE.read_text())
+    data = json.loads(json.dumps(data))
+    # ~0.4 s an epoch: a kill lands mid-run, after a checkpoint, well before the end.
+    data["student"]["model"].update(embed_dim=64, depth=4)
+    data["student"]["train"].update(epochs=EPOCHS, eval_every=1)
+    path = tmp / "params-kill.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def _md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run of the same stage in another fresh clone."""
+    tmp = tmp_path_factory.mktemp("kill-ref")
+    repo = make_repo(tmp / "repo", _params(tmp))
+    run([DVC, "repro", TARGET], repo)
+    return {"model": _md5(repo / MODEL), "metrics": (repo / METRICS).read_bytes(),
+            "params": repo / "params.yaml"}
+
+
+def _kill_mid_training(cmd: list[str], repo: Path, seed: int) -> float:
+    """Start ``cmd``; once the stage has written a checkpoint, SIGKILL its whole process group
+    (the engine and the training process) after a random delay. Returns the delay."""
+    proc = subprocess.Popen(cmd, cwd=repo, env=env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        t0 = time.time()
+        while not (repo / CKPT).exists():
+            assert proc.poll() is None, f"{cmd} ended before its first checkpoint"
+            assert time.time() - t0 < 300, "no checkpoint after 300 s"
+            time.sleep(0.02)
+        delay = random.Random(seed).uniform(0.0, 1.5)
+        time.sleep(delay)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return delay
+
+
+def _assert_resumed_to_the_reference(repo: Path, ref: dict) -> None:
+    info = json.loads((repo / RUN_JSON).read_text())
+    assert info["resumed_from_epoch"] is not None, "started from scratch, not from the checkpoint"
+    assert 0 <= info["resumed_from_epoch"] < EPOCHS - 1, info["resumed_from_epoch"]
+    assert _md5(repo / MODEL) == ref["model"]
+    assert (repo / METRICS).read_bytes() == ref["metrics"]
+
+
+def test_kill_9_under_dvc_repro_resumes_to_the_same_result(reference, tmp_path):
+    repo = make_repo(tmp_path / "repo", reference["params"])
+    _kill_mid_training([DVC, "repro", TARGET], repo, seed=1)
+    assert not (repo / METRICS).exists(), "the killed stage must not look finished"
+    status = run([DVC, "status", TARGET], repo)
+    assert TARGET in status  # DVC knows the stage is not done
+    out = run([DVC, "repro", TARGET], repo)
+    assert f"Running stage '{TARGET}'" in out
+    _assert_resumed_to_the_reference(repo, reference)
+    assert "Data and pipelines are up to date" in run([DVC, "status", TARGET], repo)
+
+
+def test_kill_9_under_snakemake_resumes_to_the_same_result(reference, tmp_path):
+    repo = make_repo(tmp_path / "repo", reference["params"])
+    target = str(MODEL.parent.parent)
+    _kill_mid_training([SNAKEMAKE, "--cores", "2", target], repo, seed=2)
+    # A SIGKILLed Snakemake leaves its lock; its outputs are marked incomplete (never taken for
+    # finished ones): --unlock, then --rerun-incomplete (set in workflow/profiles/default).
+    run([SNAKEMAKE, "--unlock", "--cores", "1"], repo)
+    out = run([SNAKEMAKE, "--cores", "2", "--rerun-incomplete", target], repo)
+    assert "pretrain_deit" in out
+    _assert_resumed_to_the_reference(repo, reference)
+    assert "Data and pipelines are up to date" in run([DVC, "status", TARGET], repo)
+
+
+def test_same_params_seed_and_threads_give_the_same_bytes_and_another_seed_does_not(
+        fashion_small, tmp_path):
+    def train(name: str, seed: int) -> Path:
+        out = tmp_path / name
+        run([DEIT, "pretrain", "--params", str(SMOKE), "--data", str(fashion_small),
+             "--distill", "none", "--seed", str(seed), "--out", str(out)], tmp_path)
+        return out
+
+    a, b, c = train("a", 0), train("b", 0), train("c", 1)
+    for name in ("model.pt", "metrics.json", "history.csv"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    assert _md5(a / "model.pt") != _md5(c / "model.pt")
+    assert (a / "metrics.json").read_bytes() != (c / "metrics.json").read_bytes()
