@@ -424,3 +424,45 @@ def test_disk_full_while_checkpointing_keeps_the_last_complete_checkpoint(
     assert ckpt["epoch"] == 0 and len(ckpt["history"]) == 1
     assert sorted(p.name for p in ckdir.iterdir()) == ["checkpoint.pth", "history.csv"]
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------- torn files, crashed writes
+
+
+@pytest.mark.parametrize("torn", [b"", b"PK\x03\x04 half a zip", b"\x80\x04 not a checkpoint"])
+def test_a_torn_checkpoint_is_never_loaded(capsys, tmp_path, fashion_small, torn):
+    """The engine writes checkpoints atomically; a torn one (a copy cut short, a full disk on a
+    filesystem without rename) is refused by name, with the fix, and nothing is written."""
+    ckdir = tmp_path / "ck"
+    ckdir.mkdir()
+    (ckdir / "checkpoint.pth").write_bytes(torn)
+    out = tmp_path / "teacher"
+    rc, err = run_in_process(capsys, "teacher", "--params", SMOKE, "--data", fashion_small,
+                             "--out", out, "--run-dir", ckdir)
+    assert_one_line_error(rc, err, "teacher", str(ckdir / "checkpoint.pth"),
+                          "delete it to restart the run from scratch")
+    assert not out.exists() and (ckdir / "checkpoint.pth").read_bytes() == torn
+
+
+def test_a_crash_while_writing_the_model_directory_keeps_the_previous_one(
+        capsys, tmp_path, fashion_small, monkeypatch):
+    """The model directory is replaced whole: a failure while writing it (here: the final
+    metrics.json) leaves the previous complete directory byte-identical and no temporary one."""
+    out = tmp_path / "teacher"
+    argv = ["teacher", "--params", SMOKE, "--data", fashion_small, "--out", out, "--run-dir",
+            tmp_path / "ck"]
+    assert run_in_process(capsys, *argv)[0] == 0
+    before = snapshot(out)
+    real = atomic.write_json
+
+    def crash_on_metrics(path, obj):
+        if Path(path).name == "metrics.json":
+            raise OSError(errno.EIO, "simulated crash")
+        return real(path, obj)
+
+    monkeypatch.setattr(atomic, "write_json", crash_on_metrics)
+    shutil.rmtree(tmp_path / "ck")  # train again (no finished checkpoint to resume from)
+    with pytest.raises(OSError, match="simulated crash"):
+        cli.main(["--log-level", "WARNING", *map(str, argv)])
+    assert snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "teacher"]

@@ -16,6 +16,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from deit_repro import atomic
 from deit_repro.config import WeightsCfg
 from deit_repro.errors import ConfigError
 from deit_repro.models import load_state_dict_checked
@@ -64,6 +65,7 @@ def import_weights(*, model: str, weights: str, sha256: str, data: Path, out: Pa
     if role == "student":
         extra.update(distill="hard" if kwargs["distilled"] else "none",
                      dist_token=bool(kwargs["distilled"]))
-    save_model(out, net, role=role, kwargs=kwargs, ds=ds, img_size=size, extra=extra)
+    with atomic.atomic_dir(out) as tmp:  # whole or not at all (issue #6)
+        save_model(tmp, net, role=role, kwargs=kwargs, ds=ds, img_size=size, extra=extra)
     _logger.info("imported %s (%s) into %s", model, path, out)
     return {"role": role, "kwargs": kwargs, "img_size": size, **extra}

@@ -98,14 +98,21 @@ def _write_outputs(out: Path, run_dir: Path | None, model: nn.Module, *, role: s
                    kwargs: dict[str, Any], ds: Dataset, params: Params, img_size: int,
                    history: list[dict[str, Any]], metrics: dict[str, Any], seed: int,
                    extra: dict[str, Any], run_info: dict[str, Any]) -> None:
-    """The model directory (deterministic files) and the run directory (provenance, timings)."""
-    out.mkdir(parents=True, exist_ok=True)
-    save_model(out, model, role=role, kwargs=kwargs, ds=ds, img_size=img_size, extra=extra)
-    write_history(out / "history.csv",
-                  [{k: v for k, v in row.items() if k not in _TIMING} for row in history])
-    write_run(run_dir or out, params, seed=seed, **extra, **run_info)
-    # metrics.json last: its presence marks a finished run.
-    atomic.write_json(out / "metrics.json", metrics)
+    """The model directory (deterministic files) and the run directory (provenance, timings).
+
+    The model directory is written whole into a temporary sibling and renamed onto ``out``
+    (issue #6): a crash leaves the previous complete directory or none, never new weights beside
+    an old description.
+    """
+    if run_dir is not None:
+        write_run(run_dir, params, seed=seed, **extra, **run_info)
+    with atomic.atomic_dir(out) as tmp:
+        save_model(tmp, model, role=role, kwargs=kwargs, ds=ds, img_size=img_size, extra=extra)
+        write_history(tmp / "history.csv",
+                      [{k: v for k, v in row.items() if k not in _TIMING} for row in history])
+        if run_dir is None:
+            write_run(tmp, params, seed=seed, **extra, **run_info)
+        atomic.write_json(tmp / "metrics.json", metrics)
 
 
 def _train_and_save(*, model: nn.Module, role: str, kwargs: dict[str, Any], loss_fn,
@@ -178,7 +185,10 @@ def run_teacher(params: Params, *, data: Path, out: Path, run_dir: Path | None,
                             drop_path=recipe.drop_path)
     if arch == "convnet" and (cfg.weights is not None or weights is not None):
         if cfg.weights is not None:
-            path = fetch_weights(cfg.weights, weights, (run_dir or out) / "downloads")
+            # Not inside `out`: the model directory is replaced whole when it is written.
+            downloads = (run_dir / "downloads" if run_dir is not None else
+                         Path.home() / ".cache" / "deit-repro" / "downloads")
+            path = fetch_weights(cfg.weights, weights, downloads)
         else:
             path = weights
         model = build_model("teacher", kwargs)
