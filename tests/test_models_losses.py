@@ -488,3 +488,19 @@ def test_paper_teacher_builds_on_cpu():
     assert 83e6 < count_params(model) < 84.5e6
     with torch.no_grad():
         assert model.eval()(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
+
+
+def test_base_criterion_is_the_official_label_smoothed_loss():
+    """engine.base_criterion uses torch's fused CE with label smoothing (issue #7, faster on CPU):
+    the same loss as the official timm LabelSmoothingCrossEntropy, and as the formula."""
+    from deit_repro.config import TrainCfg
+    from deit_repro.engine import base_criterion
+
+    g = torch.Generator().manual_seed(0)
+    logits, y = torch.randn(32, 10, generator=g), torch.randint(10, (32,), generator=g)
+    crit = base_criterion(TrainCfg(mixup=0.0, cutmix=0.0, label_smoothing=0.1))
+    logp = torch.log_softmax(logits.double(), dim=1)
+    formula = (0.9 * -logp[torch.arange(32), y] + 0.1 * -logp.mean(dim=1)).mean()
+    assert torch.allclose(crit(logits, y).double(), formula, atol=1e-6)
+    assert torch.allclose(crit(logits, y), LabelSmoothingCrossEntropy(0.1)(logits, y), atol=1e-6)
+    assert isinstance(base_criterion(TrainCfg()), SoftTargetCrossEntropy)  # Mixup on

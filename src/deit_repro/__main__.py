@@ -1,5 +1,3 @@
-import sys
+from deit_repro.cli import entry
 
-from deit_repro.cli import main
-
-sys.exit(main())
+entry()

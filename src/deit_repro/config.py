@@ -381,7 +381,9 @@ class Params:
     transfer: TransferCfg
     #: seeds of the repeated runs (mean ± std)
     seeds: tuple[int, ...] = _bounded((0,), expect="a non-empty list", minItems=1)
-    #: torch intra-op threads per process on CPU (fixed: results depend on it)
+    #: torch intra-op threads per run on CPU (fixed: results depend on it); the seeds of a
+    #: training stage run side by side, and the one-process stages (teacher, evaluate) get
+    #: threads x len(seeds)
     threads: int = _bounded(1, **_POSITIVE)
     distillation: DistillationCfg = field(default_factory=DistillationCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)

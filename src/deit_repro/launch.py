@@ -2,9 +2,9 @@
 
 A training stage command without ``--seed`` trains one run per seed of ``params.seeds`` into
 ``<out>/seed<k>/`` and writes the aggregate (mean, std and per-seed values of every metric) to
-``--metrics``. Runs are independent processes (each with ``params.threads`` torch threads), up to
-``--jobs`` at a time: results do not depend on how many run side by side, only on the thread count
-of each (notes/small-scale.md: 1 thread per process, independent runs in parallel).
+``--metrics``. Runs are independent forked processes (each with ``params.threads`` torch threads),
+up to ``--jobs`` at a time: results do not depend on how many run side by side, only on the thread
+count of each (notes/small-scale.md: 1 thread per process, independent runs in parallel).
 """
 
 from __future__ import annotations
@@ -14,12 +14,10 @@ import logging
 import math
 import os
 import statistics
-import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import submitit
 
@@ -46,44 +44,88 @@ def default_jobs(num_runs: int, threads: int) -> int:
     return max(1, min(num_runs, available_cpus() // max(threads, 1)))
 
 
-def run_seeds(argv: Sequence[str], *, seeds: Sequence[int], out: Path,
-              run_dir: Path | None, jobs: int) -> list[dict[str, Any]]:
-    """Run ``deit-repro <argv> --seed k --out out/seed<k>`` for every seed, ``jobs`` at a time.
+def fork_runs(run_one: Callable[[int, Path, Path | None], dict[str, Any]],
+              specs: Sequence[tuple[int, Path, Path | None]], jobs: int) -> list[dict[str, Any]]:
+    """Run ``run_one(seed, out, run_dir)`` for every spec in forked processes, ``jobs`` at a time.
 
-    Args:
-        argv: the stage's command line without ``--seed``, ``--out`` and ``--run-dir``.
-        seeds: the seeds to run.
-        out: the stage's output directory; run k writes ``out/seed<k>/``.
-        run_dir: run k checkpoints into ``run_dir/seed<k>/`` (resumable).
-        jobs: runs at a time.
+    Forked, not spawned: the children inherit the imported torch/timm (about 3 s a process here,
+    issue #7) and the parsed params. Each child trains with the thread count the parent set.
 
     Returns:
-        Each run's ``metrics.json``, in seed order.
+        Each run's ``metrics.json``, in spec order.
     """
-    def one(seed: int) -> dict[str, Any]:
-        run_out = out / f"seed{seed}"
-        cmd = [sys.executable, "-m", "deit_repro", *argv, "--seed", str(seed),
-               "--out", str(run_out)]
-        if run_dir is not None:
-            cmd += ["--run-dir", str(run_dir / f"seed{seed}")]
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        if proc.returncode != 0:
-            tail = [line for line in proc.stderr.splitlines() if line.strip()]
-            last = tail[-1] if tail else f"exit code {proc.returncode}"
-            if "error:" in last:
-                # The child's one-line error already names the thing and the fix.
-                raise DeitReproError(f"seed {seed}: {last.split('error:', 1)[1].strip()}")
-            sys.stderr.write(proc.stderr)
-            raise TrainingError(f"seed {seed} failed with exit code {proc.returncode} "
-                                f"(its log is above)", "fix the cause and re-run: finished "
-                                "epochs resume from the checkpoint")
-        _logger.info("seed %d finished in %.0f s: %s", seed, time.perf_counter() - t0,
-                     proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "")
-        return json.loads((run_out / "metrics.json").read_text())
+    import multiprocessing as mp
+    from multiprocessing.connection import wait
 
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        return list(pool.map(one, seeds))
+    ctx = mp.get_context("fork")
+    pending = list(specs)
+    running: dict[int, tuple[Any, Any, int, Path]] = {}
+    failure: DeitReproError | None = None
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        while pending or running:
+            while pending and len(running) < jobs and failure is None:
+                seed, out, run_dir = pending.pop(0)
+                recv, send = ctx.Pipe(duplex=False)
+                proc = ctx.Process(target=_forked_run, args=(run_one, seed, out, run_dir, send),
+                                   name=f"seed{seed}")
+                proc.start()
+                send.close()
+                running[proc.sentinel] = (proc, recv, seed, out)
+            if not running:
+                break
+            for sentinel in wait(list(running)):
+                proc, recv, seed, out = running.pop(sentinel)
+                proc.join()
+                try:
+                    message = recv.recv() if recv.poll() else None
+                except EOFError:  # the child finished (or died) without a word
+                    message = None
+                recv.close()
+                if proc.exitcode == 0:
+                    _logger.info("seed %d finished", seed)
+                elif failure is None:
+                    text, code = message or (f"its process died ({_death(proc.exitcode)})", 3)
+                    failure = DeitReproError(f"seed {seed}: {text}")
+                    failure.exit_code = code
+                    pending.clear()  # finish what runs, start nothing new
+    except BaseException:
+        for proc, *_ in running.values():
+            proc.kill()
+        raise
+    if failure is not None:
+        raise failure
+    return [json.loads((out / "metrics.json").read_text()) for _, out, _ in specs]
+
+
+def _death(exitcode: int | None) -> str:
+    import signal
+
+    if exitcode is not None and exitcode < 0:
+        return f"killed by {signal.Signals(-exitcode).name}"
+    return f"exit code {exitcode}"
+
+
+def _forked_run(run_one, seed: int, out: Path, run_dir: Path | None, conn) -> None:
+    """A forked child: one run; its one-line error (or the crash) goes back through ``conn``."""
+    import traceback
+
+    code = 0
+    try:
+        run_one(seed, out, run_dir)
+    except DeitReproError as err:
+        conn.send((str(err), err.exit_code))
+        code = err.exit_code
+    except BaseException as err:  # a bug or an OOM: keep the traceback in the log
+        traceback.print_exc()
+        conn.send((f"{type(err).__name__}: {err} (traceback above)", 3))
+        code = 3
+    finally:
+        conn.close()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)  # no atexit handlers or buffers of the parent run twice
 
 
 def combine_histories(path: Path, histories: Sequence[Path], seeds: Sequence[int]) -> None:

@@ -30,7 +30,8 @@ class DistillationLoss(nn.Module):
     ``total = (1 - alpha) * base + alpha * distill`` with
 
     - ``base = base_criterion(cls_logits, labels)``: label-smoothed CE, or soft-target CE when
-      Mixup/CutMix is on (timm ``LabelSmoothingCrossEntropy`` / ``SoftTargetCrossEntropy``);
+      Mixup/CutMix is on (torch's fused CE with ``label_smoothing``, the same loss as timm's
+      ``LabelSmoothingCrossEntropy``; timm ``SoftTargetCrossEntropy``);
     - ``soft``: ``KL(softmax(t/τ) ‖ softmax(s/τ)) · τ²``, summed over batch and classes and divided by
       ``B · C`` (``s.numel()``). The official code divides by the number of elements, not by the batch
       ('batchmean'), which the authors found similar or slightly better (facebookresearch/deit#61); it
