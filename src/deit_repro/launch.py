@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -327,6 +328,44 @@ def _reattach(cluster: str, job_file: Path, argv: list[str]):
     return None
 
 
+#: SLURM states after which a job runs no more (a requeued job goes back to PENDING instead)
+_FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
+          "BOOT_FAIL", "DEADLINE", "PREEMPTED")
+
+
+def _live_state(job) -> str:
+    """The job's state as the controller sees it now (``scontrol``), not as accounting last
+    recorded it: after a requeue, ``sacct`` may still report the first allocation's end
+    (COMPLETED) while the job is pending again. Falls back to submitit's (sacct) state."""
+    try:
+        out = subprocess.run(["scontrol", "show", "job", "-o", str(job.job_id)],
+                             capture_output=True, text=True, timeout=30).stdout
+        state = dict(kv.split("=", 1) for kv in out.split() if "=" in kv).get("JobState")
+    except (OSError, subprocess.TimeoutExpired):
+        state = None
+    return state or job.state
+
+
+def _wait_through_requeues(job, poll_s: float = 5.0, grace_s: float = 120.0) -> None:
+    """Wait until the job has written its result or is over for good.
+
+    submitit alone gives up 15 s after ``sacct`` says the job ended without a result file, which
+    is what a requeued job looks like between its allocations (issue #4: USR2 / scontrol
+    requeue). Here an ended job gets ``grace_s`` for its result to appear, and a job the
+    controller shows as queued or running again is waited for.
+    """
+    ended_at = None
+    while not job.paths.result_pickle.exists():
+        state = _live_state(job).split()[0].upper()
+        if state in _FINAL:
+            ended_at = ended_at or time.time()
+            if time.time() - ended_at > grace_s:
+                return  # job.results() raises with submitit's own account of the failure
+        else:
+            ended_at = None
+        time.sleep(poll_s)
+
+
 def submit_runs(argv: Sequence[str], runs: Sequence[tuple[int, Path, Path]], launch, *,
                 stage: str, cluster: str) -> list[dict[str, Any]]:
     """Submit one job per ``(seed, out, run_dir)`` and wait for all; their ``metrics.json``.
@@ -374,9 +413,11 @@ def submit_runs(argv: Sequence[str], runs: Sequence[tuple[int, Path, Path]], lau
     try:
         for seed, out, job in jobs:
             try:
+                if cluster == "slurm":
+                    _wait_through_requeues(job)
                 result = job.results()[0]  # task 0 is global rank 0
             except (FailedJobError, UncompletedJobError) as err:
-                first = next((line for line in str(err).splitlines() if line.strip()), "")
+                first = " ".join(line.strip() for line in str(err).splitlines()[:2])
                 raise TrainingError(
                     f"seed {seed}: {cluster} job {job.job_id} failed ({first[:200]}); its log: "
                     f"{job.paths.stderr}", "fix the cause and re-run: the run resumes from its "
