@@ -36,11 +36,13 @@ def _env() -> dict[str, str]:
 
 def _run(cmd: list[str], cwd: Path) -> tuple[float, str]:
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True)
+    # One stream, in order: DVC's "Running stage" lines and each stage's "done in" line.
+    proc = subprocess.run(cmd, cwd=cwd, env=_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}")
-    return seconds, proc.stdout + proc.stderr
+        sys.exit(f"{' '.join(cmd)} failed:\n{proc.stdout}")
+    return seconds, proc.stdout
 
 
 def fresh_clone(dst: Path, profile: str) -> None:
