@@ -59,9 +59,7 @@ def import_weights(*, model: str, weights: str, sha256: str, data: Path, out: Pa
                           "use an exact timm name such as deit_base_distilled_patch16_224")
     net = build_model(role, kwargs)
     load_state_dict_checked(net, load_weights_file(path), what=f"released weights {path}")
-    from deit_repro.atomic import sha256_file
-
-    extra = {"source": weights, "sha256": sha256_file(path), "released": True}
+    extra = {"source": weights, "sha256": atomic.sha256_file(path), "released": True}
     if role == "student":
         extra.update(distill="hard" if kwargs["distilled"] else "none",
                      dist_token=bool(kwargs["distilled"]))
