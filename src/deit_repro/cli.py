@@ -221,7 +221,7 @@ def _cmd_launch_plan(args) -> None:
 
         raise ConfigError(f"batch_size {recipe.batch_size} does not split over {world} "
                           "processes", "choose a multiple of the process count")
-    folder = (args.folder / f"seed{params.seeds[0]}" / "submitit").resolve() / "%j"
+    folder = (args.folder / f"seed{params.seeds[0]}" / "submitit").resolve()
     print(launch.sbatch_script(params.launch, args.stage, folder,
                                f"deit-repro-{args.stage}-seed{params.seeds[0]}"))
 

@@ -395,13 +395,17 @@ def submit_runs(argv: Sequence[str], runs: Sequence[tuple[int, Path, Path]], lau
         else:
             folder = (run_dir / "submitit").resolve()
             name = f"deit-repro-{stage}-seed{seed}"
-            ex = make_executor(cluster, folder / "%j", launch, stage, name)
+            # One flat folder that exists before sbatch returns: with a per-job "%j" folder,
+            # submitit creates it only after submission, and a job the scheduler starts at
+            # once fails to open its log there (slurmd: "Could not open stdout file").
+            folder.mkdir(parents=True, exist_ok=True)
+            ex = make_executor(cluster, folder, launch, stage, name)
             job = ex.submit(TrainingJob(run_argv))
             atomic.write_json(job_file, {"job_id": job.job_id, "cluster": cluster,
-                                         "folder": str(folder / "%j"), "argv": run_argv})
+                                         "folder": str(folder), "argv": run_argv})
             print(f"deit-repro {stage}: seed {seed} submitted as {cluster} job {job.job_id} "
                   f"({res.nodes} node(s) x {res.tasks_per_node} task(s), "
-                  f"{res.gpus_per_node} GPU(s)/node); logs in {folder / str(job.job_id)}",
+                  f"{res.gpus_per_node} GPU(s)/node); logs in {folder}/{job.job_id}_*",
                   file=sys.stderr, flush=True)
         jobs.append((seed, out, job))
 
