@@ -205,22 +205,18 @@ def _cmd_transfer(args) -> None:
 def _cmd_launch_plan(args) -> None:
     """Dry run: what the submitit launcher would submit for a training stage (no job is sent)."""
     from deit_repro import launch
+    from deit_repro.runs import per_rank_batch
 
     params = _params(args)
     res = getattr(params.launch, args.stage)
     recipe = {"pretrain": params.student.train, "finetune": params.finetune.train,
               "transfer": params.transfer.train}[args.stage]
     world = res.world_size
-    per_task = recipe.batch_size / world
+    per_task = per_rank_batch(recipe.batch_size, world)
     print(f"# {args.stage} on launcher {params.launch.launcher}: {res.nodes} node(s) x "
           f"{res.tasks_per_node} task(s) = world size {world}, {res.gpus_per_node} GPU(s)/node; "
-          f"global batch {recipe.batch_size} = {per_task:g} per task; effective lr "
+          f"global batch {recipe.batch_size} = {per_task} per task; effective lr "
           f"{recipe.effective_lr():g}; one job per seed {list(params.seeds)}")
-    if recipe.batch_size % world:
-        from deit_repro.errors import ConfigError
-
-        raise ConfigError(f"batch_size {recipe.batch_size} does not split over {world} "
-                          "processes", "choose a multiple of the process count")
     folder = (args.folder / f"seed{params.seeds[0]}" / "submitit").resolve()
     print(launch.sbatch_script(params.launch, args.stage, folder,
                                f"deit-repro-{args.stage}-seed{params.seeds[0]}"))
@@ -453,13 +449,22 @@ def _configure_threads(args) -> None:
 
 
 def entry() -> None:
-    """The ``deit-repro`` command: :func:`main`, then exit without the interpreter's teardown.
+    """The ``deit-repro`` command: :func:`main` in a child of the fork server when one runs (torch
+    and timm already imported, issue #7; see :mod:`deit_repro.forkserver`), else in this process;
+    then :func:`finish`."""
+    from deit_repro import forkserver
+
+    code = forkserver.call(sys.argv)
+    finish(main() if code is None else code)
+
+
+def finish(code: int) -> None:
+    """Exit without the interpreter's teardown.
 
     Freeing torch, timm and torch._dynamo at exit costs about 1 s a process here, once per DAG
     stage (issue #7). Every output is complete on disk by then (atomic writes, closed files); the
     log and the standard streams are flushed first.
     """
-    code = main()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

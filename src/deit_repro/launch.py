@@ -248,8 +248,6 @@ def make_executor(cluster: str, folder: Path, launch, stage: str, name: str):
 
     Always explicit: submitit's AutoExecutor silently picks SLURM wherever ``srun`` is on PATH.
     """
-    import submitit
-
     res = getattr(launch, stage)
     if cluster == "slurm":
         ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=launch.max_requeues)
@@ -277,7 +275,6 @@ class TrainingJob(submitit.helpers.Checkpointable):
         self.argv = list(argv)
 
     def __call__(self) -> dict[str, Any]:
-        import submitit
         import torch
 
         env = submitit.helpers.TorchDistributedEnvironment()
@@ -301,8 +298,6 @@ class TrainingJob(submitit.helpers.Checkpointable):
     def checkpoint(self, *args: Any, **kwargs: Any):
         """Called by submitit on USR2 (timeout / preemption): requeue the same job. The model
         state is already on disk (a complete checkpoint every epoch, written atomically)."""
-        import submitit
-
         _logger.warning("training job interrupted: requeuing; it resumes from the last complete "
                         "checkpoint")
         return submitit.helpers.DelayedSubmission(TrainingJob(self.argv))
@@ -311,8 +306,6 @@ class TrainingJob(submitit.helpers.Checkpointable):
 def _reattach(cluster: str, job_file: Path, argv: list[str]):
     """The SLURM job an earlier (killed) invocation submitted for the same command, if it is
     still queued or running: wait for it instead of training the same run twice."""
-    import submitit
-
     if cluster != "slurm" or not job_file.is_file():
         return None
     try:
@@ -322,15 +315,19 @@ def _reattach(cluster: str, job_file: Path, argv: list[str]):
     if rec.get("argv") != argv:
         return None
     job = submitit.SlurmJob(folder=rec["folder"], job_id=rec["job_id"])
-    if job.state in ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
-                     "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED"):
-        return job
-    return None
+    return job if _state(job) in _ALIVE else None
 
 
-#: SLURM states after which a job runs no more (a requeued job goes back to PENDING instead)
-_FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
-          "BOOT_FAIL", "DEADLINE", "PREEMPTED")
+#: SLURM states of a job that is queued, running or will run again (a requeued job is PENDING
+#: again); any other state, UNKNOWN included (neither scontrol nor sacct knows the job), is over
+_ALIVE = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING",
+          "COMPLETING", "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT")
+
+
+def _state(job) -> str:
+    """``_live_state`` without its details (``CANCELLED by 0`` -> ``CANCELLED``)."""
+    state = _live_state(job).split()
+    return state[0].upper() if state else "UNKNOWN"
 
 
 def _live_state(job) -> str:
@@ -356,14 +353,19 @@ def _wait_through_requeues(job, poll_s: float = 5.0, grace_s: float = 120.0) -> 
     """
     ended_at = None
     while not job.paths.result_pickle.exists():
-        state = _live_state(job).split()[0].upper()
-        if state in _FINAL:
+        if _state(job) in _ALIVE:
+            ended_at = None
+        else:
             ended_at = ended_at or time.time()
             if time.time() - ended_at > grace_s:
                 return  # job.results() raises with submitit's own account of the failure
-        else:
-            ended_at = None
         time.sleep(poll_s)
+
+
+def _interrupt(_signum, _frame) -> None:
+    """SIGTERM (an engine stopping the stage) handled as Ctrl-C: the waiting stage cancels its
+    jobs on the way out."""
+    raise KeyboardInterrupt
 
 
 def submit_runs(argv: Sequence[str], runs: Sequence[tuple[int, Path, Path]], launch, *,
@@ -412,7 +414,7 @@ def submit_runs(argv: Sequence[str], runs: Sequence[tuple[int, Path, Path]], lau
     # The stage waits for its jobs; if it is stopped (Ctrl-C, SIGTERM from an engine) it cancels
     # them, so no job keeps training into a run directory that a later invocation will use.
     previous = signal.getsignal(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, _interrupt)
     results = []
     try:
         for seed, out, job in jobs:

@@ -30,7 +30,7 @@ from deit_repro.batches import (ImageDataset, LoaderBatches, TensorAugment, Trai
                                 eval_tensor, timm_eval_transform, timm_train_transform)
 from deit_repro.config import EvalCfg, ModelCfg, TrainCfg, WeightsCfg, to_dict
 from deit_repro.data.store import load_prepared
-from deit_repro.errors import CheckpointError, ConfigError, DataError
+from deit_repro.errors import CheckpointError, ConfigError
 from deit_repro.models import create_student, create_teacher, load_state_dict_checked
 
 _logger = logging.getLogger(__name__)
@@ -75,13 +75,18 @@ def open_dataset(path: Path) -> Dataset:
                    content_hash=train.manifest["content_hash"])
 
 
+def per_rank_batch(batch_size: int, world_size: int) -> int:
+    """The batch of one process: ``train.batch_size`` is the global batch (issue #4)."""
+    if batch_size % world_size:
+        raise ConfigError(f"params key 'batch_size' = {batch_size} is not divisible by the "
+                          f"{world_size} processes", "choose a multiple of the process count")
+    return batch_size // world_size
+
+
 def train_batches(ds: Dataset, recipe: TrainCfg, *, img_size: int, seed: int, world_size: int = 1,
                   rank: int = 0):
     """This process's training batches (global batch split over ranks)."""
-    if recipe.batch_size % world_size:
-        raise ConfigError(f"params key 'batch_size' = {recipe.batch_size} is not divisible by the "
-                          f"{world_size} processes", "choose a multiple of the process count")
-    per_rank = recipe.batch_size // world_size
+    per_rank = per_rank_batch(recipe.batch_size, world_size)
     if recipe.aug.pipeline == "tensor":
         if not ds.in_memory:
             raise ConfigError(f"aug.pipeline 'tensor' needs an in-memory dataset but {ds.path} is "
@@ -301,8 +306,3 @@ def round_metrics(obj: Any) -> Any:
     """Metrics rounded to 6 significant decimals, so files are stable across reruns."""
     return _jsonable(obj)
 
-
-def require_dir(path: Path, what: str) -> Path:
-    if not Path(path).is_dir():
-        raise DataError(f"{what} {path} does not exist", "run the stage that produces it first")
-    return Path(path)

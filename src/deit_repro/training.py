@@ -137,13 +137,12 @@ def _train_and_save(*, model: nn.Module, role: str, kwargs: dict[str, Any], loss
     if not rt.is_main:
         return {}  # rank 0 evaluates and writes; the others only trained their share
     metrics = _final_metrics(res.history, params, img_size, extra)
-    if rt.is_main:
-        _write_outputs(out, run_dir, model, role=role, kwargs=kwargs, ds=ds, params=params,
-                       img_size=img_size, history=res.history, metrics=metrics, seed=seed,
-                       extra=extra, run_info={
-                           "effective_lr": recipe.effective_lr(), "train_seconds": res.seconds,
-                           "resumed_from_epoch": res.resumed_from_epoch,
-                           "world_size": rt.world_size, "device": str(rt.device)})
+    _write_outputs(out, run_dir, model, role=role, kwargs=kwargs, ds=ds, params=params,
+                   img_size=img_size, history=res.history, metrics=metrics, seed=seed,
+                   extra=extra, run_info={
+                       "effective_lr": recipe.effective_lr(), "train_seconds": res.seconds,
+                       "resumed_from_epoch": res.resumed_from_epoch,
+                       "world_size": rt.world_size, "device": str(rt.device)})
     return metrics
 
 
