@@ -83,3 +83,14 @@ def dvc_reference(tmp_path_factory):
     out = run([DVC, "repro"], repo)
     return {"repo": repo, "output": out, "lock": lock_stages(repo),
             "metrics": metric_files(repo)}
+
+
+# The `deit-repro` calls of this session get fork servers of their own (issue #7), stopped when
+# the session ends instead of idling for 5 minutes; tests that need another server extend the tag.
+FORKSERVER_TAG = os.environ.setdefault("DEIT_REPRO_FORKSERVER_TAG", f"pytest-{os.getpid()}")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    from deit_repro import forkserver
+
+    forkserver.stop_all(tag=FORKSERVER_TAG)

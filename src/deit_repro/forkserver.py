@@ -23,7 +23,9 @@ What keeps a served call the same as an unserved one:
 Off with ``DEIT_REPRO_FORKSERVER=0``, and always inside a SLURM allocation (a job's processes must
 stay in the job's cgroup). ``DEIT_REPRO_FORKSERVER=require`` waits for the server and fails when
 it cannot serve (the tests use it). The server exits after ``DEIT_REPRO_FORKSERVER_IDLE_S``
-seconds (default 300) without a call; its log is ``<socket>.log``.
+seconds (default 300) without a call. Its log, ``<socket>.log`` (removed on a clean exit), has a
+line per call as it starts (``call <child pid>: <argv>``) and as it ends (``call <pid>: X<exit
+status>`` or ``K<signal>``). ``python -m deit_repro.forkserver stop`` stops this user's servers.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import struct
@@ -41,6 +44,7 @@ from typing import Callable
 
 SWITCH = "DEIT_REPRO_FORKSERVER"
 IDLE = "DEIT_REPRO_FORKSERVER_IDLE_S"
+TAG = "DEIT_REPRO_FORKSERVER_TAG"
 
 #: imported once by the server; the stages' heavy third-party imports (prepare: sklearn for digits;
 #: tables: pandas and matplotlib). A library that is missing is skipped.
@@ -71,16 +75,18 @@ def call(argv: list[str]) -> int | None:
     if mode in ("0", "off", "false", "no") or "SLURM_JOB_ID" in os.environ:
         return None
     try:
+        for fd in (0, 1, 2):  # handed over as they are: a closed one cannot be
+            os.fstat(fd)
         path = socket_path()
         cwd = os.getcwd()
+        sock = _connect(path)
+        if sock is None:
+            _start_server(path)
+            if mode != "require":
+                return None
+            sock = _wait_for_server(path)
     except OSError:
         return None
-    sock = _connect(path)
-    if sock is None:
-        _start_server(path)
-        if mode != "require":
-            return None
-        sock = _wait_for_server(path)
     return _run_remote(sock, argv, cwd)
 
 
@@ -154,7 +160,7 @@ def _wait_for_server(path: Path, timeout: float = 120.0) -> socket.socket:
              f"{timeout:.0f} s; see {path.with_suffix('.log')}, or unset {SWITCH}")
 
 
-def _run_remote(sock: socket.socket, argv: list[str], cwd: str) -> int:
+def _run_remote(sock: socket.socket, argv: list[str], cwd: str) -> int | None:
     umask = os.umask(0)
     os.umask(umask)
     stream = sys.stdout
@@ -163,10 +169,9 @@ def _run_remote(sock: socket.socket, argv: list[str], cwd: str) -> int:
     try:
         socket.send_fds(sock, [_HEADER.pack(len(request))], [0, 1, 2])
         sock.sendall(request)
-    except OSError:
+    except OSError:  # nothing was started: run in this process after all
         sock.close()
-        sys.exit("deit-repro: the fork server closed the connection; re-run, or set "
-                 f"{SWITCH}=0 to run in this process")
+        return None
 
     def relay(signum, _frame):
         try:
@@ -219,8 +224,8 @@ def serve(path: Path) -> int:
         except ImportError:
             pass
     idle = float(os.environ.get(IDLE, "300"))
-    print(f"fork server {os.getpid()}: preloaded in {time.perf_counter() - t0:.1f} s; "
-          f"exits after {idle:.0f} s idle", flush=True)
+    print(f"fork server {os.getpid()}: tag {os.environ.get(TAG, '')!r}; preloaded in "
+          f"{time.perf_counter() - t0:.1f} s; exits after {idle:.0f} s idle", flush=True)
 
     # Bound under a temporary name and renamed: a client never meets a socket nobody listens on.
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -255,38 +260,43 @@ def serve(path: Path) -> int:
             conn.close()
 
     last = time.monotonic()
-    try:
-        while True:
-            for key, _ in sel.select(timeout=5.0):
-                if key.fileobj is listener:
-                    _accept(listener, children, release)
-                else:
-                    while True:
-                        try:
-                            if not os.read(wake_r, 512):
-                                break
-                        except BlockingIOError:
+    while True:
+        for key, _ in sel.select(timeout=5.0):
+            if key.fileobj is listener:
+                _accept(listener, children, release)
+            else:
+                while True:
+                    try:
+                        if not os.read(wake_r, 512):
                             break
-            _reap(children)
-            now = time.monotonic()
-            if children:
-                last = now
-            elif now - last >= idle or not _still_ours(path, inode):
-                break
-    except _Stop:
-        pass
-    finally:
-        if _still_ours(path, inode):
-            path.unlink(missing_ok=True)
+                    except BlockingIOError:
+                        break
+        _reap(children)
+        if _STOP and listener.fileno() >= 0:
+            # Stopped: take no new call, but report the running ones to their callers.
+            sel.unregister(listener)
+            listener.close()
+            if _still_ours(path, inode):
+                path.unlink(missing_ok=True)
+        now = time.monotonic()
+        if children:
+            last = now
+        elif _STOP or now - last >= idle or not _still_ours(path, inode):
+            break
+    if _still_ours(path, inode):
+        path.unlink(missing_ok=True)
+    # A clean exit leaves nothing behind (a crash leaves its log); the lock goes while still held.
+    path.with_suffix(".log").unlink(missing_ok=True)
+    path.with_suffix(".lock").unlink(missing_ok=True)
+    lock.close()
     return 0
 
 
-class _Stop(Exception):
-    pass
+_STOP: list[int] = []
 
 
-def _stop(_signum, _frame):
-    raise _Stop
+def _stop(signum, _frame):
+    _STOP.append(signum)
 
 
 def _still_ours(path: Path, inode: int) -> bool:
@@ -311,6 +321,7 @@ def _reap(children: dict[int, socket.socket]) -> None:
             reply = b"K%d\n" % os.WTERMSIG(status)
         else:
             reply = b"X%d\n" % os.waitstatus_to_exitcode(status)
+        print(f"call {pid}: {reply[:1].decode()}{int(reply[1:])}", flush=True)
         try:
             conn.sendall(reply)
         except OSError:
@@ -366,6 +377,7 @@ def _accept(listener: socket.socket, children: dict[int, socket.socket],
     for fd in fds:
         os.close(fd)
     children[pid] = conn
+    print(f"call {pid}: {' '.join(request['argv'][1:])} (in {request['cwd']})", flush=True)
 
 
 def _exit_code(stop: SystemExit) -> int:
@@ -442,5 +454,29 @@ def _watch_client(conn: socket.socket) -> None:
                 os.killpg(0, int(line[1:]))
 
 
+def stop_all(tag: str = "") -> list[int]:
+    """Stop this user's fork servers whose tag starts with ``tag`` (all of them by default). A
+    stopped server takes no new call and exits once its running calls have ended.
+
+    Returns:
+        The pids of the servers stopped.
+    """
+    stopped = []
+    for log in socket_path().parent.glob("fs-*.log"):
+        try:
+            m = re.match(r"fork server (\d+): tag '([^']*)'", log.read_text())
+            pid = int(m[1]) if m and m[2].startswith(tag) else 0
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes() if pid else b""
+        except OSError:
+            continue
+        if b"deit_repro.forkserver" in cmdline:
+            os.kill(pid, signal.SIGTERM)
+            stopped.append(pid)
+    return stopped
+
+
 if __name__ == "__main__":
+    if sys.argv[1:] == ["stop"]:
+        print(f"stopped fork servers: {stop_all() or 'none was running'}")
+        sys.exit(0)
     sys.exit(serve(Path(sys.argv[1])))
