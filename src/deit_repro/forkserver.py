@@ -14,11 +14,13 @@ What keeps a served call the same as an unserved one:
   (and DVC's code dependencies keep meaning what they say). Only third-party libraries are shared.
 - A server serves only callers with the same interpreter, library files and import-time
   environment (``_KEY_ENV_PREFIXES``): those make the socket's name.
-- The child gets the caller's cwd, umask, environment, argv and file descriptors 0-2, runs in its
-  own process group, receives the signals the client receives (SIGINT, SIGTERM, SIGHUP), and kills
-  its whole group the moment the client is gone (``kill -9`` of the caller kills the stage).
-- The server is single-threaded (forking a threaded process is unsafe) and never runs a torch op,
-  so a child starts its thread pools from scratch, with the thread count the stage sets.
+- The child gets the caller's cwd, umask, environment, argv, sys.path and file descriptors 0-2, runs
+  in its own process group, receives the signals the client receives (SIGINT, SIGTERM, SIGHUP),
+  and kills its whole group the moment the client is gone (``kill -9`` of the caller kills the
+  stage).
+- The server starts no thread of its own (forking while another thread holds a lock is unsafe)
+  and never runs a torch op, so a child starts torch's thread pools from scratch, with the thread
+  count the stage sets: the same fork the seed processes of a stage have always used.
 
 Off with ``DEIT_REPRO_FORKSERVER=0``, and always inside a SLURM allocation (a job's processes must
 stay in the job's cgroup). ``DEIT_REPRO_FORKSERVER=require`` waits for the server and fails when
@@ -165,6 +167,7 @@ def _run_remote(sock: socket.socket, argv: list[str], cwd: str) -> int | None:
     os.umask(umask)
     stream = sys.stdout
     request = json.dumps({"argv": argv, "cwd": cwd, "env": dict(os.environ), "umask": umask,
+                          "path": sys.path,
                           "encoding": getattr(stream, "encoding", None) or "utf-8"}).encode()
     try:
         socket.send_fds(sock, [_HEADER.pack(len(request))], [0, 1, 2])
@@ -221,8 +224,8 @@ def serve(path: Path) -> int:
     for name in PRELOAD:
         try:
             importlib.import_module(name)
-        except ImportError:
-            pass
+        except Exception as err:  # noqa: BLE001 - a child imports it again and reports the error
+            print(f"fork server: not preloaded: {name}: {err!r}", flush=True)
     idle = float(os.environ.get(IDLE, "300"))
     print(f"fork server {os.getpid()}: tag {os.environ.get(TAG, '')!r}; preloaded in "
           f"{time.perf_counter() - t0:.1f} s; exits after {idle:.0f} s idle", flush=True)
@@ -410,6 +413,7 @@ def _child(conn: socket.socket, request: dict, fds: list[int]) -> None:
     os.environ.clear()
     os.environ.update(request["env"])
     sys.argv = list(request["argv"])
+    sys.path[:] = request["path"]
     tempfile.tempdir = None  # TMPDIR is the caller's
     _reopen_standard_streams(request["encoding"], bool(os.environ.get("PYTHONUNBUFFERED")))
     # deit_repro is the caller's code as it is on disk now, not as it was when the server started.
