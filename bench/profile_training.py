@@ -125,6 +125,16 @@ def bench_model(name: str, model_fn, recipe, ds, img_size: int, args, mm) -> dic
         mm += tt.matmul_rates(*args.mm, 2)
     a, b, c = ([row[m] for row in rounds] for m in "ABC")
     peak = max(mm)
+    # The loader alone (index, gather, augmentation), per batch, against A's time per batch: the
+    # direct measure of what A/C estimates (C also reuses one cache-hot batch).
+    loader_ms = []
+    for _ in range(args.rounds):
+        batches = iter(inner)
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            next(batches)
+        loader_ms.append((time.perf_counter() - t0) / args.steps * 1e3)
+    step_ms = 1e3 * recipe.batch_size / statistics.fmean(a)
     res = {
         "model": name, "params_m": sum(p.numel() for p in model_a.parameters()) / 1e6,
         "batch_size": recipe.batch_size, "img_size": img_size,
@@ -134,6 +144,8 @@ def bench_model(name: str, model_fn, recipe, ds, img_size: int, args, mm) -> dic
         "C_batch_in_memory_images_per_s": statistics.fmean(c), "C_std": statistics.stdev(c),
         "A_over_B_paired_median": statistics.median(x / y for x, y in zip(a, b)),
         "A_over_C_paired_median": statistics.median(x / y for x, y in zip(a, c)),
+        "loader_ms_per_batch": statistics.median(loader_ms), "A_ms_per_batch": step_ms,
+        "loader_share_of_A": statistics.median(loader_ms) / step_ms,
         "matmul_peak_gflops": peak,
         "pct_of_peak_A": 100 * statistics.fmean(a) * flops / 1e9 / peak,
         "rounds": rounds,
@@ -198,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fp32 matmul peak  {max(mm):.1f} GFLOP/s (best 2048² torch.mm, {threads} thread(s))")
     print()
     head = (f"{'model':8s} {'params':>7s} {'batch':>5s} {'MFLOP/img':>9s} {'A engine':>14s} "
-            f"{'B plain loop':>14s} {'A/B':>6s} {'C in memory':>14s} {'A/C':>6s} {'% peak':>7s}")
+            f"{'B plain loop':>14s} {'A/B':>6s} {'C in memory':>14s} {'A/C':>6s} {'% peak':>7s} "
+            f"{'loader':>14s}")
     print(head)
     for r in results:
         print(f"{r['model']:8s} {r['params_m']:6.3f}M {r['batch_size']:5d} "
@@ -207,9 +220,12 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['B_plain_loop_images_per_s']:8.0f} ± {r['B_std']:3.0f} "
               f"{r['A_over_B_paired_median']:6.3f} "
               f"{r['C_batch_in_memory_images_per_s']:8.0f} ± {r['C_std']:3.0f} "
-              f"{r['A_over_C_paired_median']:6.3f} {r['pct_of_peak_A']:6.1f}%")
+              f"{r['A_over_C_paired_median']:6.3f} {r['pct_of_peak_A']:6.1f}% "
+              f"{r['loader_ms_per_batch']:5.2f} ms {100 * r['loader_share_of_A']:4.1f}%")
     print("\nimages/s, mean ± std over rounds; ratios: median of the per-round ratios "
-          "(A/B >= 1.0: the engine costs nothing; A/C >= 0.95: the loader is not the bottleneck)")
+          "(A/B >= 1.0: the engine costs nothing; A/C >= 0.95: the loader is not the bottleneck);\n"
+          "loader: the loader alone per batch (median over rounds) and its share of A's time per "
+          "batch")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"machine": info, "profile": params.profile,
