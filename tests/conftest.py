@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from deit_repro.data.sources import DEBIAN_FASHION_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "profiles" / "smoke.yaml"
+
+
+def smoke_dict() -> dict:
+    """smoke.yaml as a plain dict whose sections share nothing.
+
+    smoke.yaml reuses one train recipe through a YAML anchor, so ``yaml.safe_load`` returns the
+    *same* dict under teacher.train, student.train, ...; ``copy.deepcopy`` keeps that sharing, a
+    JSON round trip does not (a mutation must reach exactly one key).
+    """
+    return json.loads(json.dumps(yaml.safe_load(SMOKE.read_text())))
 
 
 def _need_fashion() -> None:

@@ -12,7 +12,6 @@ import errno
 import functools
 import gzip
 import hashlib
-import json
 import os
 import shutil
 import struct
@@ -25,6 +24,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import smoke_dict
 from deit_repro import atomic, cli
 from deit_repro.data.sources import DEBIAN_FASHION_DIR, RawDataset, Split
 from deit_repro.data.store import write_prepared
@@ -40,7 +40,7 @@ SENTINEL = b'{"top1": 99.0, "note": "a finished run that must survive"}\n'
 
 def params_file(path: Path, **changes) -> Path:
     """smoke.yaml with dotted keys changed (a JSON round trip breaks the YAML anchor sharing)."""
-    data = json.loads(json.dumps(yaml.safe_load(SMOKE.read_text())))
+    data = smoke_dict()
     for dotted, value in changes.items():
         *parents, last = dotted.split(".")
         node = data

@@ -5,25 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 
 import pytest
 import yaml
 
+from conftest import SMOKE, smoke_dict
 from deit_repro.config import config_hash, load_params, params_from_dict
 from deit_repro.errors import ConfigError
 
-SMOKE = Path(__file__).resolve().parents[1] / "profiles" / "smoke.yaml"
-
-
-def smoke_dict() -> dict:
-    """smoke.yaml as a plain dict whose sections share nothing.
-
-    smoke.yaml reuses one train recipe through a YAML anchor, so ``yaml.safe_load`` returns the
-    *same* dict under teacher.train, student.train, ...; ``copy.deepcopy`` keeps that sharing, a
-    JSON round trip does not (a mutation must reach exactly one key).
-    """
-    return json.loads(json.dumps(yaml.safe_load(SMOKE.read_text())))
 
 
 def set_key(data: dict, dotted: str, value) -> dict:

@@ -4,7 +4,6 @@ server keys, switches off and idles out as documented."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import FORKSERVER_TAG, SMOKE
+from conftest import FORKSERVER_TAG, SMOKE, smoke_dict
 from workflow_helpers import DEIT, env
 
 from deit_repro import forkserver
@@ -98,8 +97,7 @@ def test_a_served_call_gives_the_same_bytes_statuses_and_streams(fashion_small, 
 
 
 def _long_params(tmp: Path) -> Path:
-    data = yaml.safe_load(SMOKE.read_text())
-    data = json.loads(json.dumps(data))
+    data = smoke_dict()
     data["teacher"]["train"].update(epochs=1000)
     tmp.mkdir(parents=True, exist_ok=True)
     path = tmp / "params-long.yaml"

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import SMOKE
+from conftest import smoke_dict
 from workflow_helpers import DEIT, env, run
 
 pytestmark = pytest.mark.slow
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, fashion_small):
     root = tmp_path_factory.mktemp("launch")
-    data = json.loads(json.dumps(yaml.safe_load(SMOKE.read_text())))
+    data = smoke_dict()
     train = data["student"]["train"]
     # No random draw (augmentation, Mixup, drop-path, repeated copies): then 2 DDP processes with
     # half the global batch each compute the 1-process gradient up to float summation order.

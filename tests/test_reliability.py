@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import SMOKE
+from conftest import SMOKE, smoke_dict
 from workflow_helpers import DEIT, DVC, SNAKEMAKE, env, make_repo, run
 
 pytestmark = pytest.mark.slow
@@ -31,8 +31,7 @@ METRICS = Path("metrics/pretrain/deit.json")
 
 
 def _params(tmp: Path) -> Path:
-    data = yaml.safe_load(SMOKE.read_text())
-    data = json.loads(json.dumps(data))
+    data = smoke_dict()
     # ~0.4 s an epoch: a kill lands mid-run, after a checkpoint, well before the end.
     data["student"]["model"].update(embed_dim=64, depth=4)
     data["student"]["train"].update(epochs=EPOCHS, eval_every=1)

@@ -4,14 +4,11 @@ the same declarations the Python loader enforces, and both accept and refuse the
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import jsonschema
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, smoke_dict
 from deit_repro.config import params_from_dict, params_schema
 from deit_repro.errors import ConfigError
 
@@ -21,11 +18,6 @@ PROFILES = sorted((ROOT / "profiles").glob("*.yaml")) + [ROOT / "params.yaml"]
 
 def _schema() -> dict:
     return yaml.safe_load(SCHEMA_FILE.read_text())
-
-
-def _smoke() -> dict:
-    # JSON round trip: smoke.yaml shares one recipe through a YAML anchor (see test_config.py).
-    return json.loads(json.dumps(yaml.safe_load((ROOT / "profiles" / "smoke.yaml").read_text())))
 
 
 def _set(data: dict, dotted: str, value) -> dict:
@@ -72,7 +64,7 @@ BAD = [
 
 @pytest.mark.parametrize("dotted, value", BAD, ids=[f"{k}={v!r}" for k, v in BAD])
 def test_schema_and_loader_refuse_the_same_value(dotted, value):
-    data = _set(_smoke(), dotted, value)
+    data = _set(smoke_dict(), dotted, value)
     with pytest.raises(ConfigError) as info:
         params_from_dict(data)
     key = dotted.rsplit(".", 1)[0] if dotted.endswith(("epohcs", "gpus")) else dotted
@@ -93,7 +85,7 @@ CROSS = [("student.model.patch_size", 6), ("student.model.num_heads", 3),
 
 @pytest.mark.parametrize("dotted, value", CROSS, ids=[f"{k}={v!r}" for k, v in CROSS])
 def test_cross_field_checks_are_the_loaders(dotted, value):
-    data = _set(_smoke(), dotted, value)
+    data = _set(smoke_dict(), dotted, value)
     if dotted == "launch.pretrain.tasks_per_node":
         _set(data, "launch.pretrain.gpus_per_node", 8)
     with pytest.raises(ConfigError, match=dotted.split(".")[-1]):

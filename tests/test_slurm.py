@@ -22,6 +22,7 @@ import torch
 import yaml
 
 import slurm_cluster as sc
+from conftest import smoke_dict
 from workflow_helpers import (DEIT, SNAKEMAKE, TIMED_STAGES, env, lock_stages, make_repo,
                               metric_files, run)
 
@@ -30,8 +31,7 @@ pytestmark = pytest.mark.slow
 
 def _params(tmp: Path, name: str, *, epochs: int, tasks: int = 1, augment: bool = True,
             wide: bool = False) -> Path:
-    data = json.loads(json.dumps(yaml.safe_load(
-        (Path(__file__).resolve().parents[1] / "profiles" / "smoke.yaml").read_text())))
+    data = smoke_dict()
     if wide:
         # ~0.4 s per epoch: a run outlives SLURM's kill grace (KillWait 5 s + srun's 7 s), in
         # which submitit lets a SIGTERMed job go on; a smaller one could finish in it.
