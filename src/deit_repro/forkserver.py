@@ -57,9 +57,9 @@ PRELOAD = ("torch", "torchvision", "timm", "numpy", "yaml", "pandas", "matplotli
 #: flags, the loader, the interpreter, locale) and this module's own settings: callers that differ
 #: in one get another server (``DEIT_REPRO_FORKSERVER_TAG=<anything>`` asks for a server of one's
 #: own: the benchmarks' cold start, the tests)
-_KEY_ENV_PREFIXES = ("DEIT_REPRO_FORKSERVER_", "OMP_", "MKL_", "KMP_", "GOMP_", "OPENBLAS_", "TORCH", "PYTORCH", "CUDA",
-                     "NVIDIA", "CUBLAS", "LD_", "PYTHON", "MPL", "LANG", "LC_", "TIMM", "SCIPY",
-                     "SKLEARN", "NUMPY")
+_KEY_ENV_PREFIXES = ("DEIT_REPRO_FORKSERVER_", "OMP_", "MKL_", "KMP_", "GOMP_", "OPENBLAS_",
+                     "TORCH", "PYTORCH", "CUDA", "NVIDIA", "CUBLAS", "LD_", "PYTHON", "MPL",
+                     "LANG", "LC_", "TIMM", "SCIPY", "SKLEARN", "NUMPY")
 
 #: the signals a client relays to its child's process group
 _RELAYED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)

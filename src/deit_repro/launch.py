@@ -315,7 +315,7 @@ def _reattach(cluster: str, job_file: Path, argv: list[str]):
     if rec.get("argv") != argv:
         return None
     job = submitit.SlurmJob(folder=rec["folder"], job_id=rec["job_id"])
-    return job if _state(job) in _ALIVE else None
+    return job if _live_state(job) in _ALIVE else None
 
 
 #: SLURM states of a job that is queued, running or will run again (a requeued job is PENDING
@@ -324,23 +324,19 @@ _ALIVE = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONF
           "COMPLETING", "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT")
 
 
-def _state(job) -> str:
-    """``_live_state`` without its details (``CANCELLED by 0`` -> ``CANCELLED``)."""
-    state = _live_state(job).split()
-    return state[0].upper() if state else "UNKNOWN"
-
-
 def _live_state(job) -> str:
     """The job's state as the controller sees it now (``scontrol``), not as accounting last
     recorded it: after a requeue, ``sacct`` may still report the first allocation's end
-    (COMPLETED) while the job is pending again. Falls back to submitit's (sacct) state."""
+    (COMPLETED) while the job is pending again. Falls back to submitit's (sacct) state; only the
+    state's name (``CANCELLED by 0`` -> ``CANCELLED``), UNKNOWN when neither knows the job."""
     try:
         out = subprocess.run(["scontrol", "show", "job", "-o", str(job.job_id)],
                              capture_output=True, text=True, timeout=30).stdout
         state = dict(kv.split("=", 1) for kv in out.split() if "=" in kv).get("JobState")
     except (OSError, subprocess.TimeoutExpired):
         state = None
-    return state or job.state
+    words = (state or job.state).split()
+    return words[0].upper() if words else "UNKNOWN"
 
 
 def _wait_through_requeues(job, poll_s: float = 5.0, grace_s: float = 120.0) -> None:
@@ -353,7 +349,7 @@ def _wait_through_requeues(job, poll_s: float = 5.0, grace_s: float = 120.0) -> 
     """
     ended_at = None
     while not job.paths.result_pickle.exists():
-        if _state(job) in _ALIVE:
+        if _live_state(job) in _ALIVE:
             ended_at = None
         else:
             ended_at = ended_at or time.time()
