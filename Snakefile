@@ -10,7 +10,7 @@
 # lock), so `dvc status` is clean after a Snakemake run; after a `dvc repro`, Snakemake finds every
 # output up to date.
 #
-# SLURM, one scheme (issue #4): a training stage whose params `launch.launcher` is `slurm` (or
+# SLURM, one scheme: a training stage whose params `launch.launcher` is `slurm` (or
 # `local`) submits its own submitit jobs (nodes x GPUs, DDP, requeue) and waits, so it is a local
 # rule here and never a SLURM job that submits SLURM jobs; every other rule is a job of the
 # executor (a SLURM job under workflow/profiles/slurm, with that profile's per-rule resources).
@@ -28,8 +28,9 @@ configfile: os.path.join(ROOT, "params.yaml")
 # The schema is generated from the loader's own declarations (`deit-repro schema`).
 validate(config, os.path.join(ROOT, "workflow", "schemas", "params.schema.yaml"))
 
+from deit_repro.config import LAUNCHED_STAGES  # noqa: E402  (declared once, with their resources)
+
 LAUNCHER = config.get("launch", {}).get("launcher", "in-process")
-LAUNCHED_STAGES = ("pretrain", "finetune", "transfer")  # deit_repro.launch.LAUNCHED_STAGES
 
 
 def _rel(path):

@@ -1,4 +1,4 @@
-"""GPU benchmarks (issue #7): run wherever a CUDA GPU is; `--smoke` checks the code on a CPU.
+"""GPU benchmarks: run wherever a CUDA GPU is; `--smoke` checks the code on a CPU.
 
 1. **Training images/s of DeiT-S/16 at 224** on synthetic data, three ways in one process,
    interleaved round by round (A B C, C B A, ...):
@@ -12,8 +12,8 @@
 
 2. **Inference throughput the paper's way** (Tables 1 and 5): the largest batch of 1024, 512, …
    that fits, eval mode, mean of ``--repeats`` timed passes after warm-up
-   (``deit_repro.evaluate.measure_throughput``), for DeiT-Ti/S/B(⚗) at 224 and DeiT-B⚗ at 384,
-   fp32 and AMP.
+   (``deit_repro.stages.throughput.measure_throughput``), for DeiT-Ti/S/B(⚗) at 224 and DeiT-B⚗ at
+   384, fp32 and AMP.
 
 3. **JPEG decoding for ImageNet-scale data**, images/s per CPU core: PIL decode + the training
    crop on one core, against ``torchvision.io.decode_jpeg(device="cuda")`` (batched) + the crop on
@@ -51,8 +51,9 @@ def _sync(device: torch.device) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def make_variant(kind: str, model_name: str, img_size: int, device: torch.device,
-                 compile_model: bool) -> Callable[[torch.Tensor, torch.Tensor], None]:
+def make_variant(
+    kind: str, model_name: str, img_size: int, device: torch.device, compile_model: bool
+) -> Callable[[torch.Tensor, torch.Tensor], None]:
     """One training step ``step(x, y)`` of ``kind`` (fp32 | official | ours)."""
     import timm
 
@@ -69,6 +70,7 @@ def make_variant(kind: str, model_name: str, img_size: int, device: torch.device
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+
         return step
     if kind == "official":
         for m in model.modules():
@@ -84,6 +86,7 @@ def make_variant(kind: str, model_name: str, img_size: int, device: torch.device
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
+
         return step
     if kind == "ours":
         opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.05, fused=cuda or None)
@@ -95,6 +98,7 @@ def make_variant(kind: str, model_name: str, img_size: int, device: torch.device
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+
         return step
     raise ValueError(kind)
 
@@ -104,8 +108,9 @@ def bench_training(args, device: torch.device) -> dict[str, Any]:
     x = torch.randn(args.batch, 3, args.img_size, args.img_size, generator=g).to(device)
     y = torch.randint(1000, (args.batch,), generator=g).to(device)
     kinds = ["fp32", "official", "ours"]
-    steps = {k: make_variant(k, args.model, args.img_size, device, not args.no_compile)
-             for k in kinds}
+    steps = {
+        k: make_variant(k, args.model, args.img_size, device, not args.no_compile) for k in kinds
+    }
     for k in kinds:  # warm-up (and compilation) outside the timing
         for _ in range(args.warmup):
             steps[k](x, y)
@@ -113,7 +118,7 @@ def bench_training(args, device: torch.device) -> dict[str, Any]:
     rounds = []
     for r in range(args.rounds):
         row = {}
-        for k in (kinds if r % 2 == 0 else kinds[::-1]):
+        for k in kinds if r % 2 == 0 else kinds[::-1]:
             _sync(device)
             t0 = time.perf_counter()
             for _ in range(args.steps):
@@ -121,9 +126,13 @@ def bench_training(args, device: torch.device) -> dict[str, Any]:
             _sync(device)
             row[k] = args.batch * args.steps / (time.perf_counter() - t0)
         rounds.append(row)
-    out = {k: {"images_per_s": statistics.fmean(r[k] for r in rounds),
-               "std": statistics.stdev(r[k] for r in rounds) if len(rounds) > 1 else 0.0}
-           for k in kinds}
+    out = {
+        k: {
+            "images_per_s": statistics.fmean(r[k] for r in rounds),
+            "std": statistics.stdev(r[k] for r in rounds) if len(rounds) > 1 else 0.0,
+        }
+        for k in kinds
+    }
     out["ours_over_fp32"] = statistics.median(r["ours"] / r["fp32"] for r in rounds)
     out["ours_over_official"] = statistics.median(r["ours"] / r["official"] for r in rounds)
     out["rounds"] = rounds
@@ -141,17 +150,21 @@ def bench_inference(args, device: torch.device) -> list[dict[str, Any]]:
     import timm
 
     from deit_repro.config import ThroughputCfg
-    from deit_repro.engine import Runtime
-    from deit_repro.evaluate import measure_throughput
+    from deit_repro.core.engine import Runtime
+    from deit_repro.stages.throughput import measure_throughput
 
-    cfg = ThroughputCfg(batch_sizes=tuple(args.inference_batches), warmup=args.warmup,
-                        repeats=args.repeats)
+    cfg = ThroughputCfg(
+        batch_sizes=tuple(args.inference_batches), warmup=args.warmup, repeats=args.repeats
+    )
     rows = []
     for name, size in args.inference_models:
         model = timm.create_model(name, img_size=size, num_classes=1000).to(device)
         for amp in ("fp32", "amp"):
-            dtype = None if amp == "fp32" else (torch.float16 if device.type == "cuda"
-                                                else torch.bfloat16)
+            dtype = (
+                None
+                if amp == "fp32"
+                else (torch.float16 if device.type == "cuda" else torch.bfloat16)
+            )
             rt = Runtime(device, dtype)
             res = measure_throughput(model, img_size=size, in_chans=3, cfg=cfg, rt=rt)
             rows.append({"model": name, "img_size": size, "precision": amp, **res})
@@ -193,15 +206,18 @@ def bench_decode(args, device: torch.device) -> dict[str, Any]:
         with Image.open(io.BytesIO(data)) as im:
             crop(im.convert("RGB"))
     cpu_rate = len(files) / (time.perf_counter() - t0)
-    res: dict[str, Any] = {"jpegs": len(files), "size": "500x375",
-                           "cpu_pil_images_per_s_per_core": cpu_rate}
+    res: dict[str, Any] = {
+        "jpegs": len(files),
+        "size": "500x375",
+        "cpu_pil_images_per_s_per_core": cpu_rate,
+    }
     if device.type == "cuda":
         tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in files]
         decode_jpeg(tensors[:8], device=device)  # warm-up (nvjpeg handles)
         _sync(device)
         t0, c0 = time.perf_counter(), time.process_time()
         for i in range(0, len(tensors), args.decode_batch):
-            imgs = decode_jpeg(tensors[i:i + args.decode_batch], device=device)
+            imgs = decode_jpeg(tensors[i : i + args.decode_batch], device=device)
             for img in imgs:
                 crop(img)
         _sync(device)
@@ -227,54 +243,83 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jpegs", type=int, default=512)
     p.add_argument("--decode-batch", type=int, default=64)
     p.add_argument("--no-compile", action="store_true")
-    p.add_argument("--smoke", action="store_true",
-                   help="tiny sizes on whatever device there is: checks that the script runs")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny sizes on whatever device there is: checks that the script runs",
+    )
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    args.inference_models = [("deit_tiny_patch16_224", 224), ("deit_small_patch16_224", 224),
-                             ("deit_base_patch16_224", 224),
-                             ("deit_base_distilled_patch16_224", 224),
-                             ("deit_base_distilled_patch16_384", 384)]
+    args.inference_models = [
+        ("deit_tiny_patch16_224", 224),
+        ("deit_small_patch16_224", 224),
+        ("deit_base_patch16_224", 224),
+        ("deit_base_distilled_patch16_224", 224),
+        ("deit_base_distilled_patch16_384", 384),
+    ]
     args.inference_batches = [1024, 512, 256, 128, 64, 32]
     if args.smoke:
         args.model, args.img_size, args.batch, args.steps, args.rounds = (
-            "deit_tiny_patch16_224", 32, 8, 2, 2)
+            "deit_tiny_patch16_224",
+            32,
+            8,
+            2,
+            2,
+        )
         args.warmup, args.repeats, args.jpegs, args.no_compile = 1, 2, 8, True
         args.inference_models = [("deit_tiny_patch16_224", 32)]
         args.inference_batches = [16]
     elif device.type != "cuda":
         sys.exit("no CUDA GPU here: run this on a GPU machine, or pass --smoke")
 
-    info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "torch": torch.__version__, "python": platform.python_version(),
-            "cpus": os.cpu_count(), "args": {k: v for k, v in vars(args).items()
-                                             if k not in ("json",)}}
+    info = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "args": {k: v for k, v in vars(args).items() if k not in ("json",)},
+    }
     t0 = time.perf_counter()
     train = bench_training(args, device)
     infer = bench_inference(args, device)
     decode = bench_decode(args, device)
     print(f"device {info['device']}, torch {info['torch']}; {time.perf_counter() - t0:.0f} s")
-    print(f"\ntraining {args.model} at {args.img_size}, batch {args.batch}, synthetic data "
-          f"(images/s, mean ± std over {args.rounds} rounds x {args.steps} steps)")
+    print(
+        f"\ntraining {args.model} at {args.img_size}, batch {args.batch}, synthetic data "
+        f"(images/s, mean ± std over {args.rounds} rounds x {args.steps} steps)"
+    )
     for k in ("fp32", "official", "ours"):
         print(f"  {k:9s} {train[k]['images_per_s']:9.1f} ± {train[k]['std']:.1f}")
-    print(f"  ours / fp32 eager {train['ours_over_fp32']:.2f}x, ours / official fp16-AMP eager "
-          f"{train['ours_over_official']:.2f}x (paired medians)")
+    print(
+        f"  ours / fp32 eager {train['ours_over_fp32']:.2f}x, ours / official fp16-AMP eager "
+        f"{train['ours_over_official']:.2f}x (paired medians)"
+    )
     print("\ninference (largest batch that fits, mean of timed passes)")
     for r in infer:
-        print(f"  {r['model']:34s} {r['img_size']:4d} {r['precision']:5s} "
-              f"{r['images_per_s']:9.1f} img/s (batch {r['batch_size']})")
-    print(f"\nJPEG decode + crop, {decode['jpegs']} images {decode['size']}: CPU PIL "
-          f"{decode['cpu_pil_images_per_s_per_core']:.0f} img/s per core"
-          + (f"; GPU nvjpeg {decode['gpu_nvjpeg_images_per_s']:.0f} img/s, "
-             f"{decode['gpu_nvjpeg_images_per_cpu_core_s']:.0f} per CPU core-second "
-             f"({decode['gpu_over_cpu_per_core']:.1f}x)" if "gpu_nvjpeg_images_per_s" in decode
-             else ""))
+        print(
+            f"  {r['model']:34s} {r['img_size']:4d} {r['precision']:5s} "
+            f"{r['images_per_s']:9.1f} img/s (batch {r['batch_size']})"
+        )
+    print(
+        f"\nJPEG decode + crop, {decode['jpegs']} images {decode['size']}: CPU PIL "
+        f"{decode['cpu_pil_images_per_s_per_core']:.0f} img/s per core"
+        + (
+            f"; GPU nvjpeg {decode['gpu_nvjpeg_images_per_s']:.0f} img/s, "
+            f"{decode['gpu_nvjpeg_images_per_cpu_core_s']:.0f} per CPU core-second "
+            f"({decode['gpu_over_cpu_per_core']:.1f}x)"
+            if "gpu_nvjpeg_images_per_s" in decode
+            else ""
+        )
+    )
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"machine": info, "training": train,
-                                         "inference": infer, "decode": decode}, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps(
+                {"machine": info, "training": train, "inference": infer, "decode": decode}, indent=2
+            )
+            + "\n"
+        )
     return 0
 
 

@@ -4,8 +4,8 @@ Prints training images/s of a small DeiT student (default: 28 px grayscale Fashi
 dim 96, depth 6, 3 heads, no distillation token, batch 128, 2 threads) measured two ways,
 interleaved in one process so that both see the same machine load:
 
-* **A, engine**: ``deit_repro.engine.fit`` for one epoch of ``--steps`` batches from
-  ``deit_repro.runs.train_batches`` (tensor pipeline), loss
+* **A, engine**: ``deit_repro.core.engine.fit`` for one epoch of ``--steps`` batches from
+  ``deit_repro.core.datasets.train_batches`` (tensor pipeline), loss
   ``DistillationLoss(base_criterion(recipe), None, distill='none')``, no Mixup, no EMA, no
   evaluation, no checkpoint. Timed: the whole ``fit`` call minus its one-off setup
   (optimizer/scheduler construction, seeding: everything before the first batch is requested, also
@@ -16,11 +16,11 @@ interleaved in one process so that both see the same machine load:
   project's ``TensorAugment``, or a plain float+normalise with ``--no-augment``). Timed: the loop.
 
 Rounds alternate A B, B A, ... after a warm-up of both. Another busy process on the 2 cores slows
-two-thread torch several-fold (notes/small-scale.md "Pitfalls"): look at the per-round figures and
-the median paired ratio, or use ``--threads 1``, whose images per CPU-second (also printed) hardly
-depend on other processes. Also reported: the CPU's fp32 matmul peak (best of 2048x2048
-``torch.mm`` samples taken between the rounds at the same thread count) and A's share of it, from
-an analytic ViT FLOP count (``torch.utils.flop_counter`` misses CPU SDPA attention, same notes).
+two-thread torch several-fold: look at the per-round figures and the median paired ratio, or use
+``--threads 1``, whose images per CPU-second (also printed) hardly depend on other processes. Also
+reported: the CPU's fp32 matmul peak (best of 2048x2048 ``torch.mm`` samples taken between the
+rounds at the same thread count) and A's share of it, from an analytic ViT FLOP count
+(``torch.utils.flop_counter`` misses CPU SDPA attention).
 
 Run from the repository root (about a minute on the 2-core dev machine)::
 
@@ -46,12 +46,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from deit_repro import engine
-from deit_repro.batches import norm_stats
+from deit_repro.core import engine
+from deit_repro.core.batches import norm_stats
 from deit_repro.config import AugCfg, ModelCfg, TrainCfg
-from deit_repro.losses import DistillationLoss
-from deit_repro.models import create_student
-from deit_repro.runs import open_dataset, student_kwargs, train_batches
+from deit_repro.core.losses import DistillationLoss
+from deit_repro.core.models import create_student
+from deit_repro.core.datasets import open_dataset, train_batches
+from deit_repro.core.model_dirs import student_kwargs
 
 
 # --------------------------------------------------------------------------------------------------
@@ -71,8 +72,9 @@ class Normalise:
     def __call__(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         xf = x.float().div_(255.0)
         if xf.shape[-1] != self.img_size:
-            xf = F.interpolate(xf, size=(self.img_size, self.img_size), mode="bilinear",
-                               align_corners=False)
+            xf = F.interpolate(
+                xf, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False
+            )
         return xf.sub_(self.mean).div_(self.std)
 
 
@@ -115,25 +117,46 @@ class Steps:
 # --------------------------------------------------------------------------------------------------
 
 
-def run_engine(model: nn.Module, batches: Steps, recipe: TrainCfg, num_classes: int,
-               seed: int) -> dict[str, float]:
+def run_engine(
+    model: nn.Module, batches: Steps, recipe: TrainCfg, num_classes: int, seed: int
+) -> dict[str, float]:
     """(A) one ``fit`` epoch of ``batches.steps`` steps; images/s excluding the one-off setup."""
-    loss_fn = DistillationLoss(engine.base_criterion(recipe), None, distill="none", alpha=0.0,
-                               tau=1.0)
+    loss_fn = DistillationLoss(
+        engine.base_criterion(recipe), None, distill="none", alpha=0.0, tau=1.0
+    )
     t0, c0 = time.perf_counter(), time.process_time()
-    engine.fit(model=model, loss_fn=loss_fn, train_batches=batches, recipe=recipe,
-               num_classes=num_classes, seed=seed, rt=engine.Runtime(torch.device("cpu")),
-               checkpoint_path=None, fingerprint="bench", evaluate=None, desc="bench")
+    engine.fit(
+        model=model,
+        loss_fn=loss_fn,
+        train_batches=batches,
+        recipe=recipe,
+        num_classes=num_classes,
+        seed=seed,
+        rt=engine.Runtime(torch.device("cpu")),
+        checkpoint_path=None,
+        fingerprint="bench",
+        evaluate=None,
+        desc="bench",
+    )
     t1, c1 = time.perf_counter(), time.process_time()
-    return {"images_per_s": batches.images / (t1 - batches.t_start),
-            "setup_s": batches.t_start - t0,
-            "images_per_s_incl_setup": batches.images / (t1 - t0),
-            "images_per_cpu_s_incl_setup": batches.images / (c1 - c0)}
+    return {
+        "images_per_s": batches.images / (t1 - batches.t_start),
+        "setup_s": batches.t_start - t0,
+        "images_per_s_incl_setup": batches.images / (t1 - t0),
+        "images_per_cpu_s_incl_setup": batches.images / (c1 - c0),
+    }
 
 
-def run_reference(model: nn.Module, opt: torch.optim.Optimizer, criterion: nn.Module,
-                  images: torch.Tensor, labels: torch.Tensor, index_batches: list[torch.Tensor],
-                  data_fn: Callable, g: torch.Generator) -> dict[str, float]:
+def run_reference(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    criterion: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    index_batches: list[torch.Tensor],
+    data_fn: Callable,
+    g: torch.Generator,
+) -> dict[str, float]:
     """(B) the plain loop over pre-made index batches."""
     model.train()
     n = 0
@@ -166,12 +189,23 @@ def matmul_rates(a: torch.Tensor, b: torch.Tensor, repeats: int) -> list[float]:
     return rates
 
 
-FLOPS_FORMULA = ("train ≈ 3 × forward; forward = L·((8+4r)·T·D² + 4·T²·D) + 2·T_p·(P²·C)·D + 2·D·K "
-                 "(r = mlp ratio, i.e. 24·T·D² at r=4; T = T_p patches + prefix tokens)")
+FLOPS_FORMULA = (
+    "train ≈ 3 × forward; forward = L·((8+4r)·T·D² + 4·T²·D) + 2·T_p·(P²·C)·D + 2·D·K "
+    "(r = mlp ratio, i.e. 24·T·D² at r=4; T = T_p patches + prefix tokens)"
+)
 
 
-def vit_train_flops(*, img_size: int, patch: int, in_chans: int, dim: int, depth: int,
-                    mlp_ratio: float, num_classes: int, prefix: int) -> float:
+def vit_train_flops(
+    *,
+    img_size: int,
+    patch: int,
+    in_chans: int,
+    dim: int,
+    depth: int,
+    mlp_ratio: float,
+    num_classes: int,
+    prefix: int,
+) -> float:
     """Training FLOPs per image of a ViT, analytically (a multiply-add is 2; see FLOPS_FORMULA)."""
     t_p = (img_size // patch) ** 2
     t = t_p + prefix
@@ -195,9 +229,14 @@ def machine_info(threads: int) -> dict[str, Any]:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "threads": threads,
-            "torch": torch.__version__, "python": platform.python_version(),
-            "loadavg_start": list(os.getloadavg())}
+    return {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "threads": threads,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "loadavg_start": list(os.getloadavg()),
+    }
 
 
 def mean_std(xs: list[float]) -> tuple[float, float]:
@@ -205,10 +244,15 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", type=Path, help="an already prepared dataset (default: prepare "
-                   "2000 Fashion-MNIST training images into a temp dir)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--data",
+        type=Path,
+        help="an already prepared dataset (default: prepare "
+        "2000 Fashion-MNIST training images into a temp dir)",
+    )
     p.add_argument("--img-size", type=int, default=28)
     p.add_argument("--patch-size", type=int, default=7)
     p.add_argument("--embed-dim", type=int, default=96)
@@ -220,8 +264,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=15, help="training steps per round and method")
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--warmup", type=int, default=5, help="warm-up steps per method")
-    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
-                   help="TensorAugment (crop/flip/erase) on the data side of both A and B")
+    p.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="TensorAugment (crop/flip/erase) on the data side of both A and B",
+    )
     p.add_argument("--lr-per-512", type=float, default=8e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="also write the figures here")
@@ -236,23 +284,48 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="deit-bench-") as tmp:
         data = args.data
         if data is None:
-            from deit_repro.prepare import run_prepare
+            from deit_repro.config import DatasetCfg
+            from deit_repro.stages.prepare import run_prepare
 
             data = Path(tmp) / "fashion_mnist"
-            run_prepare(source="fashion_mnist", out=data, source_dir=None, train_per_class=200,
-                        test_per_class=20, image_size=None, seed=0)
+            cfg = DatasetCfg(source="fashion_mnist", train_per_class=200, test_per_class=20)
+            run_prepare(cfg, out=data)
         ds = open_dataset(data)
 
-    aug = AugCfg(pipeline="tensor", scale=(0.35, 1.0), rand_augment=None, color_jitter=0.0,
-                 reprob=0.25)
+    aug = AugCfg(
+        pipeline="tensor", scale=(0.35, 1.0), rand_augment=None, color_jitter=0.0, reprob=0.25
+    )
     # The smoke/small profiles' recipe, one epoch, no warm-up, Mixup/CutMix/RA/EMA/eval off.
-    recipe = TrainCfg(epochs=1, batch_size=args.batch_size, lr_per_512=args.lr_per_512,
-                      warmup_epochs=0, min_lr=1e-5, drop_path=0.1, label_smoothing=0.1,
-                      mixup=0.0, cutmix=0.0, repeated_aug=1, ema=False, eval_every=0, aug=aug)
-    mcfg = ModelCfg(img_size=args.img_size, patch_size=args.patch_size, embed_dim=args.embed_dim,
-                    depth=args.depth, num_heads=args.num_heads, mlp_ratio=args.mlp_ratio)
-    kwargs = student_kwargs(mcfg, distilled=False, num_classes=ds.num_classes,
-                            in_chans=ds.in_chans, drop_path=recipe.drop_path)
+    recipe = TrainCfg(
+        epochs=1,
+        batch_size=args.batch_size,
+        lr_per_512=args.lr_per_512,
+        warmup_epochs=0,
+        min_lr=1e-5,
+        drop_path=0.1,
+        label_smoothing=0.1,
+        mixup=0.0,
+        cutmix=0.0,
+        repeated_aug=1,
+        ema=False,
+        eval_every=0,
+        aug=aug,
+    )
+    mcfg = ModelCfg(
+        img_size=args.img_size,
+        patch_size=args.patch_size,
+        embed_dim=args.embed_dim,
+        depth=args.depth,
+        num_heads=args.num_heads,
+        mlp_ratio=args.mlp_ratio,
+    )
+    kwargs = student_kwargs(
+        mcfg,
+        distilled=False,
+        num_classes=ds.num_classes,
+        in_chans=ds.in_chans,
+        drop_path=recipe.drop_path,
+    )
 
     def build() -> nn.Module:
         torch.manual_seed(args.seed)
@@ -268,22 +341,31 @@ def main(argv: list[str] | None = None) -> int:
     # (B): same model, same tensor, same data-side callable, pre-made random index batches.
     model_b = build()
     lr = recipe.effective_lr()
-    opt_b = torch.optim.AdamW(model_b.parameters(), lr=lr, weight_decay=recipe.weight_decay,
-                              eps=recipe.opt_eps)
+    opt_b = torch.optim.AdamW(
+        model_b.parameters(), lr=lr, weight_decay=recipe.weight_decay, eps=recipe.opt_eps
+    )
     crit_b = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
     images, labels = ds.train.images, ds.train.labels
     gi = torch.Generator().manual_seed(args.seed)
-    index_batches = [torch.randint(len(labels), (args.batch_size,), generator=gi)
-                     for _ in range(args.steps)]
+    index_batches = [
+        torch.randint(len(labels), (args.batch_size,), generator=gi) for _ in range(args.steps)
+    ]
     g_aug = torch.Generator().manual_seed(args.seed + 1)
 
     def do_a(steps: int) -> dict[str, float]:
         return run_engine(model_a, Steps(inner, steps), recipe, ds.num_classes, args.seed)
 
     def do_b(steps: int) -> dict[str, float]:
-        return run_reference(model_b, opt_b, crit_b, images, labels,
-                             (index_batches * math.ceil(steps / args.steps))[:steps], data_fn,
-                             g_aug)
+        return run_reference(
+            model_b,
+            opt_b,
+            crit_b,
+            images,
+            labels,
+            (index_batches * math.ceil(steps / args.steps))[:steps],
+            data_fn,
+            g_aug,
+        )
 
     t_bench = time.perf_counter()
     # The peak is sampled before and between the rounds and the best kept: a busy moment on the
@@ -314,60 +396,91 @@ def main(argv: list[str] | None = None) -> int:
     # taking the cores; with two, the threads' spin-waiting under contention inflates it.
     a_cpu = [r["A"]["images_per_cpu_s_incl_setup"] for r in rounds]
     b_cpu = [r["B"]["images_per_cpu_s"] for r in rounds]
-    flops = vit_train_flops(img_size=args.img_size, patch=args.patch_size, in_chans=ds.in_chans,
-                            dim=args.embed_dim, depth=args.depth, mlp_ratio=args.mlp_ratio,
-                            num_classes=ds.num_classes, prefix=1)
+    flops = vit_train_flops(
+        img_size=args.img_size,
+        patch=args.patch_size,
+        in_chans=ds.in_chans,
+        dim=args.embed_dim,
+        depth=args.depth,
+        mlp_ratio=args.mlp_ratio,
+        num_classes=ds.num_classes,
+        prefix=1,
+    )
     (am, asd), (bm, bsd), (pm, psd) = mean_std(a), mean_std(b), mean_std(paired)
     (aim, aisd), (sm, _) = mean_std(a_incl), mean_std(setup)
     (acm, acsd), (bcm, bcsd) = mean_std(a_cpu), mean_std(b_cpu)
     pct = 100 * am * flops / 1e9 / peak["best_gflops"]
     params_m = sum(p.numel() for p in model_a.parameters()) / 1e6
 
-    print(f"machine  {info['cpu']}, {info['logical_cpus']} logical CPUs, torch {info['torch']}, "
-          f"{args.threads} threads, load avg {info['loadavg_start'][0]:.2f} -> "
-          f"{info['loadavg_end'][0]:.2f}")
-    print(f"model    ViT p{args.patch_size} d{args.embed_dim} L{args.depth} h{args.num_heads} "
-          f"r{args.mlp_ratio:g}, {args.img_size} px x {ds.in_chans} ch, {params_m:.2f} M params, "
-          f"drop_path {recipe.drop_path}, batch {args.batch_size}, "
-          f"augment {'on' if args.augment else 'off'}, {len(labels)} train images")
-    print(f"rounds   {args.rounds} x {args.steps} steps per method (A B, B A, ... after "
-          f"{args.warmup} warm-up steps each); {bench_s:.1f} s")
+    print(
+        f"machine  {info['cpu']}, {info['logical_cpus']} logical CPUs, torch {info['torch']}, "
+        f"{args.threads} threads, load avg {info['loadavg_start'][0]:.2f} -> "
+        f"{info['loadavg_end'][0]:.2f}"
+    )
+    print(
+        f"model    ViT p{args.patch_size} d{args.embed_dim} L{args.depth} h{args.num_heads} "
+        f"r{args.mlp_ratio:g}, {args.img_size} px x {ds.in_chans} ch, {params_m:.2f} M params, "
+        f"drop_path {recipe.drop_path}, batch {args.batch_size}, "
+        f"augment {'on' if args.augment else 'off'}, {len(labels)} train images"
+    )
+    print(
+        f"rounds   {args.rounds} x {args.steps} steps per method (A B, B A, ... after "
+        f"{args.warmup} warm-up steps each); {bench_s:.1f} s"
+    )
     print()
     print(f"{'':28s}{'images/s':>18s}")
     print(f"{'A engine.fit (excl. setup)':28s}{am:10.0f} ± {asd:5.0f}")
-    print(f"{'A engine.fit (incl. setup)':28s}{aim:10.0f} ± {aisd:5.0f}   (setup {1e3 * sm:.1f} ms "
-          f"per fit call)")
+    print(
+        f"{'A engine.fit (incl. setup)':28s}{aim:10.0f} ± {aisd:5.0f}   (setup {1e3 * sm:.1f} ms "
+        f"per fit call)"
+    )
     print(f"{'B plain loop':28s}{bm:10.0f} ± {bsd:5.0f}")
-    print(f"{'A/B':28s}{am / bm:10.3f}           (paired per round: {pm:.3f} ± {psd:.3f}, "
-          f"median {statistics.median(paired):.3f})")
-    print(f"{'per CPU-second: A (incl. setup), B, A/B':40s} {acm:.0f} ± {acsd:.0f}, "
-          f"{bcm:.0f} ± {bcsd:.0f}, {acm / bcm:.3f}")
-    print("per round (A, B images/s): " + "; ".join(
-        f"{r['A']['images_per_s']:.0f}, {r['B']['images_per_s']:.0f}" for r in rounds))
+    print(
+        f"{'A/B':28s}{am / bm:10.3f}           (paired per round: {pm:.3f} ± {psd:.3f}, "
+        f"median {statistics.median(paired):.3f})"
+    )
+    print(
+        f"{'per CPU-second: A (incl. setup), B, A/B':40s} {acm:.0f} ± {acsd:.0f}, "
+        f"{bcm:.0f} ± {bcsd:.0f}, {acm / bcm:.3f}"
+    )
+    print(
+        "per round (A, B images/s): "
+        + "; ".join(f"{r['A']['images_per_s']:.0f}, {r['B']['images_per_s']:.0f}" for r in rounds)
+    )
     print()
-    print(f"fp32 matmul peak  {peak['best_gflops']:.0f} GFLOP/s best, {peak['median_gflops']:.0f} "
-          f"median of {len(mm)} (2048x2048 torch.mm, 2·n³, {args.threads} threads, sampled "
-          f"between rounds)")
+    print(
+        f"fp32 matmul peak  {peak['best_gflops']:.0f} GFLOP/s best, {peak['median_gflops']:.0f} "
+        f"median of {len(mm)} (2048x2048 torch.mm, 2·n³, {args.threads} threads, sampled "
+        f"between rounds)"
+    )
     print(f"training FLOPs    {flops / 1e6:.1f} MFLOP/image: {FLOPS_FORMULA}")
     print(f"A achieves        {am * flops / 1e9:.1f} GFLOP/s = {pct:.1f}% of peak")
 
     if args.json is not None:
-        out = {"machine": info, "args": {k: str(v) if isinstance(v, Path) else v
-                                         for k, v in vars(args).items()},
-               "params_m": params_m, "train_flops_per_image": flops, "flops_formula": FLOPS_FORMULA,
-               "matmul_peak": peak, "pct_of_peak_A": pct,
-               "A_images_per_s": {"mean": am, "std": asd},
-               "A_images_per_s_incl_setup": {"mean": aim, "std": aisd},
-               "A_setup_s_mean": sm,
-               "B_images_per_s": {"mean": bm, "std": bsd},
-               "ratio_A_over_B": am / bm,
-               "ratio_paired": {"mean": pm, "std": psd, "median": statistics.median(paired)},
-               "A_images_per_cpu_s_incl_setup": {"mean": acm, "std": acsd},
-               "B_images_per_cpu_s": {"mean": bcm, "std": bcsd},
-               "rounds": rounds, "bench_seconds": bench_s,
-               "timed": {"A": "engine.fit wall time from the first batch request to return "
-                              "(setup before it excluded and reported separately)",
-                         "B": "the plain loop over pre-made index batches"}}
+        out = {
+            "machine": info,
+            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "params_m": params_m,
+            "train_flops_per_image": flops,
+            "flops_formula": FLOPS_FORMULA,
+            "matmul_peak": peak,
+            "pct_of_peak_A": pct,
+            "A_images_per_s": {"mean": am, "std": asd},
+            "A_images_per_s_incl_setup": {"mean": aim, "std": aisd},
+            "A_setup_s_mean": sm,
+            "B_images_per_s": {"mean": bm, "std": bsd},
+            "ratio_A_over_B": am / bm,
+            "ratio_paired": {"mean": pm, "std": psd, "median": statistics.median(paired)},
+            "A_images_per_cpu_s_incl_setup": {"mean": acm, "std": acsd},
+            "B_images_per_cpu_s": {"mean": bcm, "std": bcsd},
+            "rounds": rounds,
+            "bench_seconds": bench_s,
+            "timed": {
+                "A": "engine.fit wall time from the first batch request to return "
+                "(setup before it excluded and reported separately)",
+                "B": "the plain loop over pre-made index batches",
+            },
+        }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(out, indent=2) + "\n")
     return 0

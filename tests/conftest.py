@@ -27,10 +27,14 @@ def smoke_dict() -> dict:
 
 
 def _need_fashion() -> None:
-    if not (DEBIAN_FASHION_DIR / "train-images-idx3-ubyte.gz").exists() and not (
-            DEBIAN_FASHION_DIR / "train-images-idx3-ubyte").exists():
-        pytest.skip("Fashion-MNIST not installed: apt-get install dataset-fashion-mnist "
-                    "(scripts/setup.sh does it as root)")
+    if (
+        not (DEBIAN_FASHION_DIR / "train-images-idx3-ubyte.gz").exists()
+        and not (DEBIAN_FASHION_DIR / "train-images-idx3-ubyte").exists()
+    ):
+        pytest.skip(
+            "Fashion-MNIST not installed: apt-get install dataset-fashion-mnist "
+            "(scripts/setup.sh does it as root)"
+        )
 
 
 @pytest.fixture(autouse=True)
@@ -44,12 +48,14 @@ def _one_thread():
 
 def _prepared(tmp_path_factory, name: str, train_per_class: int, test_per_class: int) -> Path:
     _need_fashion()
-    from deit_repro.prepare import run_prepare
+    from deit_repro.config import DatasetCfg
+    from deit_repro.stages.prepare import run_prepare
 
     out = tmp_path_factory.mktemp("data") / name
-    run_prepare(source="fashion_mnist", out=out, source_dir=None,
-                train_per_class=train_per_class, test_per_class=test_per_class, image_size=None,
-                seed=0)
+    cfg = DatasetCfg(
+        source="fashion_mnist", train_per_class=train_per_class, test_per_class=test_per_class
+    )
+    run_prepare(cfg, out=out)
     return out
 
 
@@ -93,16 +99,15 @@ def dvc_reference(tmp_path_factory):
 
     repo = make_repo(tmp_path_factory.mktemp("dvc") / "repo")
     out = run([DVC, "repro"], repo)
-    return {"repo": repo, "output": out, "lock": lock_stages(repo),
-            "metrics": metric_files(repo)}
+    return {"repo": repo, "output": out, "lock": lock_stages(repo), "metrics": metric_files(repo)}
 
 
-# The `deit-repro` calls of this session get fork servers of their own (issue #7), stopped when
+# The `deit-repro` calls of this session get fork servers of their own, stopped when
 # the session ends instead of idling for 5 minutes; tests that need another server extend the tag.
 FORKSERVER_TAG = os.environ.setdefault("DEIT_REPRO_FORKSERVER_TAG", f"pytest-{os.getpid()}")
 
 
 def pytest_sessionfinish(session, exitstatus):
-    from deit_repro import forkserver
+    from deit_repro.run import forkserver
 
     forkserver.stop_all(tag=FORKSERVER_TAG)

@@ -2,7 +2,7 @@
 
 Started by the tests themselves when they run as root (CI), reused when one is already up, and
 skipped with the command to run otherwise. Every wait has its own timeout: the failure modes of a
-broken cluster hang rather than fail (notes/slurm).
+broken cluster hang rather than fail.
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ def cluster_up() -> bool:
         return False
     try:
         ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=10)
-        acct = subprocess.run(["sacct", "-n", "-X", "-S", "now-1minutes"], capture_output=True,
-                              text=True, timeout=10)
+        acct = subprocess.run(
+            ["sacct", "-n", "-X", "-S", "now-1minutes"], capture_output=True, text=True, timeout=10
+        )
     except subprocess.TimeoutExpired:
         return False
     return "UP" in ping.stdout and acct.returncode == 0
@@ -38,7 +39,10 @@ def start() -> bool:
         import pytest
 
         pytest.skip(f"no SLURM cluster running and not root: run `sudo {START}` first")
-    proc = subprocess.run(["bash", str(START)], capture_output=True, text=True, timeout=600)
+    # From /: nothing the daemons or a job write lands in the checkout.
+    proc = subprocess.run(
+        ["bash", str(START)], cwd="/", capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, f"{START} failed:\n{proc.stdout}\n{proc.stderr}"
     return True
 
@@ -48,8 +52,9 @@ def stop() -> None:
 
 
 def scontrol_job(job_id: str) -> dict[str, str]:
-    out = subprocess.run(["scontrol", "show", "job", str(job_id)], capture_output=True,
-                         text=True, timeout=10).stdout
+    out = subprocess.run(
+        ["scontrol", "show", "job", str(job_id)], capture_output=True, text=True, timeout=10
+    ).stdout
     return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
 
 

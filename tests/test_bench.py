@@ -1,4 +1,4 @@
-"""The benchmark scripts run and report sane figures (issue #7). Their numbers are shown by the
+"""The benchmark scripts run and report sane figures. Their numbers are shown by the
 scripts, never asserted as timings here: only that every figure is there and positive."""
 
 from __future__ import annotations
@@ -16,20 +16,42 @@ pytestmark = pytest.mark.slow
 
 def _run(script: str, *args: str, tmp_path) -> dict:
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args, "--json",
-                           str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), *args, "--json", str(out)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return json.loads(out.read_text())
 
 
 def test_profile_training_bench_reports_both_models(tmp_path, fashion_small):
-    res = _run("profile_training.py", "--params", str(SMOKE), "--data", str(fashion_small),
-               "--rounds", "2", "--steps", "3", "--warmup", "1", tmp_path=tmp_path)
+    res = _run(
+        "profile_training.py",
+        "--params",
+        str(SMOKE),
+        "--data",
+        str(fashion_small),
+        "--rounds",
+        "2",
+        "--steps",
+        "3",
+        "--warmup",
+        "1",
+        tmp_path=tmp_path,
+    )
     assert [r["model"] for r in res["results"]] == ["student", "teacher"]
     for r in res["results"]:
-        for key in ("A_engine_images_per_s", "B_plain_loop_images_per_s",
-                    "C_batch_in_memory_images_per_s", "train_flops_per_image",
-                    "matmul_peak_gflops", "pct_of_peak_A"):
+        for key in (
+            "A_engine_images_per_s",
+            "B_plain_loop_images_per_s",
+            "C_batch_in_memory_images_per_s",
+            "train_flops_per_image",
+            "matmul_peak_gflops",
+            "pct_of_peak_A",
+        ):
             assert r[key] > 0, key
     # torch's FLOP counter: a ViT's training FLOPs are about 3x its forward, >= 6 x params x tokens
     student = res["results"][0]

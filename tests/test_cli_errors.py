@@ -1,7 +1,7 @@
 """Bad input through the real CLI: one line on stderr naming the thing and the fix, a non-zero exit
-code, no traceback, and no lost or half-written outputs (DESIGN.md error contract).
+code, no traceback, and no lost or half-written outputs (the error contract of RELIABILITY.md).
 
-Most cases call ``deit_repro.cli.main`` in process (imports cost ~4 s per subprocess); a few run
+Most cases call ``deit_repro.run.cli.main`` in process (imports cost ~4 s per subprocess); a few run
 ``python -m deit_repro`` as a subprocess, concurrently, to prove the exit code and the absence of a
 traceback end to end.
 """
@@ -25,10 +25,11 @@ import torch
 import yaml
 
 from conftest import smoke_dict
-from deit_repro import atomic, cli
+from deit_repro import atomic
+from deit_repro.run import cli
 from deit_repro.data.sources import DEBIAN_FASHION_DIR, RawDataset, Split
 from deit_repro.data.store import write_prepared
-from deit_repro.engine import load_checkpoint
+from deit_repro.core.engine import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "profiles" / "smoke.yaml"
@@ -53,8 +54,9 @@ def params_file(path: Path, **changes) -> Path:
 
 def snapshot(root: Path) -> dict[str, bytes]:
     """Every file under ``root`` (hidden ones too) with its bytes."""
-    return {str(p.relative_to(root)): p.read_bytes()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
 
 
 def sentinel_run(path: Path) -> Path:
@@ -84,8 +86,15 @@ def run_in_process(capsys, *argv) -> tuple[int, str]:
     return rc, capsys.readouterr().err
 
 
-def refused_everywhere(capsys, tmp_path: Path, stage: str, argv, *needles: str, code: int = 2,
-                       out_is_file: bool = False) -> str:
+def refused_everywhere(
+    capsys,
+    tmp_path: Path,
+    stage: str,
+    argv,
+    *needles: str,
+    code: int = 2,
+    out_is_file: bool = False,
+) -> str:
     """Run ``argv(out)`` twice: onto a finished output (must stay byte-identical) and onto a fresh
     path (must not appear, and nothing half-written may be left beside it)."""
     if out_is_file:
@@ -123,11 +132,26 @@ class Gadget:
 def trained(tmp_path_factory, fashion_small):
     """A 1-epoch teacher and a 1-epoch student (no distillation) on the smoke profile."""
     root = tmp_path_factory.mktemp("trained")
-    for argv in (["teacher", "--data", fashion_small, "--out", root / "teacher"],
-                 ["pretrain", "--data", fashion_small, "--out", root / "student", "--distill",
-                  "none", "--seed", "0"]):
-        assert cli.main(["--log-level", "WARNING", argv[0], "--params", str(SMOKE),
-                         *map(str, argv[1:])]) == 0
+    for argv in (
+        ["teacher", "--data", fashion_small, "--out", root / "teacher"],
+        [
+            "pretrain",
+            "--data",
+            fashion_small,
+            "--out",
+            root / "student",
+            "--distill",
+            "none",
+            "--seed",
+            "0",
+        ],
+    ):
+        assert (
+            cli.main(
+                ["--log-level", "WARNING", argv[0], "--params", str(SMOKE), *map(str, argv[1:])]
+            )
+            == 0
+        )
     torch.set_num_threads(1)
     return {"teacher": root / "teacher", "student": root / "student"}
 
@@ -138,12 +162,22 @@ def three_classes(tmp_path_factory) -> Path:
     rng = np.random.default_rng(0)
 
     def split(n):
-        return Split(labels=np.arange(n, dtype=np.int64) % 3,
-                     images=rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8))
+        return Split(
+            labels=np.arange(n, dtype=np.int64) % 3,
+            images=rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8),
+        )
 
     out = tmp_path_factory.mktemp("three") / "three"
-    write_prepared(out, RawDataset(name="three", source="imagefolder", classes=["a", "b", "c"],
-                                   splits={"train": split(30), "test": split(9)}), {})
+    write_prepared(
+        out,
+        RawDataset(
+            name="three",
+            source="imagefolder",
+            classes=["a", "b", "c"],
+            splits={"train": split(30), "test": split(9)},
+        ),
+        {},
+    )
     return out
 
 
@@ -159,32 +193,85 @@ def subprocess_results(tmp_path_factory, fashion_small):
     torch.save({"model": Gadget()}, gadget)
     old = sentinel_run(root / "old")
     cases = {
-        "unknown_key": (["pretrain", "--params", typo, "--data", fashion_small, "--out",
-                         root / "fresh_pretrain", "--distill", "none"],
-                        ["'student.train.epochz'", "did you mean 'student.train.epochs'?",
-                         str(typo)]),
-        "missing_source": (["prepare", "--params", SMOKE, "--dataset", "fashion_mnist",
-                            "--source-dir", "/nonexistent", "--out", root / "fresh_data"],
-                           ["/nonexistent", "dataset-fashion-mnist", "--source-dir"]),
-        "pickled_object": (["teacher", "--params", SMOKE, "--data", fashion_small, "--out", old,
-                            "--weights", gadget],
-                           [str(gadget), "weights_only", "it pickles print", "state_dict"]),
-        "model_not_name_eq_dir": (["evaluate", "--params", SMOKE, "--data", fashion_small,
-                                   "--model", "foo", "--out", root / "fresh_eval.json"],
-                                  ["'foo'", "NAME=DIR", "--model deit=runs/x"]),
+        "unknown_key": (
+            [
+                "pretrain",
+                "--params",
+                typo,
+                "--data",
+                fashion_small,
+                "--out",
+                root / "fresh_pretrain",
+                "--distill",
+                "none",
+            ],
+            ["'student.train.epochz'", "did you mean 'student.train.epochs'?", str(typo)],
+        ),
+        "missing_source": (
+            [
+                "prepare",
+                "--params",
+                SMOKE,
+                "--dataset",
+                "fashion_mnist",
+                "--source-dir",
+                "/nonexistent",
+                "--out",
+                root / "fresh_data",
+            ],
+            ["/nonexistent", "dataset-fashion-mnist", "--source-dir"],
+        ),
+        "pickled_object": (
+            [
+                "teacher",
+                "--params",
+                SMOKE,
+                "--data",
+                fashion_small,
+                "--out",
+                old,
+                "--weights",
+                gadget,
+            ],
+            [str(gadget), "weights_only", "it pickles print", "state_dict"],
+        ),
+        "model_not_name_eq_dir": (
+            [
+                "evaluate",
+                "--params",
+                SMOKE,
+                "--data",
+                fashion_small,
+                "--model",
+                "foo",
+                "--out",
+                root / "fresh_eval.json",
+            ],
+            ["'foo'", "NAME=DIR", "--model deit=runs/x"],
+        ),
     }
     env = {**os.environ, "DEIT_REPRO_LOG": "WARNING"}
-    procs = {name: subprocess.Popen([sys.executable, "-m", "deit_repro", *map(str, argv)],
-                                    cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True)
-             for name, (argv, _) in cases.items()}
-    results = {name: (p.wait(timeout=120), p.stderr.read(), p.stdout.read(), cases[name])
-               for name, p in procs.items()}
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, "-m", "deit_repro", *map(str, argv)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name, (argv, _) in cases.items()
+    }
+    results = {
+        name: (p.wait(timeout=120), p.stderr.read(), p.stdout.read(), cases[name])
+        for name, p in procs.items()
+    }
     return root, results
 
 
-@pytest.mark.parametrize("name", ["unknown_key", "missing_source", "pickled_object",
-                                  "model_not_name_eq_dir"])
+@pytest.mark.parametrize(
+    "name", ["unknown_key", "missing_source", "pickled_object", "model_not_name_eq_dir"]
+)
 def test_subprocess_exit_code_one_line_no_traceback(subprocess_results, name):
     root, results = subprocess_results
     rc, err, out, (argv, needles) = results[name]
@@ -192,39 +279,71 @@ def test_subprocess_exit_code_one_line_no_traceback(subprocess_results, name):
     assert len([line for line in err.splitlines() if line.strip()]) == 1, err
     assert out == ""
     assert snapshot(root / "old") == {"metrics.json": SENTINEL, "model.pt": b"previous weights"}
-    assert not any(p.name.startswith("fresh") or p.name.startswith(".fresh")
-                   for p in root.iterdir())
+    assert not any(
+        p.name.startswith("fresh") or p.name.startswith(".fresh") for p in root.iterdir()
+    )
 
 
 # -------------------------------------------------------------------------------------- bad params
 
 
-@pytest.mark.parametrize("change, needles", [
-    ({"student.train.epochs": "ten"}, ["'student.train.epochs' = 'ten'", "expected an integer"]),
-    ({"threads": 1.5}, ["'threads' = 1.5", "expected an integer"]),
-    ({"student.train.epochs": -2}, ["'student.train.epochs' = -2", "expected a positive integer"]),
-    ({"distillation.hard.alpha": 1.5}, ["'distillation.hard.alpha' = 1.5", "in [0, 1]"]),
-    ({"student.model.patch_size": 6}, ["'student.model.patch_size' = 6",
-                                       "a divisor of img_size=20"]),
-    ({"student.train.epochz": 3}, ["unknown params key 'student.train.epochz'",
-                                   "did you mean 'student.train.epochs'?"]),
-])
-def test_bad_params_refused_before_anything_is_written(capsys, tmp_path, fashion_small, change,
-                                                       needles):
+@pytest.mark.parametrize(
+    "change, needles",
+    [
+        (
+            {"student.train.epochs": "ten"},
+            ["'student.train.epochs' = 'ten'", "expected an integer"],
+        ),
+        ({"threads": 1.5}, ["'threads' = 1.5", "expected an integer"]),
+        (
+            {"student.train.epochs": -2},
+            ["'student.train.epochs' = -2", "expected a positive integer"],
+        ),
+        ({"distillation.hard.alpha": 1.5}, ["'distillation.hard.alpha' = 1.5", "in [0, 1]"]),
+        (
+            {"student.model.patch_size": 6},
+            ["'student.model.patch_size' = 6", "a divisor of img_size=20"],
+        ),
+        (
+            {"student.train.epochz": 3},
+            ["unknown params key 'student.train.epochz'", "did you mean 'student.train.epochs'?"],
+        ),
+    ],
+)
+def test_bad_params_refused_before_anything_is_written(
+    capsys, tmp_path, fashion_small, change, needles
+):
     params = params_file(tmp_path / "params.yaml", **change)
     refused_everywhere(
-        capsys, tmp_path, "pretrain",
-        lambda out: ["pretrain", "--params", params, "--data", fashion_small, "--out", out,
-                     "--distill", "none"],
-        *needles, str(params))
+        capsys,
+        tmp_path,
+        "pretrain",
+        lambda out: [
+            "pretrain",
+            "--params",
+            params,
+            "--data",
+            fashion_small,
+            "--out",
+            out,
+            "--distill",
+            "none",
+        ],
+        *needles,
+        str(params),
+    )
 
 
 def test_missing_params_file_names_the_flag(capsys, tmp_path, fashion_small):
     missing = tmp_path / "nope.yaml"
-    refused_everywhere(capsys, tmp_path, "teacher",
-                       lambda out: ["teacher", "--params", missing, "--data", fashion_small,
-                                    "--out", out],
-                       f"params file {missing} not found", "--params PATH")
+    refused_everywhere(
+        capsys,
+        tmp_path,
+        "teacher",
+        lambda out: ["teacher", "--params", missing, "--data", fashion_small, "--out", out],
+        f"params file {missing} not found",
+        "--params PATH",
+    )
 
 
 # ---------------------------------------------------------------------------------------- bad data
@@ -238,7 +357,8 @@ def _fashion_copy(dst: Path) -> Path:
 
 
 def test_truncated_gzip_idx_names_the_file_and_keeps_the_prepared_dataset(
-        capsys, tmp_path, fashion_small):
+    capsys, tmp_path, fashion_small
+):
     src = _fashion_copy(tmp_path / "src")
     bad = src / "train-images-idx3-ubyte.gz"
     data = bad.read_bytes()
@@ -248,10 +368,26 @@ def test_truncated_gzip_idx_names_the_file_and_keeps_the_prepared_dataset(
     shutil.copytree(fashion_small, out)
     before = snapshot(out)
     assert "manifest.json" in before
-    rc, err = run_in_process(capsys, "prepare", "--params", SMOKE, "--dataset", "fashion_mnist",
-                             "--source-dir", src, "--out", out)
-    assert_one_line_error(rc, err, "prepare", f"corrupt IDX file {bad}", "EOFError",
-                          "re-download the file or reinstall dataset-fashion-mnist")
+    rc, err = run_in_process(
+        capsys,
+        "prepare",
+        "--params",
+        SMOKE,
+        "--dataset",
+        "fashion_mnist",
+        "--source-dir",
+        src,
+        "--out",
+        out,
+    )
+    assert_one_line_error(
+        rc,
+        err,
+        "prepare",
+        f"corrupt IDX file {bad}",
+        "EOFError",
+        "re-download the file or reinstall dataset-fashion-mnist",
+    )
     assert snapshot(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared", "src"]
 
@@ -262,10 +398,27 @@ def test_truncated_raw_idx_names_the_file_and_sizes(capsys, tmp_path):
     bad = src / "train-images-idx3-ubyte"  # raw: header says 60000x28x28, 1000 bytes follow
     bad.write_bytes(struct.pack(">IIII", 0x803, 60000, 28, 28) + bytes(1000))
     out = tmp_path / "fresh"
-    rc, err = run_in_process(capsys, "prepare", "--params", SMOKE, "--dataset", "fashion_mnist",
-                             "--source-dir", src, "--out", out)
-    assert_one_line_error(rc, err, "prepare", f"corrupt IDX file {bad}", "1000 bytes", "47040000",
-                          "reinstall dataset-fashion-mnist")
+    rc, err = run_in_process(
+        capsys,
+        "prepare",
+        "--params",
+        SMOKE,
+        "--dataset",
+        "fashion_mnist",
+        "--source-dir",
+        src,
+        "--out",
+        out,
+    )
+    assert_one_line_error(
+        rc,
+        err,
+        "prepare",
+        f"corrupt IDX file {bad}",
+        "1000 bytes",
+        "47040000",
+        "reinstall dataset-fashion-mnist",
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
@@ -273,9 +426,14 @@ def test_directory_without_manifest_is_not_a_prepared_dataset(capsys, tmp_path):
     raw = tmp_path / "raw_images"
     raw.mkdir()
     (raw / "train_images.npy").write_bytes(b"not really")
-    refused_everywhere(capsys, tmp_path, "teacher",
-                       lambda out: ["teacher", "--params", SMOKE, "--data", raw, "--out", out],
-                       f"not a prepared dataset: {raw} (no manifest.json)", "deit-repro prepare")
+    refused_everywhere(
+        capsys,
+        tmp_path,
+        "teacher",
+        lambda out: ["teacher", "--params", SMOKE, "--data", raw, "--out", out],
+        f"not a prepared dataset: {raw} (no manifest.json)",
+        "deit-repro prepare",
+    )
 
 
 # --------------------------------------------------------------------------------- bad checkpoints
@@ -284,21 +442,53 @@ def test_directory_without_manifest_is_not_a_prepared_dataset(capsys, tmp_path):
 def test_class_count_mismatch_student_vs_dataset(capsys, tmp_path, trained, three_classes):
     student = trained["student"]
     refused_everywhere(
-        capsys, tmp_path, "finetune",
-        lambda out: ["finetune", "--params", SMOKE, "--data", three_classes, "--student", student,
-                     "--seed", "0", "--out", out],
-        f"model {student} has 10 classes", f"dataset {three_classes} has 3",
-        "class count mismatch")
+        capsys,
+        tmp_path,
+        "finetune",
+        lambda out: [
+            "finetune",
+            "--params",
+            SMOKE,
+            "--data",
+            three_classes,
+            "--student",
+            student,
+            "--seed",
+            "0",
+            "--out",
+            out,
+        ],
+        f"model {student} has 10 classes",
+        f"dataset {three_classes} has 3",
+        "class count mismatch",
+    )
 
 
 def test_class_count_mismatch_teacher_vs_dataset(capsys, tmp_path, trained, three_classes):
     teacher = trained["teacher"]
     refused_everywhere(
-        capsys, tmp_path, "pretrain",
-        lambda out: ["pretrain", "--params", SMOKE, "--data", three_classes, "--teacher", teacher,
-                     "--distill", "hard", "--dist-token", "yes", "--out", out],
-        f"teacher {teacher} was trained on classes", "(10), the dataset has 3",
-        "use a teacher trained on this dataset")
+        capsys,
+        tmp_path,
+        "pretrain",
+        lambda out: [
+            "pretrain",
+            "--params",
+            SMOKE,
+            "--data",
+            three_classes,
+            "--teacher",
+            teacher,
+            "--distill",
+            "hard",
+            "--dist-token",
+            "yes",
+            "--out",
+            out,
+        ],
+        f"teacher {teacher} was trained on classes",
+        "(10), the dataset has 3",
+        "use a teacher trained on this dataset",
+    )
 
 
 def test_teacher_checkpoint_of_the_wrong_architecture(capsys, tmp_path, trained, fashion_small):
@@ -306,39 +496,77 @@ def test_teacher_checkpoint_of_the_wrong_architecture(capsys, tmp_path, trained,
     shutil.copytree(trained["teacher"], fake)
     shutil.copy(trained["student"] / "model.pt", fake / "model.pt")  # a ViT state dict
     refused_everywhere(
-        capsys, tmp_path, "pretrain",
-        lambda out: ["pretrain", "--params", SMOKE, "--data", fashion_small, "--teacher", fake,
-                     "--distill", "soft", "--out", out],
-        f"{fake / 'model.pt'} is of the wrong architecture", "keys missing (first: 'stem.",
-        "unexpected keys (first: 'cls_token')", "use a checkpoint saved from the same model")
+        capsys,
+        tmp_path,
+        "pretrain",
+        lambda out: [
+            "pretrain",
+            "--params",
+            SMOKE,
+            "--data",
+            fashion_small,
+            "--teacher",
+            fake,
+            "--distill",
+            "soft",
+            "--out",
+            out,
+        ],
+        f"{fake / 'model.pt'} is of the wrong architecture",
+        "keys missing (first: 'stem.",
+        "unexpected keys (first: 'cls_token')",
+        "use a checkpoint saved from the same model",
+    )
 
 
 def test_weights_that_fail_the_pinned_sha256(capsys, tmp_path, trained, fashion_small):
     weights = trained["teacher"] / "model.pt"  # a real, loadable state dict of the right shape
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()
     pin = "0" * 64
-    params = params_file(tmp_path / "pinned.yaml",
-                         **{"teacher.weights": {"url": "file:///nonexistent/w.pth", "sha256": pin}})
+    params = params_file(
+        tmp_path / "pinned.yaml",
+        **{"teacher.weights": {"url": "file:///nonexistent/w.pth", "sha256": pin}},
+    )
     refused_everywhere(
-        capsys, tmp_path, "teacher",
-        lambda out: ["teacher", "--params", params, "--data", fashion_small, "--out", out,
-                     "--weights", weights],
-        f"weights file {weights} has sha256 {digest}", f"not the pinned {pin}",
-        "get the released file again")
+        capsys,
+        tmp_path,
+        "teacher",
+        lambda out: [
+            "teacher",
+            "--params",
+            params,
+            "--data",
+            fashion_small,
+            "--out",
+            out,
+            "--weights",
+            weights,
+        ],
+        f"weights file {weights} has sha256 {digest}",
+        f"not the pinned {pin}",
+        "get the released file again",
+    )
 
 
-@pytest.mark.parametrize("payload, needles", [
-    (lambda: {"conv.weight": torch.zeros(1), "hook": functools.partial(print, "hi")},
-     ["weights_only=True", "functools.partial"]),
-    (lambda: {"model": {"conv.weight": torch.zeros(1)}, "epoch": 3, "args": Gadget()},
-     ["weights_only=True", "it pickles print"]),
-    (lambda: {"conv.weight": torch.zeros(1), "epoch": 3},
-     ["is not a plain state dict (name -> tensor)"]),
-    (lambda: b"PK\x03\x04 torn zip",
-     ["weights_only=True"]),
-])
-def test_weights_that_are_not_a_plain_state_dict(capsys, tmp_path, fashion_small, payload,
-                                                 needles):
+@pytest.mark.parametrize(
+    "payload, needles",
+    [
+        (
+            lambda: {"conv.weight": torch.zeros(1), "hook": functools.partial(print, "hi")},
+            ["weights_only=True", "functools.partial"],
+        ),
+        (
+            lambda: {"model": {"conv.weight": torch.zeros(1)}, "epoch": 3, "args": Gadget()},
+            ["weights_only=True", "it pickles print"],
+        ),
+        (
+            lambda: {"conv.weight": torch.zeros(1), "epoch": 3},
+            ["is not a plain state dict (name -> tensor)"],
+        ),
+        (lambda: b"PK\x03\x04 torn zip", ["weights_only=True"]),
+    ],
+)
+def test_weights_that_are_not_a_plain_state_dict(capsys, tmp_path, fashion_small, payload, needles):
     weights = tmp_path / "weights.pth"
     obj = payload()
     if isinstance(obj, bytes):
@@ -346,10 +574,24 @@ def test_weights_that_are_not_a_plain_state_dict(capsys, tmp_path, fashion_small
     else:
         torch.save(obj, weights)
     refused_everywhere(
-        capsys, tmp_path, "teacher",
-        lambda out: ["teacher", "--params", SMOKE, "--data", fashion_small, "--out", out,
-                     "--weights", weights],
-        f"weights file {weights}", *needles, "torch.save(model.state_dict())")
+        capsys,
+        tmp_path,
+        "teacher",
+        lambda out: [
+            "teacher",
+            "--params",
+            SMOKE,
+            "--data",
+            fashion_small,
+            "--out",
+            out,
+            "--weights",
+            weights,
+        ],
+        f"weights file {weights}",
+        *needles,
+        "torch.save(model.state_dict())",
+    )
 
 
 # --------------------------------------------------------------------------------------- bad flags
@@ -357,42 +599,88 @@ def test_weights_that_are_not_a_plain_state_dict(capsys, tmp_path, fashion_small
 
 def test_dist_token_without_distillation(capsys, tmp_path, fashion_small):
     refused_everywhere(
-        capsys, tmp_path, "pretrain",
-        lambda out: ["pretrain", "--params", SMOKE, "--data", fashion_small, "--out", out,
-                     "--distill", "none", "--dist-token", "yes"],
-        "distillation token without distillation", "--distill soft|hard with --dist-token yes")
+        capsys,
+        tmp_path,
+        "pretrain",
+        lambda out: [
+            "pretrain",
+            "--params",
+            SMOKE,
+            "--data",
+            fashion_small,
+            "--out",
+            out,
+            "--distill",
+            "none",
+            "--dist-token",
+            "yes",
+        ],
+        "distillation token without distillation",
+        "--distill soft|hard with --dist-token yes",
+    )
 
 
 def test_distillation_without_a_teacher(capsys, tmp_path, fashion_small):
     refused_everywhere(
-        capsys, tmp_path, "pretrain",
-        lambda out: ["pretrain", "--params", SMOKE, "--data", fashion_small, "--out", out,
-                     "--distill", "hard"],
-        "--distill hard needs a teacher", "pass --teacher DIR")
+        capsys,
+        tmp_path,
+        "pretrain",
+        lambda out: [
+            "pretrain",
+            "--params",
+            SMOKE,
+            "--data",
+            fashion_small,
+            "--out",
+            out,
+            "--distill",
+            "hard",
+        ],
+        "--distill hard needs a teacher",
+        "pass --teacher DIR",
+    )
 
 
 @pytest.mark.parametrize("item", ["foo", "=runs/x", "deit="])
 def test_evaluate_model_must_be_name_eq_dir(capsys, tmp_path, fashion_small, item):
     refused_everywhere(
-        capsys, tmp_path, "evaluate",
-        lambda out: ["evaluate", "--params", SMOKE, "--data", fashion_small, "--model", item,
-                     "--out", out],
-        f"--model {item!r} is not NAME=DIR", "--model deit=runs/x", out_is_file=True)
+        capsys,
+        tmp_path,
+        "evaluate",
+        lambda out: [
+            "evaluate",
+            "--params",
+            SMOKE,
+            "--data",
+            fashion_small,
+            "--model",
+            item,
+            "--out",
+            out,
+        ],
+        f"--model {item!r} is not NAME=DIR",
+        "--model deit=runs/x",
+        out_is_file=True,
+    )
 
 
 def test_prepare_dataset_not_in_params(capsys, tmp_path):
     refused_everywhere(
-        capsys, tmp_path, "prepare",
+        capsys,
+        tmp_path,
+        "prepare",
         lambda out: ["prepare", "--params", SMOKE, "--dataset", "cifar10", "--out", out],
         "dataset 'cifar10' is not in params.yaml datasets (digits, fashion_mnist)",
-        "add it under datasets:")
+        "add it under datasets:",
+    )
 
 
 # --------------------------------------------------------------------------------------- disk full
 
 
 def test_disk_full_while_checkpointing_keeps_the_last_complete_checkpoint(
-        capsys, tmp_path, fashion_small, monkeypatch):
+    capsys, tmp_path, fashion_small, monkeypatch
+):
     """ENOSPC in the middle of the epoch-2 checkpoint: exit 4, one line, the epoch-1 checkpoint
     still whole and loadable, no temporary file left, no model directory written."""
     params = params_file(tmp_path / "two_epochs.yaml", **{"teacher.train.epochs": 2})
@@ -413,10 +701,28 @@ def test_disk_full_while_checkpointing_keeps_the_last_complete_checkpoint(
         written.append(Path(path).read_bytes())
 
     monkeypatch.setattr(atomic, "write_bytes", filling_disk)
-    rc, err = run_in_process(capsys, "teacher", "--params", params, "--data", fashion_small,
-                             "--out", out, "--run-dir", ckdir)
-    assert_one_line_error(rc, err, "teacher", "no space left on device", f"--out {out}",
-                          f"--run-dir {ckdir}", "free disk space and re-run", code=4)
+    rc, err = run_in_process(
+        capsys,
+        "teacher",
+        "--params",
+        params,
+        "--data",
+        fashion_small,
+        "--out",
+        out,
+        "--run-dir",
+        ckdir,
+    )
+    assert_one_line_error(
+        rc,
+        err,
+        "teacher",
+        "no space left on device",
+        f"--out {out}",
+        f"--run-dir {ckdir}",
+        "free disk space and re-run",
+        code=4,
+    )
     assert len(written) == 1
     ckpt_file = ckdir / "checkpoint.pth"
     assert ckpt_file.read_bytes() == written[0]
@@ -437,20 +743,45 @@ def test_a_torn_checkpoint_is_never_loaded(capsys, tmp_path, fashion_small, torn
     ckdir.mkdir()
     (ckdir / "checkpoint.pth").write_bytes(torn)
     out = tmp_path / "teacher"
-    rc, err = run_in_process(capsys, "teacher", "--params", SMOKE, "--data", fashion_small,
-                             "--out", out, "--run-dir", ckdir)
-    assert_one_line_error(rc, err, "teacher", str(ckdir / "checkpoint.pth"),
-                          "delete it to restart the run from scratch")
+    rc, err = run_in_process(
+        capsys,
+        "teacher",
+        "--params",
+        SMOKE,
+        "--data",
+        fashion_small,
+        "--out",
+        out,
+        "--run-dir",
+        ckdir,
+    )
+    assert_one_line_error(
+        rc,
+        err,
+        "teacher",
+        str(ckdir / "checkpoint.pth"),
+        "delete it to restart the run from scratch",
+    )
     assert not out.exists() and (ckdir / "checkpoint.pth").read_bytes() == torn
 
 
 def test_a_crash_while_writing_the_model_directory_keeps_the_previous_one(
-        capsys, tmp_path, fashion_small, monkeypatch):
+    capsys, tmp_path, fashion_small, monkeypatch
+):
     """The model directory is replaced whole: a failure while writing it (here: the final
     metrics.json) leaves the previous complete directory byte-identical and no temporary one."""
     out = tmp_path / "teacher"
-    argv = ["teacher", "--params", SMOKE, "--data", fashion_small, "--out", out, "--run-dir",
-            tmp_path / "ck"]
+    argv = [
+        "teacher",
+        "--params",
+        SMOKE,
+        "--data",
+        fashion_small,
+        "--out",
+        out,
+        "--run-dir",
+        tmp_path / "ck",
+    ]
     assert run_in_process(capsys, *argv)[0] == 0
     before = snapshot(out)
     real = atomic.write_json

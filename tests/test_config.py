@@ -1,4 +1,4 @@
-"""params.yaml loading (STYLE.md rule 2): frozen typed objects, and every bad key, type or value
+"""params.yaml loading: frozen typed objects, and every bad key, type or value
 refused with a ConfigError whose message names the full dotted key and what is allowed."""
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import yaml
 from conftest import SMOKE, smoke_dict
 from deit_repro.config import config_hash, load_params, params_from_dict
 from deit_repro.errors import ConfigError
-
 
 
 def set_key(data: dict, dotted: str, value) -> dict:
@@ -42,11 +41,14 @@ def test_smoke_profile_loads_into_frozen_objects():
     assert p.transfer.datasets == ("digits",)
     assert p.distillation.weights("soft") == (0.1, 3.0)
     assert p.distillation.weights("hard") == (0.5, 1.0)
-    for obj, attr, value in ((p, "threads", 2), (p.student.train, "epochs", 5),
-                             (p.student.model, "patch_size", 2),
-                             (p.distillation.hard, "alpha", 0.1),
-                             (p.teacher.train.aug, "reprob", 0.0),
-                             (p.datasets["fashion_mnist"], "train_per_class", 1)):
+    for obj, attr, value in (
+        (p, "threads", 2),
+        (p.student.train, "epochs", 5),
+        (p.student.model, "patch_size", 2),
+        (p.distillation.hard, "alpha", 0.1),
+        (p.teacher.train.aug, "reprob", 0.0),
+        (p.datasets["fashion_mnist"], "train_per_class", 1),
+    ):
         with pytest.raises(dataclasses.FrozenInstanceError):
             setattr(obj, attr, value)
     assert p.threads == 1 and p.student.train.epochs == 1  # nothing changed
@@ -76,13 +78,16 @@ def test_config_hash_is_stable_and_sees_every_value(tmp_path):
 # ------------------------------------------------------------------------------------ unknown keys
 
 
-@pytest.mark.parametrize("dotted, wrong, suggestion", [
-    ("", "thread", "threads"),
-    ("student.train", "epochz", "student.train.epochs"),
-    ("teacher.model", "chanels", "teacher.model.channels"),
-    ("datasets.fashion_mnist", "train_per_clas", "datasets.fashion_mnist.train_per_class"),
-    ("distillation.soft", "taus", "distillation.soft.tau"),
-])
+@pytest.mark.parametrize(
+    "dotted, wrong, suggestion",
+    [
+        ("", "thread", "threads"),
+        ("student.train", "epochz", "student.train.epochs"),
+        ("teacher.model", "chanels", "teacher.model.channels"),
+        ("datasets.fashion_mnist", "train_per_clas", "datasets.fashion_mnist.train_per_class"),
+        ("distillation.soft", "taus", "distillation.soft.tau"),
+    ],
+)
 def test_unknown_key_names_full_path_and_suggests(dotted, wrong, suggestion):
     data = smoke_dict()
     node = data
@@ -102,8 +107,9 @@ def test_load_params_names_the_file_with_the_key(tmp_path):
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(ConfigError) as info:
         load_params(path)
-    assert str(info.value) == (f"unknown params key 'student.train.epochz' in {path}; "
-                               "did you mean 'student.train.epochs'?")
+    assert str(info.value) == (
+        f"unknown params key 'student.train.epochz' in {path}; did you mean 'student.train.epochs'?"
+    )
 
 
 def test_unknown_key_without_a_close_match_lists_the_valid_keys():
@@ -127,17 +133,20 @@ def test_non_string_yaml_keys_are_a_config_error_not_a_crash(tmp_path):
 # ------------------------------------------------------------------------------------- wrong types
 
 
-@pytest.mark.parametrize("dotted, value, expected", [
-    ("student.train.epochs", "ten", "expected an integer"),
-    ("threads", 1.5, "expected an integer"),
-    ("seeds", 3, "expected a list"),
-    ("teacher.train.batch_size", True, "expected an integer"),   # bool is not an int here
-    ("student.train.lr_per_512", "fast", "expected a number"),
-    ("student.train.ema", 1, "expected true/false"),
-    ("student.model", "small", "expected a mapping"),
-    ("datasets.fashion_mnist.train_per_class", 4.5, "expected an integer or null"),
-    ("seeds", [0, "one"], "expected an integer"),
-])
+@pytest.mark.parametrize(
+    "dotted, value, expected",
+    [
+        ("student.train.epochs", "ten", "expected an integer"),
+        ("threads", 1.5, "expected an integer"),
+        ("seeds", 3, "expected a list"),
+        ("teacher.train.batch_size", True, "expected an integer"),  # bool is not an int here
+        ("student.train.lr_per_512", "fast", "expected a number"),
+        ("student.train.ema", 1, "expected true/false"),
+        ("student.model", "small", "expected a mapping"),
+        ("datasets.fashion_mnist.train_per_class", 4.5, "expected an integer or null"),
+        ("seeds", [0, "one"], "expected an integer"),
+    ],
+)
 def test_wrong_type_names_key_and_expected_type(dotted, value, expected):
     msg = error_of(set_key(smoke_dict(), dotted, value))
     key, shown = (dotted, value) if not isinstance(value, list) else (f"{dotted}[1]", value[1])
@@ -156,21 +165,24 @@ def test_exponent_without_dot_gets_the_yaml_hint():
 # ------------------------------------------------------------------------------------ out of range
 
 
-@pytest.mark.parametrize("dotted, value, allowed", [
-    ("student.train.epochs", -1, "expected a positive integer"),
-    ("teacher.train.epochs", 0, "expected a positive integer"),
-    ("distillation.hard.alpha", 1.5, "expected in [0, 1]"),
-    ("distillation.soft.alpha", -0.1, "expected in [0, 1]"),
-    ("distillation.soft.tau", 0.0, "expected positive"),
-    ("distillation.soft.tau", -3.0, "expected positive"),
-    ("student.model.patch_size", 6, "expected a divisor of img_size=20"),
-    ("student.model.num_heads", 3, "expected a divisor of embed_dim=32"),
-    ("student.train.aug.scale", [0.5, 0.2], "expected 0 < min <= max <= 1"),
-    ("datasets.fashion_mnist.test_fraction", 1.0, "expected in (0, 1)"),
-    ("threads", 0, "expected a positive integer"),
-    ("seeds", [], "expected a non-empty list"),
-    ("eval.crop_pct", 1.5, "expected in (0, 1]"),
-])
+@pytest.mark.parametrize(
+    "dotted, value, allowed",
+    [
+        ("student.train.epochs", -1, "expected a positive integer"),
+        ("teacher.train.epochs", 0, "expected a positive integer"),
+        ("distillation.hard.alpha", 1.5, "expected in [0, 1]"),
+        ("distillation.soft.alpha", -0.1, "expected in [0, 1]"),
+        ("distillation.soft.tau", 0.0, "expected positive"),
+        ("distillation.soft.tau", -3.0, "expected positive"),
+        ("student.model.patch_size", 6, "expected a divisor of img_size=20"),
+        ("student.model.num_heads", 3, "expected a divisor of embed_dim=32"),
+        ("student.train.aug.scale", [0.5, 0.2], "expected 0 < min <= max <= 1"),
+        ("datasets.fashion_mnist.test_fraction", 1.0, "expected in (0, 1)"),
+        ("threads", 0, "expected a positive integer"),
+        ("seeds", [], "expected a non-empty list"),
+        ("eval.crop_pct", 1.5, "expected in (0, 1]"),
+    ],
+)
 def test_out_of_range_names_key_and_allowed_range(dotted, value, allowed):
     msg = error_of(set_key(smoke_dict(), dotted, value))
     shown = tuple(value) if isinstance(value, list) else value
@@ -212,8 +224,10 @@ def test_error_inside_an_optional_section_keeps_the_inner_key():
     assert "unknown params key 'transfer.scratch_train.epochz'" in msg
     assert "did you mean 'transfer.scratch_train.epochs'?" in msg
     msg = error_of(set_key(smoke_dict(), "transfer.scratch_train", "same"))
-    assert ("params key 'transfer.scratch_train' = 'same' has the wrong type "
-            "(expected a mapping or null)") in msg
+    assert (
+        "params key 'transfer.scratch_train' = 'same' has the wrong type "
+        "(expected a mapping or null)"
+    ) in msg
 
 
 @pytest.mark.parametrize("sha", ["0" * 64, "a5fe301d"])
@@ -226,8 +240,9 @@ def test_good_sha256_pin_is_kept(sha):
 # --------------------------------------------------------------------------------- missing / files
 
 
-@pytest.mark.parametrize("dotted", ["teacher", "student.model", "teacher.dataset",
-                                    "finetune.img_size"])
+@pytest.mark.parametrize(
+    "dotted", ["teacher", "student.model", "teacher.dataset", "finetune.img_size"]
+)
 def test_missing_required_key_is_named(dotted):
     data = smoke_dict()
     *parents, last = dotted.split(".")

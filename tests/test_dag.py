@@ -1,6 +1,6 @@
-"""The whole DAG on the smoke profile with the real engines, each in a fresh repository: `dvc repro`,
-then `dvc exp run -S distill=soft` re-runs exactly what depends on `distill` (issue #3); `snakemake
---cores 2` gives the same outputs and metrics and leaves dvc.lock up to date (issue #4)."""
+"""The whole DAG on the smoke profile with the real engines, each in a fresh repository:
+`dvc repro`, then `dvc exp run -S distill=soft` re-runs exactly what depends on `distill`;
+`snakemake --cores 2` gives the same outputs and metrics and leaves dvc.lock up to date."""
 
 from __future__ import annotations
 
@@ -9,13 +9,36 @@ import re
 
 import pytest
 
-from workflow_helpers import (DVC, SNAKEMAKE, TIMED_STAGES, lock_stages, make_repo,
-                              metric_files, ran_stages, run)
+from workflow_helpers import (
+    DVC,
+    SNAKEMAKE,
+    TIMED_STAGES,
+    lock_stages,
+    make_repo,
+    metric_files,
+    ran_stages,
+    run,
+)
 
-STAGES = {"prepare@fashion_mnist", "prepare@digits", "teacher@convnet", "teacher@vit", "pretrain@none", "pretrain@soft",
-          "pretrain@hard", "pretrain@deit", "pretrain@deit_vit_teacher", "finetune@bicubic", "finetune@bilinear",
-          "finetune@control", "transfer@digits-pretrained", "transfer@digits-scratch",
-          "evaluate", "throughput", "tables"}
+STAGES = {
+    "prepare@fashion_mnist",
+    "prepare@digits",
+    "teacher@convnet",
+    "teacher@vit",
+    "pretrain@none",
+    "pretrain@soft",
+    "pretrain@hard",
+    "pretrain@deit",
+    "pretrain@deit_vit_teacher",
+    "finetune@bicubic",
+    "finetune@bilinear",
+    "finetune@control",
+    "transfer@digits-pretrained",
+    "transfer@digits-scratch",
+    "evaluate",
+    "throughput",
+    "tables",
+}
 
 
 @pytest.mark.slow
@@ -31,7 +54,7 @@ def test_dvc_repro_then_exp_run_distill_soft(dvc_reference):
     table = (repo / "results" / "table3_distillation.csv").read_text()
     assert f"{deit['heads']['joint']['top1']['mean']:.2f}" in table
 
-    # A no-op repro runs nothing, and Snakemake finds everything up to date (issue #4).
+    # A no-op repro runs nothing, and Snakemake finds everything up to date.
     assert ran_stages(run([DVC, "repro"], repo)) == set()
     assert "Nothing to be done" in run([SNAKEMAKE, "-n", "--cores", "1"], repo)
     run(["git", "add", "-A"], repo)
@@ -40,9 +63,17 @@ def test_dvc_repro_then_exp_run_distill_soft(dvc_reference):
     out = run([DVC, "exp", "run", "-S", "distill=soft"], repo)
     # Exactly the stages downstream of the headline model re-run (the Table 3 variants do not);
     # the scratch transfer baseline shares the headline dependency (see dvc.yaml) and re-runs too.
-    assert ran_stages(out) == {"pretrain@deit", "pretrain@deit_vit_teacher", "finetune@bicubic", "finetune@bilinear",
-                               "finetune@control", "transfer@digits-pretrained",
-                               "transfer@digits-scratch", "evaluate", "tables"}
+    assert ran_stages(out) == {
+        "pretrain@deit",
+        "pretrain@deit_vit_teacher",
+        "finetune@bicubic",
+        "finetune@bilinear",
+        "finetune@control",
+        "transfer@digits-pretrained",
+        "transfer@digits-scratch",
+        "evaluate",
+        "tables",
+    }
     soft = json.loads((repo / "metrics" / "pretrain" / "deit.json").read_text())
     assert soft["distill"] == "soft" and soft["alpha"] == 0.1 and soft["tau"] == 3.0
     assert soft["heads"] != deit["heads"] or soft["train_loss"] != deit["train_loss"]
@@ -60,7 +91,8 @@ def test_snakemake_runs_the_same_dag_with_the_same_results(dvc_reference, tmp_pa
     repo = make_repo(tmp_path / "repo")
     out = run([SNAKEMAKE, "--cores", "2"], repo)
     rules = set(re.findall(r"^rule (\w+):", out, re.M)) | set(
-        re.findall(r"^localrule (\w+):", out, re.M))
+        re.findall(r"^localrule (\w+):", out, re.M)
+    )
     assert rules == {re.sub(r"\W", "_", s) for s in STAGES} | {"all"}
     assert metric_files(repo) == dvc_reference["metrics"]  # byte for byte
     lock, ref = lock_stages(repo), dvc_reference["lock"]

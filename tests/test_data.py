@@ -24,8 +24,9 @@ from deit_repro.data.sources import (
     resize_shorter_and_crop,
 )
 from deit_repro.data.store import load_prepared, read_manifest
+from deit_repro.config import DatasetCfg
 from deit_repro.errors import DataError
-from deit_repro.prepare import class_balanced_indices, run_prepare
+from deit_repro.stages.prepare import class_balanced_indices, run_prepare
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 needs_fashion = pytest.mark.skipif(
@@ -34,10 +35,10 @@ needs_fashion = pytest.mark.skipif(
 )
 
 
-def _prepare(**overrides):
-    kwargs = dict(source_dir=None, train_per_class=None, test_per_class=None, image_size=None, seed=0)
-    kwargs.update(overrides)
-    return run_prepare(**kwargs)
+def _prepare(*, out, source_dir=None, verify_images=True, **fields):
+    """run_prepare with a dataset entry of params.yaml built from ``fields``."""
+    cfg = DatasetCfg(**fields)
+    return run_prepare(cfg, out=out, source_dir=source_dir, verify_images=verify_images)
 
 
 # ----------------------------------------------------------------------------- IDX
@@ -109,8 +110,14 @@ def test_find_idx_files_prefers_raw_and_reports_missing(tmp_path):
         find_idx_files(tmp_path)
     (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(b"")
     found = find_idx_files(tmp_path)
-    assert found["train"] == (tmp_path / "train-images-idx3-ubyte", tmp_path / "train-labels-idx1-ubyte.gz")
-    assert found["test"] == (tmp_path / "t10k-images-idx3-ubyte.gz", tmp_path / "t10k-labels-idx1-ubyte.gz")
+    assert found["train"] == (
+        tmp_path / "train-images-idx3-ubyte",
+        tmp_path / "train-labels-idx1-ubyte.gz",
+    )
+    assert found["test"] == (
+        tmp_path / "t10k-images-idx3-ubyte.gz",
+        tmp_path / "t10k-labels-idx1-ubyte.gz",
+    )
 
 
 def test_fashion_missing_dir_names_debian_package(tmp_path):
@@ -128,19 +135,28 @@ def test_fashion_wrong_shape_is_rejected(tmp_path):
         load_fashion_mnist(tmp_path)
 
 
-# ----------------------------------------------------------------------------- Fashion-MNIST (real data)
+# ------------------------------------------------------------------ Fashion-MNIST (real data)
 
 
 @needs_fashion
 def test_fashion_prepare_subset_is_balanced_exact_and_stable(tmp_path):
     runs = [
-        _prepare(source="fashion_mnist", out=tmp_path / name, train_per_class=50, test_per_class=10, seed=3)
+        _prepare(
+            source="fashion_mnist",
+            out=tmp_path / name,
+            train_per_class=50,
+            test_per_class=10,
+            seed=3,
+        )
         for name in ("a", "b")
     ]
     manifest = runs[0]
     assert manifest["classes"] == FASHION_CLASSES and manifest["num_classes"] == 10
     assert manifest["kind"] == "arrays" and manifest["image_shape"] == [1, 28, 28]
-    assert manifest["splits"]["train"]["count"] == 500 and manifest["splits"]["train"]["per_class"] == [50] * 10
+    assert (
+        manifest["splits"]["train"]["count"] == 500
+        and manifest["splits"]["train"]["per_class"] == [50] * 10
+    )
     assert manifest["splits"]["test"]["per_class"] == [10] * 10
     assert runs[1]["content_hash"] == manifest["content_hash"]
     for name in ("train_images.npy", "train_labels.npy", "test_images.npy"):
@@ -157,7 +173,9 @@ def test_fashion_prepare_subset_is_balanced_exact_and_stable(tmp_path):
     np.testing.assert_array_equal(train.images[:, 0].numpy(), raw[idx])
     np.testing.assert_array_equal(train.labels.numpy(), raw_labels[idx])
 
-    other = _prepare(source="fashion_mnist", out=tmp_path / "c", train_per_class=50, test_per_class=10, seed=4)
+    other = _prepare(
+        source="fashion_mnist", out=tmp_path / "c", train_per_class=50, test_per_class=10, seed=4
+    )
     assert other["content_hash"] != manifest["content_hash"]
 
 
@@ -171,10 +189,16 @@ def test_digits_stratified_split_and_pixel_scale(tmp_path):
     bunch = load_digits()
     totals = np.bincount(bunch.target, minlength=10)
     test_counts = np.array(manifest["splits"]["test"]["per_class"])
-    assert manifest["splits"]["train"]["count"] + manifest["splits"]["test"]["count"] == len(bunch.target) == 1797
+    assert (
+        manifest["splits"]["train"]["count"] + manifest["splits"]["test"]["count"]
+        == len(bunch.target)
+        == 1797
+    )
     assert manifest["splits"]["test"]["count"] == 360  # ceil(0.2 * 1797)
     assert np.all(np.abs(test_counts - 0.2 * totals) <= 1)  # stratified: 20% of every class
-    assert manifest["image_shape"] == [1, 8, 8] and manifest["classes"] == [str(i) for i in range(10)]
+    assert manifest["image_shape"] == [1, 8, 8] and manifest["classes"] == [
+        str(i) for i in range(10)
+    ]
 
     train = load_prepared(tmp_path / "d", "train")
     test = load_prepared(tmp_path / "d", "test")
@@ -189,13 +213,17 @@ def test_digits_stratified_split_and_pixel_scale(tmp_path):
 
 
 def test_digits_resized(tmp_path):
-    manifest = _prepare(source="digits", out=tmp_path / "d", image_size=16, train_per_class=5, test_per_class=2)
+    manifest = _prepare(
+        source="digits", out=tmp_path / "d", image_size=16, train_per_class=5, test_per_class=2
+    )
     assert manifest["image_shape"] == [1, 16, 16] and manifest["splits"]["train"]["count"] == 50
     assert load_prepared(tmp_path / "d", "test").images.shape == (20, 1, 16, 16)
 
 
 def test_too_few_images_per_class_names_the_class(tmp_path):
-    with pytest.raises(DataError, match=r"class '\d' of split test has \d+ images, fewer than test_per_class = 100"):
+    with pytest.raises(
+        DataError, match=r"class '\d' of split test has \d+ images, fewer than test_per_class = 100"
+    ):
         _prepare(source="digits", out=tmp_path / "d", test_per_class=100)
     assert not (tmp_path / "d").exists()
 
@@ -206,9 +234,14 @@ def test_resize_matches_torchvision_resize_and_center_crop():
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, size=(12, 20, 3), dtype=np.uint8)
     reference = transforms.Compose(
-        [transforms.Resize(8, interpolation=transforms.InterpolationMode.BICUBIC), transforms.CenterCrop(8)]
+        [
+            transforms.Resize(8, interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(8),
+        ]
     )(Image.fromarray(image))
-    np.testing.assert_array_equal(np.asarray(resize_shorter_and_crop(Image.fromarray(image), 8)), np.asarray(reference))
+    np.testing.assert_array_equal(
+        np.asarray(resize_shorter_and_crop(Image.fromarray(image), 8)), np.asarray(reference)
+    )
     gray = rng.integers(0, 256, size=(2, 6, 6, 1), dtype=np.uint8)
     assert resize_arrays(gray, 9).shape == (2, 9, 9, 1)
 
@@ -236,12 +269,18 @@ def test_imagefolder_files_manifest(tmp_path):
     manifest = _prepare(source="imagefolder", out=tmp_path / "out", source_dir=root)
     assert manifest["kind"] == "files" and manifest["image_shape"] is None
     assert manifest["classes"] == ["cat", "dog"]
-    assert manifest["splits"]["train"]["per_class"] == [3, 3] and manifest["splits"]["test"]["per_class"] == [2, 2]
+    assert manifest["splits"]["train"]["per_class"] == [3, 3] and manifest["splits"]["test"][
+        "per_class"
+    ] == [2, 2]
     assert set(manifest["splits"]["train"]["files"]) == {"train_files.csv"}
     with open(tmp_path / "out" / "test_files.csv", newline="") as fh:
         rows = list(csv.reader(fh))
     assert rows[0] == ["path", "label"]
-    expected = [[str(root / "val" / c / f"{i}.png"), str(y)] for y, c in enumerate(["cat", "dog"]) for i in (0, 1)]
+    expected = [
+        [str(root / "val" / c / f"{i}.png"), str(y)]
+        for y, c in enumerate(["cat", "dog"])
+        for i in (0, 1)
+    ]
     assert rows[1:] == expected
     split = load_prepared(tmp_path / "out", "train", verify=True)
     assert split.images is None and split.labels.tolist() == [0, 0, 0, 1, 1, 1]
@@ -255,7 +294,11 @@ def test_imagefolder_pre_resized_to_arrays(tmp_path):
     test = load_prepared(tmp_path / "out", "test")
     assert test.images.shape == (4, 3, 3, 3)
     # Solid-colour images stay solid after bicubic resizing: red for cat, blue for dog.
-    assert test.images[0, :, 0, 0].tolist() == [255, 0, 0] and test.images[3, :, 1, 1].tolist() == [0, 0, 255]
+    assert test.images[0, :, 0, 0].tolist() == [255, 0, 0] and test.images[3, :, 1, 1].tolist() == [
+        0,
+        0,
+        255,
+    ]
 
 
 def test_imagefolder_bad_image_error_and_skip(tmp_path):
@@ -266,14 +309,21 @@ def test_imagefolder_bad_image_error_and_skip(tmp_path):
         _prepare(source="imagefolder", out=tmp_path / "out", source_dir=root, on_bad_image="error")
     assert str(bad) in str(info.value) and "on_bad_image" in str(info.value)
 
-    manifest = _prepare(source="imagefolder", out=tmp_path / "out", source_dir=root, on_bad_image="skip")
+    manifest = _prepare(
+        source="imagefolder", out=tmp_path / "out", source_dir=root, on_bad_image="skip"
+    )
     assert manifest["skipped"]["train"] == {"count": 1, "files": [str(bad)]}
     assert manifest["skipped"]["test"] == {"count": 0, "files": []}
     assert manifest["splits"]["train"]["per_class"] == [3, 3]
 
-    # Without verification the bad file is listed; decoding it for a pre-resized copy still catches it.
+    # Without verification the bad file is listed; decoding it for a pre-resized copy still
+    # catches it.
     manifest = _prepare(
-        source="imagefolder", out=tmp_path / "out2", source_dir=root, verify_images=False, image_size=4,
+        source="imagefolder",
+        out=tmp_path / "out2",
+        source_dir=root,
+        verify_images=False,
+        image_size=4,
         on_bad_image="skip",
     )
     assert manifest["skipped"]["train"]["count"] == 1 and manifest["splits"]["train"]["count"] == 6
@@ -334,7 +384,18 @@ def test_cifar10_through_torchvision(tmp_path, monkeypatch):
         batches[name] = (rng.integers(0, 256, size=(4, 3072), dtype=np.uint8), [0, 1, 2, 9])
         with open(folder / name, "wb") as fh:
             pickle.dump({"data": batches[name][0], "labels": batches[name][1]}, fh)
-    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    names = [
+        "airplane",
+        "automobile",
+        "bird",
+        "cat",
+        "deer",
+        "dog",
+        "frog",
+        "horse",
+        "ship",
+        "truck",
+    ]
     with open(folder / "batches.meta", "wb") as fh:
         pickle.dump({"label_names": names}, fh)
     # torchvision checks each file's md5 against the real CIFAR-10 release, which a fake cannot
@@ -347,7 +408,9 @@ def test_cifar10_through_torchvision(tmp_path, monkeypatch):
     # CIFAR rows are channel planes R, G, B of 32x32 each.
     expected = batches["test_batch"][0].reshape(4, 3, 32, 32).transpose(0, 2, 3, 1)
     np.testing.assert_array_equal(raw.splits["test"].images, expected)
-    assert raw.splits["train"].labels.dtype == np.int64 and raw.splits["train"].labels.tolist()[:4] == [0, 1, 2, 9]
+    assert raw.splits["train"].labels.dtype == np.int64 and raw.splits["train"].labels.tolist()[
+        :4
+    ] == [0, 1, 2, 9]
 
     manifest = _prepare(source="cifar10", out=tmp_path / "out", source_dir=tmp_path)
     assert manifest["image_shape"] == [3, 32, 32]
@@ -408,12 +471,19 @@ def test_failure_mid_write_keeps_previous_output(tmp_path, monkeypatch):
 
 
 def test_manifest_schema(tmp_path):
-    manifest = _prepare(source="digits", out=tmp_path / "d", train_per_class=2, test_per_class=1, seed=5)
+    manifest = _prepare(
+        source="digits", out=tmp_path / "d", train_per_class=2, test_per_class=1, seed=5
+    )
     assert manifest == read_manifest(tmp_path / "d")
     assert manifest["format"] == store.FORMAT and manifest["source"] == "digits"
     assert manifest["params"]["seed"] == 5 and manifest["params"]["train_per_class"] == 2
     files = {n: h for s in manifest["splits"].values() for n, h in s["files"].items()}
-    assert sorted(files) == ["test_images.npy", "test_labels.npy", "train_images.npy", "train_labels.npy"]
+    assert sorted(files) == [
+        "test_images.npy",
+        "test_labels.npy",
+        "train_images.npy",
+        "train_labels.npy",
+    ]
     assert manifest["content_hash"] == store.compute_content_hash(files)
     (tmp_path / "plain").mkdir()
     # The mode a plain mkdir gives under the current umask, not mkdtemp's 0700.
@@ -432,22 +502,32 @@ def test_flowers102_through_torchvision(tmp_path, monkeypatch):
     base = tmp_path / "flowers-102"
     _fake_images([base / "jpg" / f"image_{i:05d}.jpg" for i in range(1, 8)])
     savemat(base / "imagelabels.mat", {"labels": np.array([[1, 2, 1, 102, 2, 1, 5]])})
-    setid = {"trnid": np.array([[1, 2]]), "valid": np.array([[3, 7]]), "tstid": np.array([[4, 5, 6]])}
+    setid = {
+        "trnid": np.array([[1, 2]]),
+        "valid": np.array([[3, 7]]),
+        "tstid": np.array([[4, 5, 6]]),
+    }
     savemat(base / "setid.mat", setid)
     # torchvision checks the .mat files' md5 against the real release; bypass only that check.
     monkeypatch.setattr(tv_flowers, "check_integrity", lambda *args, **kwargs: True)
 
     raw = load_source("flowers102", source_dir=tmp_path)
     assert raw.classes[0] == "pink primrose" and len(raw.classes) == 102
-    assert raw.splits["train"].files == tuple(str(base / "jpg" / f"image_{i:05d}.jpg") for i in (1, 2, 3, 7))
-    assert raw.splits["train"].labels.tolist() == [0, 1, 0, 4] and raw.splits["test"].labels.tolist() == [101, 1, 0]
+    assert raw.splits["train"].files == tuple(
+        str(base / "jpg" / f"image_{i:05d}.jpg") for i in (1, 2, 3, 7)
+    )
+    assert raw.splits["train"].labels.tolist() == [0, 1, 0, 4] and raw.splits[
+        "test"
+    ].labels.tolist() == [101, 1, 0]
 
 
 def test_stanford_cars_through_torchvision(tmp_path):
     from scipy.io import savemat
 
     base = tmp_path / "stanford_cars"
-    _fake_images([base / folder / f"0000{i}.jpg" for folder in ("cars_train", "cars_test") for i in (1, 2)])
+    _fake_images(
+        [base / folder / f"0000{i}.jpg" for folder in ("cars_train", "cars_test") for i in (1, 2)]
+    )
     (base / "devkit").mkdir()
     record = [("fname", "O"), ("class", "O")]
     # Class ids in the .mat files are 1-based, as in the real release.
@@ -460,8 +540,14 @@ def test_stanford_cars_through_torchvision(tmp_path):
 
     raw = load_source("stanford_cars", source_dir=tmp_path)
     assert raw.classes == ["AM General Hummer", "Acura RL"]
-    assert raw.splits["train"].files == (str(base / "cars_train" / "00001.jpg"), str(base / "cars_train" / "00002.jpg"))
-    assert raw.splits["train"].labels.tolist() == [1, 0] and raw.splits["test"].labels.tolist() == [1, 1]
+    assert raw.splits["train"].files == (
+        str(base / "cars_train" / "00001.jpg"),
+        str(base / "cars_train" / "00002.jpg"),
+    )
+    assert raw.splits["train"].labels.tolist() == [1, 0] and raw.splits["test"].labels.tolist() == [
+        1,
+        1,
+    ]
 
 
 def test_inaturalist_official_split(tmp_path):
@@ -482,5 +568,7 @@ def test_inaturalist_official_split(tmp_path):
 
     manifest = _prepare(source="inat2019", out=tmp_path / "out", source_dir=tmp_path)
     assert manifest["classes"] == ["Rana temporaria", "Bufo bufo"]  # sorted category ids 3, 7
-    assert manifest["splits"]["train"]["per_class"] == [1, 1] and manifest["splits"]["test"]["per_class"] == [1, 0]
+    assert manifest["splits"]["train"]["per_class"] == [1, 1] and manifest["splits"]["test"][
+        "per_class"
+    ] == [1, 0]
     assert load_prepared(tmp_path / "out", "test").files == [str(tmp_path / val[0][0])]

@@ -9,22 +9,31 @@ from pathlib import Path
 import pytest
 import torch
 
-from deit_repro.batches import epoch_indices
+from deit_repro.core.batches import epoch_indices
 from deit_repro.config import TrainCfg
-from deit_repro.engine import Runtime, base_criterion, fit, load_checkpoint
+from deit_repro.core.engine import Runtime, base_criterion, fit, load_checkpoint
 from deit_repro.errors import TrainingError
-from deit_repro.losses import DistillationLoss
-from deit_repro.models import create_student, set_training_outputs
-from deit_repro.runs import open_dataset, train_batches
-from deit_repro.training import run_pretrain, run_teacher
+from deit_repro.core.losses import DistillationLoss
+from deit_repro.core.models import create_student, set_training_outputs
+from deit_repro.core.datasets import open_dataset, train_batches
+from deit_repro.stages.training import run_pretrain, run_teacher
 
 CPU = Runtime(torch.device("cpu"))
 
 
 def _tiny_student(num_classes: int = 10, distilled: bool = False, seed: int = 0):
     torch.manual_seed(seed)
-    return create_student(distilled=distilled, num_classes=num_classes, img_size=28, in_chans=1,
-                          patch_size=7, embed_dim=32, depth=2, num_heads=2, drop_path_rate=0.1)
+    return create_student(
+        distilled=distilled,
+        num_classes=num_classes,
+        img_size=28,
+        in_chans=1,
+        patch_size=7,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        drop_path_rate=0.1,
+    )
 
 
 def _recipe(smoke_params, **kw) -> TrainCfg:
@@ -44,10 +53,18 @@ def _fit(ds, recipe, ckpt: Path | None, *, stop_after: int | None = None, distil
             raise _Stop  # simulate a kill right after the epoch-k checkpoint was written
 
     loss = DistillationLoss(base_criterion(recipe), None, distill="none", alpha=0.0, tau=1.0)
-    res = fit(model=model, loss_fn=loss, train_batches=train_batches(ds, recipe, img_size=28,
-                                                                      seed=3),
-              recipe=recipe, num_classes=ds.num_classes, seed=3, rt=CPU, checkpoint_path=ckpt,
-              fingerprint="test", on_epoch_end=on_epoch_end)
+    res = fit(
+        model=model,
+        loss_fn=loss,
+        train_batches=train_batches(ds, recipe, img_size=28, seed=3),
+        recipe=recipe,
+        num_classes=ds.num_classes,
+        seed=3,
+        rt=CPU,
+        checkpoint_path=ckpt,
+        fingerprint="test",
+        on_epoch_end=on_epoch_end,
+    )
     return model, res
 
 
@@ -55,8 +72,16 @@ def test_resume_from_epoch_k_ends_with_the_same_weights(fashion_small, smoke_par
     ds = open_dataset(fashion_small)
     # Mixup/CutMix, random erasing, drop-path, warmup and repeated augmentation all draw random
     # numbers: the resumed run must reproduce every one of them.
-    recipe = _recipe(smoke_params, epochs=3, warmup_epochs=1, mixup=0.8, cutmix=1.0,
-                     repeated_aug=3, ema=True, ema_decay=0.9)
+    recipe = _recipe(
+        smoke_params,
+        epochs=3,
+        warmup_epochs=1,
+        mixup=0.8,
+        cutmix=1.0,
+        repeated_aug=3,
+        ema=True,
+        ema_decay=0.9,
+    )
     straight, res_a = _fit(ds, recipe, tmp_path / "a.pth")
     with pytest.raises(_Stop):
         _fit(ds, recipe, tmp_path / "b.pth", stop_after=2)
@@ -71,38 +96,63 @@ def test_resume_from_epoch_k_ends_with_the_same_weights(fashion_small, smoke_par
     assert ckpt["ema"] is not None and ckpt["epoch"] == 2
 
 
-def test_a_checkpoint_of_another_configuration_is_not_resumed(fashion_small, smoke_params,
-                                                              tmp_path):
+def test_a_checkpoint_of_another_configuration_is_not_resumed(
+    fashion_small, smoke_params, tmp_path
+):
     ds = open_dataset(fashion_small)
     recipe = _recipe(smoke_params, epochs=1)
     _fit(ds, recipe, tmp_path / "c.pth")
     model = _tiny_student()
     loss = DistillationLoss(base_criterion(recipe), None, distill="none", alpha=0.0, tau=1.0)
-    res = fit(model=model, loss_fn=loss, train_batches=train_batches(ds, recipe, img_size=28,
-                                                                      seed=3),
-              recipe=recipe, num_classes=10, seed=3, rt=CPU, checkpoint_path=tmp_path / "c.pth",
-              fingerprint="other")
+    res = fit(
+        model=model,
+        loss_fn=loss,
+        train_batches=train_batches(ds, recipe, img_size=28, seed=3),
+        recipe=recipe,
+        num_classes=10,
+        seed=3,
+        rt=CPU,
+        checkpoint_path=tmp_path / "c.pth",
+        fingerprint="other",
+    )
     assert res.resumed_from_epoch is None and len(res.history) == 1
 
 
 def test_one_epoch_on_real_fashion_mnist_is_far_above_chance(fashion_5k, smoke_params, tmp_path):
     light = dataclasses.replace(smoke_params.student.train.aug, scale=(1.0, 1.0), reprob=0.0)
     params = dataclasses.replace(
-        smoke_params, student=dataclasses.replace(
+        smoke_params,
+        student=dataclasses.replace(
             smoke_params.student,
-            model=dataclasses.replace(smoke_params.student.model, img_size=28, patch_size=7,
-                                      embed_dim=64, depth=4, num_heads=2),
-            train=_recipe(smoke_params, batch_size=32, drop_path=0.0, aug=light)))
-    m = run_pretrain(params, data=fashion_5k, teacher=None, out=tmp_path / "out",
-                     run_dir=None, distill="none", dist_token=False, seed=0, rt=CPU)
+            model=dataclasses.replace(
+                smoke_params.student.model,
+                img_size=28,
+                patch_size=7,
+                embed_dim=64,
+                depth=4,
+                num_heads=2,
+            ),
+            train=_recipe(smoke_params, batch_size=32, drop_path=0.0, aug=light),
+        ),
+    )
+    m = run_pretrain(
+        params,
+        data=fashion_5k,
+        teacher=None,
+        out=tmp_path / "out",
+        run_dir=None,
+        distill="none",
+        dist_token=False,
+        seed=0,
+        rt=CPU,
+    )
     assert m["epochs"] == 1
     # 10 classes: chance is 10 %. One epoch of 156 steps reached 56.6 % here (a plain AdamW loop
     # over the same data: 57.3 %); 45 % leaves room for thread-count noise.
     assert m["heads"]["cls"]["top1"] > 45.0, m
 
 
-def test_non_finite_loss_stops_with_step_and_last_checkpoint(fashion_small, smoke_params,
-                                                             tmp_path):
+def test_non_finite_loss_stops_with_step_and_last_checkpoint(fashion_small, smoke_params, tmp_path):
     ds = open_dataset(fashion_small)
     recipe = _recipe(smoke_params, epochs=2)
     model = _tiny_student()
@@ -115,10 +165,17 @@ def test_non_finite_loss_stops_with_step_and_last_checkpoint(fashion_small, smok
         return loss * float("nan") if calls["n"] == 8 else loss  # epoch 2, step 2 (6 steps/epoch)
 
     with pytest.raises(TrainingError) as err:
-        fit(model=model, loss_fn=loss_fn, train_batches=train_batches(ds, recipe, img_size=28,
-                                                                       seed=0),
-            recipe=recipe, num_classes=10, seed=0, rt=CPU, checkpoint_path=tmp_path / "k.pth",
-            fingerprint="x")
+        fit(
+            model=model,
+            loss_fn=loss_fn,
+            train_batches=train_batches(ds, recipe, img_size=28, seed=0),
+            recipe=recipe,
+            num_classes=10,
+            seed=0,
+            rt=CPU,
+            checkpoint_path=tmp_path / "k.pth",
+            fingerprint="x",
+        )
     msg = str(err.value)
     assert "epoch 2 step 2" in msg and str(tmp_path / "k.pth") in msg and "nan" in msg
 
@@ -149,48 +206,94 @@ def test_lr_is_scaled_by_the_global_batch(smoke_params):
 
 
 def test_teacher_then_distilled_student_train_end_to_end(fashion_small, smoke_params, tmp_path):
-    t = run_teacher(smoke_params, data=fashion_small, out=tmp_path / "teacher",
-                    run_dir=tmp_path / "ck", seed=0, rt=CPU)
+    t = run_teacher(
+        smoke_params,
+        data=fashion_small,
+        out=tmp_path / "teacher",
+        run_dir=tmp_path / "ck",
+        seed=0,
+        rt=CPU,
+    )
     assert 0.0 <= t["top1"] <= 100.0 and t["heads"]["cls"]["top5"] >= t["top1"]
     assert t["arch"] == "resnet_small"
     # Table 2's transformer teacher, and a student distilled from it.
-    v = run_teacher(smoke_params, data=fashion_small, out=tmp_path / "teacher_vit",
-                    run_dir=None, seed=0, arch="vit", rt=CPU)
+    v = run_teacher(
+        smoke_params,
+        data=fashion_small,
+        out=tmp_path / "teacher_vit",
+        run_dir=None,
+        seed=0,
+        arch="vit",
+        rt=CPU,
+    )
     assert v["arch"] == "vit" and v["heads"]["cls"]["top5"] >= v["top1"]
-    m = run_pretrain(smoke_params, data=fashion_small, teacher=tmp_path / "teacher_vit",
-                     out=tmp_path / "deit_vit", run_dir=None, distill="soft", dist_token=True,
-                     seed=0, rt=CPU)
+    m = run_pretrain(
+        smoke_params,
+        data=fashion_small,
+        teacher=tmp_path / "teacher_vit",
+        out=tmp_path / "deit_vit",
+        run_dir=None,
+        distill="soft",
+        dist_token=True,
+        seed=0,
+        rt=CPU,
+    )
     assert m["distill"] == "soft" and set(m["heads"]) == {"cls", "dist", "joint"}
-    m = run_pretrain(smoke_params, data=fashion_small, teacher=tmp_path / "teacher",
-                     out=tmp_path / "deit", run_dir=None, distill="hard", dist_token=True,
-                     seed=0, rt=CPU)
+    m = run_pretrain(
+        smoke_params,
+        data=fashion_small,
+        teacher=tmp_path / "teacher",
+        out=tmp_path / "deit",
+        run_dir=None,
+        distill="hard",
+        dist_token=True,
+        seed=0,
+        rt=CPU,
+    )
     assert set(m["heads"]) == {"cls", "dist", "joint"}
     assert m["distill"] == "hard" and m["dist_token"] is True and m["alpha"] == 0.5
     saved = torch.load(tmp_path / "deit" / "model.pt", weights_only=True)
     assert "dist_token" in saved and "head_dist.weight" in saved
 
 
-def test_the_timm_per_image_pipeline_trains_deterministically(fashion_small, smoke_params,
-                                                              tmp_path):
+def test_the_timm_per_image_pipeline_trains_deterministically(
+    fashion_small, smoke_params, tmp_path
+):
     """The paper's ImageNet pipeline (timm create_transform: RandAugment, colour jitter, random
     erasing) + Mixup/CutMix + repeated augmentation + EMA, on grayscale arrays: runs, and twice
     gives the same weights (every random draw is seeded per epoch)."""
-    from deit_repro.batches import timm_train_transform
+    from deit_repro.core.batches import timm_train_transform
     from deit_repro.config import AugCfg
 
-    aug = AugCfg(pipeline="timm", scale=(0.35, 1.0), rand_augment="rand-m9-mstd0.5-inc1",
-                 color_jitter=0.3, reprob=0.25)
+    aug = AugCfg(
+        pipeline="timm",
+        scale=(0.35, 1.0),
+        rand_augment="rand-m9-mstd0.5-inc1",
+        color_jitter=0.3,
+        reprob=0.25,
+    )
     names = repr(timm_train_transform(aug, 20, 1))
     # timm (as the official code) skips colour jitter when RandAugment is on.
     assert "RandAugment(n=2" in names and "RandomErasing(p=0.25, mode=pixel" in names
-    recipe = _recipe(smoke_params, aug=aug, mixup=0.8, cutmix=1.0, repeated_aug=3, ema=True,
-                     ema_decay=0.9)
-    params = dataclasses.replace(smoke_params, student=dataclasses.replace(
-        smoke_params.student, train=recipe))
+    recipe = _recipe(
+        smoke_params, aug=aug, mixup=0.8, cutmix=1.0, repeated_aug=3, ema=True, ema_decay=0.9
+    )
+    params = dataclasses.replace(
+        smoke_params, student=dataclasses.replace(smoke_params.student, train=recipe)
+    )
     weights = []
     for run in ("a", "b"):
-        m = run_pretrain(params, data=fashion_small, teacher=None, out=tmp_path / run,
-                         run_dir=None, distill="none", dist_token=False, seed=0, rt=CPU)
+        m = run_pretrain(
+            params,
+            data=fashion_small,
+            teacher=None,
+            out=tmp_path / run,
+            run_dir=None,
+            distill="none",
+            dist_token=False,
+            seed=0,
+            rt=CPU,
+        )
         assert m["epochs"] == 1 and 0.0 <= m["top1"] <= 100.0
         weights.append(torch.load(tmp_path / run / "model.pt", weights_only=True))
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

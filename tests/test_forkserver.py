@@ -1,4 +1,4 @@
-"""The fork server (issue #7): a served ``deit-repro`` call gives the bytes, exit statuses and
+"""The fork server: a served ``deit-repro`` call gives the bytes, exit statuses and
 streams of an unserved one, signals reach it, a killed caller takes its stage with it, and the
 server keys, switches off and idles out as documented."""
 
@@ -18,7 +18,7 @@ import yaml
 from conftest import FORKSERVER_TAG, SMOKE, smoke_dict
 from workflow_helpers import DEIT, env
 
-from deit_repro import forkserver
+from deit_repro.run import forkserver
 
 
 @pytest.fixture
@@ -35,8 +35,9 @@ def served(monkeypatch):
 
 
 def _calls(log: Path) -> list[tuple[int, str]]:
-    return [(int(pid), what) for pid, what in re.findall(r"^call (\d+): (.*)$",
-                                                         log.read_text(), re.M)]
+    return [
+        (int(pid), what) for pid, what in re.findall(r"^call (\d+): (.*)$", log.read_text(), re.M)
+    ]
 
 
 def _alive(pid: int) -> bool:
@@ -48,32 +49,57 @@ def _alive(pid: int) -> bool:
 
 
 def _teacher(data: Path, out: Path, params: Path = SMOKE) -> list[str]:
-    return [DEIT, "teacher", "--params", str(params), "--arch", "convnet", "--data", str(data),
-            "--out", str(out / "model"), "--run-dir", str(out / "run"),
-            "--metrics", str(out / "metrics.json")]
+    return [
+        DEIT,
+        "teacher",
+        "--params",
+        str(params),
+        "--arch",
+        "convnet",
+        "--data",
+        str(data),
+        "--out",
+        str(out / "model"),
+        "--run-dir",
+        str(out / "run"),
+        "--metrics",
+        str(out / "metrics.json"),
+    ]
 
 
 def _history(out: Path) -> list[list[str]]:
     """history.csv without its one timing column."""
     rows = [line.split(",") for line in (out / "run" / "history.csv").read_text().splitlines()]
     drop = rows[0].index("train_images_per_s")
-    return [row[:drop] + row[drop + 1:] for row in rows]
+    return [row[:drop] + row[drop + 1 :] for row in rows]
 
 
-def test_a_served_call_gives_the_same_bytes_statuses_and_streams(fashion_small, tmp_path,
-                                                                 served):
+def test_a_served_call_gives_the_same_bytes_statuses_and_streams(fashion_small, tmp_path, served):
     e, log = served
     unserved = dict(e, DEIT_REPRO_FORKSERVER="0")
     require = dict(e, DEIT_REPRO_FORKSERVER="require")
 
-    a = subprocess.run(_teacher(fashion_small, tmp_path / "a"), env=unserved, capture_output=True,
-                       text=True, timeout=300)
-    b = subprocess.run(_teacher(fashion_small, tmp_path / "b"), env=require, capture_output=True,
-                       text=True, timeout=300)
+    a = subprocess.run(
+        _teacher(fashion_small, tmp_path / "a"),
+        env=unserved,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    b = subprocess.run(
+        _teacher(fashion_small, tmp_path / "b"),
+        env=require,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
     calls = _calls(log)
-    assert len(calls) == 2 and calls[0][1].startswith("teacher --params") and \
-        calls[1] == (calls[0][0], "X0"), "the second call was not served"
+    assert (
+        len(calls) == 2
+        and calls[0][1].startswith("teacher --params")
+        and calls[1] == (calls[0][0], "X0")
+    ), "the second call was not served"
     for rel in ("model/model.pt", "metrics.json"):
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
     assert _history(tmp_path / "a") == _history(tmp_path / "b")
@@ -81,14 +107,24 @@ def test_a_served_call_gives_the_same_bytes_statuses_and_streams(fashion_small, 
     assert "done in" in b.stderr  # the child's stderr is the caller's
 
     # Errors keep their one line and exit status; argparse's and --help's too.
-    cases = [([DEIT, "teacher", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "x")],
-              2, "not a prepared dataset"),
-             ([DEIT, "teacher", "--arch", "nope", "--data", "d", "--out", "o"], 2,
-              "invalid choice: 'nope'"),
-             ([DEIT, "pretrain", "--help"], 0, "usage: deit-repro pretrain")]
+    cases = [
+        (
+            [DEIT, "teacher", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "x")],
+            2,
+            "not a prepared dataset",
+        ),
+        (
+            [DEIT, "teacher", "--arch", "nope", "--data", "d", "--out", "o"],
+            2,
+            "invalid choice: 'nope'",
+        ),
+        ([DEIT, "pretrain", "--help"], 0, "usage: deit-repro pretrain"),
+    ]
     for argv, code, text in cases:
-        results = [subprocess.run(argv, env=ev, capture_output=True, text=True, timeout=120)
-                   for ev in (unserved, require)]
+        results = [
+            subprocess.run(argv, env=ev, capture_output=True, text=True, timeout=120)
+            for ev in (unserved, require)
+        ]
         for r in results:
             assert r.returncode == code and text in r.stdout + r.stderr, (argv, r)
         assert results[0].stdout == results[1].stdout
@@ -107,9 +143,13 @@ def _long_params(tmp: Path) -> Path:
 
 def _start_long(fashion_small, tmp: Path, e: dict, log: Path) -> tuple[subprocess.Popen, int]:
     before = len(_calls(log)) if log.exists() else 0
-    proc = subprocess.Popen(_teacher(fashion_small, tmp, _long_params(tmp)),
-                            env=dict(e, DEIT_REPRO_FORKSERVER="require"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        _teacher(fashion_small, tmp, _long_params(tmp)),
+        env=dict(e, DEIT_REPRO_FORKSERVER="require"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         new = _calls(log)[before:] if log.exists() else []
@@ -129,8 +169,9 @@ def _gone_within(pid: int, seconds: float) -> bool:
     return False
 
 
-def test_signals_reach_the_served_stage_and_a_killed_caller_takes_it_along(fashion_small,
-                                                                           tmp_path, served):
+def test_signals_reach_the_served_stage_and_a_killed_caller_takes_it_along(
+    fashion_small, tmp_path, served
+):
     e, log = served
     # Ctrl-C: the stage stops the way an unserved one does (one line, status 130).
     proc, child = _start_long(fashion_small, tmp_path / "int", e, log)
@@ -169,7 +210,7 @@ def test_the_server_is_keyed_switched_off_and_idles_out(tmp_path, monkeypatch):
     # Off, or inside a SLURM job: the call runs in the caller, and no server is started.
     for name, value in (("DEIT_REPRO_FORKSERVER", "0"), ("SLURM_JOB_ID", "123")):
         monkeypatch.setenv(name, value)
-        assert forkserver.call(["deit-repro", "--help"]) is None
+        assert forkserver.call(["deit-repro", "--help"], target="deit_repro.run.cli:main") is None
         monkeypatch.delenv(name)
     assert not path.with_suffix(".log").exists()
 

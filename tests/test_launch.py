@@ -1,6 +1,6 @@
 """The submitit launcher on this machine (`launch.launcher: local`), no cluster needed: DDP over
 2 gloo processes computes what one process computes, and a job's error comes back as the
-stage's one-line error (issue #4). The SLURM side is tests/test_slurm.py."""
+stage's one-line error. The SLURM side is tests/test_slurm.py."""
 
 from __future__ import annotations
 
@@ -36,9 +36,24 @@ def workdir(tmp_path_factory, fashion_small):
 
 
 def _pretrain(name: str, launcher: str, teacher: str = "teacher") -> list[str]:
-    return [DEIT, "pretrain", "--data", "data", "--teacher", teacher, "--distill", "soft",
-            "--seed", "0", "--out", f"models/{name}", "--run-dir", f"runs/{name}",
-            "--launcher", launcher]
+    return [
+        DEIT,
+        "pretrain",
+        "--data",
+        "data",
+        "--teacher",
+        teacher,
+        "--distill",
+        "soft",
+        "--seed",
+        "0",
+        "--out",
+        f"models/{name}",
+        "--run-dir",
+        f"runs/{name}",
+        "--launcher",
+        launcher,
+    ]
 
 
 def _history(path: Path) -> list[dict[str, float]]:
@@ -62,8 +77,14 @@ def test_local_submitit_ddp_matches_one_process(workdir):
 
 
 def test_an_error_inside_a_job_is_the_stages_one_line_error(workdir):
-    proc = subprocess.run(_pretrain("bad", "local", teacher="no/such/teacher"), cwd=workdir,
-                          env=env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        _pretrain("bad", "local", teacher="no/such/teacher"),
+        cwd=workdir,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("deit-repro pretrain: error: seed 0: ") and "no/such/teacher" in last
@@ -72,8 +93,7 @@ def test_an_error_inside_a_job_is_the_stages_one_line_error(workdir):
 
 def test_a_submitit_launcher_needs_a_run_dir(workdir):
     cmd = _pretrain("norun", "local")
-    cmd = cmd[:cmd.index("--run-dir")] + cmd[cmd.index("--run-dir") + 2:]
-    proc = subprocess.run(cmd, cwd=workdir, env=env(), capture_output=True, text=True,
-                          timeout=120)
+    cmd = cmd[: cmd.index("--run-dir")] + cmd[cmd.index("--run-dir") + 2 :]
+    proc = subprocess.run(cmd, cwd=workdir, env=env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "launcher 'local' needs --run-dir" in proc.stderr

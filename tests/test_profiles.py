@@ -8,7 +8,7 @@ import yaml
 
 from conftest import ROOT
 from deit_repro.config import load_params
-from deit_repro.runs import student_kwargs
+from deit_repro.core.model_dirs import student_kwargs
 
 PROFILES = ROOT / "profiles"
 
@@ -21,7 +21,8 @@ def test_every_profile_loads(name):
 
 def test_the_default_params_are_the_fashion_profile():
     assert yaml.safe_load((ROOT / "params.yaml").read_text()) == yaml.safe_load(
-        (PROFILES / "fashion.yaml").read_text())
+        (PROFILES / "fashion.yaml").read_text()
+    )
 
 
 def test_imagenet_profile_is_table9():
@@ -49,14 +50,27 @@ def test_imagenet_profile_is_table9():
     assert t.aug.reprob == float(paper["Erasing prob."]) == 0.25
     assert t.aug.pipeline == "timm" and t.aug.interpolation == "bicubic"
     # Table 1 / §5.2: DeiT-B students at 224, the RegNetY-16GF teacher, 384 fine-tuning.
-    assert student_kwargs(p.student.model, distilled=True, num_classes=1000,
-                          in_chans=3)["name"] == "deit_base_distilled_patch16_224"
-    assert student_kwargs(p.student.model, distilled=False, num_classes=1000,
-                          in_chans=3)["name"] == "deit_base_patch16_224"
+    assert (
+        student_kwargs(p.student.model, distilled=True, num_classes=1000, in_chans=3)["name"]
+        == "deit_base_distilled_patch16_224"
+    )
+    assert (
+        student_kwargs(p.student.model, distilled=False, num_classes=1000, in_chans=3)["name"]
+        == "deit_base_patch16_224"
+    )
     assert p.teacher.model.name == "regnety_160" and p.teacher.weights is not None
     assert p.finetune.img_size == 384 and p.finetune.interpolation == "bicubic"
     assert (p.distillation.hard.alpha, p.distillation.soft.alpha, p.distillation.soft.tau) == (
-        0.5, 0.1, 3.0)
-    assert set(p.transfer.datasets) == {"cifar10", "cifar100", "flowers102", "stanford_cars",
-                                        "inat2018", "inat2019"}
+        0.5,
+        0.1,
+        3.0,
+    )
+    assert set(p.transfer.datasets) == {
+        "cifar10",
+        "cifar100",
+        "flowers102",
+        "stanford_cars",
+        "inat2018",
+        "inat2019",
+    }
     assert p.eval.crop_pct == 0.875

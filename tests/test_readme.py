@@ -1,4 +1,4 @@
-"""The README's commands are the ones CI runs (STYLE.md rule 13: they can't drift)."""
+"""The README's commands are the ones CI runs (so they can't drift)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from conftest import ROOT
 def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
-    block = re.search(r"\*\*Install everything and run the tests\*\*\s*```bash\n(.+?)\n```",
-                      readme, re.S)
+    block = re.search(
+        r"\*\*Install everything and run the tests\*\*\s*```bash\n(.+?)\n```", readme, re.S
+    )
     assert block, "README lost its test command block"
     command = block.group(1).strip()
     assert command == "bash scripts/setup.sh && .venv/bin/python -m pytest -q"

@@ -1,4 +1,4 @@
-"""Faults a long run meets (issue #6): `kill -9` of a training stage at a random step under
+"""Faults a long run meets: `kill -9` of a training stage at a random step under
 `dvc repro` and under Snakemake, then the same command again, resumes from the last complete
 checkpoint and ends with exactly the weights and metrics of an uninterrupted run; the same params,
 seed and thread count give the same bytes twice, another seed does not."""
@@ -50,15 +50,24 @@ def reference(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("kill-ref")
     repo = make_repo(tmp / "repo", _params(tmp))
     run([DVC, "repro", TARGET], repo)
-    return {"model": _md5(repo / MODEL), "metrics": (repo / METRICS).read_bytes(),
-            "params": repo / "params.yaml"}
+    return {
+        "model": _md5(repo / MODEL),
+        "metrics": (repo / METRICS).read_bytes(),
+        "params": repo / "params.yaml",
+    }
 
 
 def _kill_mid_training(cmd: list[str], repo: Path, seed: int) -> float:
     """Start ``cmd``; once the stage has written a checkpoint, SIGKILL its whole process group
     (the engine and the training process) after a random delay. Returns the delay."""
-    proc = subprocess.Popen(cmd, cwd=repo, env=env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=repo,
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         t0 = time.time()
         while not (repo / CKPT).exists():
@@ -109,11 +118,27 @@ def test_kill_9_under_snakemake_resumes_to_the_same_result(reference, tmp_path):
 
 
 def test_same_params_seed_and_threads_give_the_same_bytes_and_another_seed_does_not(
-        fashion_small, tmp_path):
+    fashion_small, tmp_path
+):
     def train(name: str, seed: int) -> Path:
         out = tmp_path / name
-        run([DEIT, "pretrain", "--params", str(SMOKE), "--data", str(fashion_small),
-             "--distill", "none", "--seed", str(seed), "--out", str(out)], tmp_path)
+        run(
+            [
+                DEIT,
+                "pretrain",
+                "--params",
+                str(SMOKE),
+                "--data",
+                str(fashion_small),
+                "--distill",
+                "none",
+                "--seed",
+                str(seed),
+                "--out",
+                str(out),
+            ],
+            tmp_path,
+        )
         return out
 
     a, b, c = train("a", 0), train("b", 0), train("c", 1)

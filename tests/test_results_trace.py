@@ -1,4 +1,4 @@
-"""Every number in the committed results/ traces to a metrics file that dvc.lock records (issue #5):
+"""Every number in the committed results/ traces to a metrics file that dvc.lock records:
 each cell's sources (results/provenance.json) resolve, and each source file is an output of a DVC
 stage whose recorded md5 is the file's md5 (so the table is what the pipeline made)."""
 
@@ -12,7 +12,7 @@ import yaml
 
 from conftest import ROOT
 from deit_repro.config import load_params
-from deit_repro.tables import resolve, stale, trace
+from deit_repro.reporting.trace import resolve, stale, trace
 
 RESULTS = ROOT / "results"
 
@@ -34,8 +34,12 @@ def test_every_result_cell_traces_to_a_locked_metrics_file():
         for (row, col), sources in trace(path).items():
             assert rows[row][col] not in ("", "–"), (name, row, col)
             for src in sources:
-                value = resolve(src, metrics=ROOT / "metrics", reference=ROOT / "reference" /
-                                "paper", params=params)
+                value = resolve(
+                    src,
+                    metrics=ROOT / "metrics",
+                    reference=ROOT / "reference" / "paper",
+                    params=params,
+                )
                 assert value is not None, src
                 file = src.split("#", 1)[0]
                 if file.startswith("metrics/"):

@@ -1,6 +1,5 @@
 """workflow/schemas/params.schema.yaml (what Snakemake validates its config with) is generated from
-the same declarations the Python loader enforces, and both accept and refuse the same params
-(issue #4)."""
+the same declarations the Python loader enforces, and both accept and refuse the same params."""
 
 from __future__ import annotations
 
@@ -31,7 +30,8 @@ def _set(data: dict, dotted: str, value) -> dict:
 
 def test_committed_schema_is_the_generated_one():
     assert _schema() == yaml.safe_load(yaml.safe_dump(params_schema())), (
-        "workflow/schemas/params.schema.yaml is stale: run `deit-repro schema`")
+        "workflow/schemas/params.schema.yaml is stale: run `deit-repro schema`"
+    )
 
 
 @pytest.mark.parametrize("path", PROFILES, ids=lambda p: p.name)
@@ -43,20 +43,37 @@ def test_every_profile_passes_both(path):
 
 # Single-field faults: each must be refused by the loader AND by the schema, at the same key.
 BAD = [
-    ("student.train.epochs", -1), ("teacher.train.epochs", 0), ("student.train.epochs", "ten"),
+    ("student.train.epochs", -1),
+    ("teacher.train.epochs", 0),
+    ("student.train.epochs", "ten"),
     ("student.train.lr_per_512", "5e-4"),  # YAML 1.1 reads this as a string
-    ("student.train.lr_per_512", 0.0), ("threads", 0), ("threads", 1.5), ("seeds", []),
-    ("seeds", [0, "one"]), ("distill", "medium"), ("distillation.hard.alpha", 1.5),
-    ("distillation.soft.alpha", -0.1), ("distillation.soft.tau", 0.0),
-    ("student.train.ema", 1), ("teacher.train.batch_size", True),
-    ("student.train.aug.scale", [0.0, 1.0]), ("student.train.aug.scale", [0.5]),
-    ("student.train.aug.pipeline", "dali"), ("student.train.drop_path", 1.0),
-    ("student.train.repeated_aug", 0), ("eval.crop_pct", 1.5),
-    ("datasets.fashion_mnist.test_fraction", 1.0), ("datasets.fashion_mnist.source", "mnist"),
-    ("datasets.fashion_mnist.train_per_class", 0), ("student.model.patch_size", 0),
-    ("teacher.weights", {"url": "x", "sha256": "XYZ"}), ("throughput.batch_sizes", []),
-    ("launch.launcher", "pbs"), ("launch.pretrain.nodes", 0),
-    ("launch.pretrain.gpus_per_node", -1), ("launch.slurm.additional", {"exclude": 3}),
+    ("student.train.lr_per_512", 0.0),
+    ("threads", 0),
+    ("threads", 1.5),
+    ("seeds", []),
+    ("seeds", [0, "one"]),
+    ("distill", "medium"),
+    ("distillation.hard.alpha", 1.5),
+    ("distillation.soft.alpha", -0.1),
+    ("distillation.soft.tau", 0.0),
+    ("student.train.ema", 1),
+    ("teacher.train.batch_size", True),
+    ("student.train.aug.scale", [0.0, 1.0]),
+    ("student.train.aug.scale", [0.5]),
+    ("student.train.aug.pipeline", "dali"),
+    ("student.train.drop_path", 1.0),
+    ("student.train.repeated_aug", 0),
+    ("eval.crop_pct", 1.5),
+    ("datasets.fashion_mnist.test_fraction", 1.0),
+    ("datasets.fashion_mnist.source", "mnist"),
+    ("datasets.fashion_mnist.train_per_class", 0),
+    ("student.model.patch_size", 0),
+    ("teacher.weights", {"url": "x", "sha256": "XYZ"}),
+    ("throughput.batch_sizes", []),
+    ("launch.launcher", "pbs"),
+    ("launch.pretrain.nodes", 0),
+    ("launch.pretrain.gpus_per_node", -1),
+    ("launch.slurm.additional", {"exclude": 3}),
     ("student.train.epohcs", 3),  # unknown key
     ("launch.pretrain.gpus", 8),  # unknown key
 ]
@@ -73,14 +90,19 @@ def test_schema_and_loader_refuse_the_same_value(dotted, value):
     assert errors, f"the schema accepts {dotted}={value!r}, the loader does not"
     paths = {".".join(str(p) for p in e.absolute_path) for e in errors}
     # the error sits at the key (or, for an unknown key / a wrong item, at its parent or item)
-    assert any(p == key or p.startswith(key + ".") or key.startswith(p + ".") and p
-               for p in paths), paths
+    assert any(
+        p == key or p.startswith(key + ".") or key.startswith(p + ".") and p for p in paths
+    ), paths
 
 
 # Checks across fields: only the loader can make them (documented in params_schema()).
-CROSS = [("student.model.patch_size", 6), ("student.model.num_heads", 3),
-         ("student.train.aug.scale", [0.5, 0.2]), ("teacher.dataset", "cifar10"),
-         ("launch.pretrain.tasks_per_node", 3)]
+CROSS = [
+    ("student.model.patch_size", 6),
+    ("student.model.num_heads", 3),
+    ("student.train.aug.scale", [0.5, 0.2]),
+    ("teacher.dataset", "cifar10"),
+    ("launch.pretrain.tasks_per_node", 3),
+]
 
 
 @pytest.mark.parametrize("dotted, value", CROSS, ids=[f"{k}={v!r}" for k, v in CROSS])

@@ -1,11 +1,13 @@
-"""On a real SLURM cluster (scripts/slurm/start-local-slurm.sh; issue #4):
+"""On a real SLURM cluster (scripts/slurm/start-local-slurm.sh):
 
 * a pretrain stage launched through submitit with 2 tasks trains with DDP (gloo) and ends where
   the 1-process run with the same global batch ends;
 * a job preempted (USR2, as SLURM sends before a timeout) or requeued by `scontrol requeue`
   mid-training resumes from its checkpoint and ends with exactly the uninterrupted run's weights;
 * `snakemake --profile slurm` runs the smoke DAG end to end, every stage visible in `sacct`, with
-  the metrics of `dvc repro`.
+  the metrics of `dvc repro`;
+* nothing of all this writes into the checkout the tests run from (a job's default
+  `slurm-<id>.out` lands in the submitter's working directory).
 """
 
 from __future__ import annotations
@@ -22,15 +24,24 @@ import torch
 import yaml
 
 import slurm_cluster as sc
-from conftest import smoke_dict
-from workflow_helpers import (DEIT, SNAKEMAKE, TIMED_STAGES, env, lock_stages, make_repo,
-                              metric_files, run)
+from conftest import ROOT, smoke_dict
+from workflow_helpers import (
+    DEIT,
+    SNAKEMAKE,
+    TIMED_STAGES,
+    env,
+    lock_stages,
+    make_repo,
+    metric_files,
+    run,
+)
 
 pytestmark = pytest.mark.slow
 
 
-def _params(tmp: Path, name: str, *, epochs: int, tasks: int = 1, augment: bool = True,
-            wide: bool = False) -> Path:
+def _params(
+    tmp: Path, name: str, *, epochs: int, tasks: int = 1, augment: bool = True, wide: bool = False
+) -> Path:
     data = smoke_dict()
     if wide:
         # ~0.4 s per epoch: a run outlives SLURM's kill grace (KillWait 5 s + srun's 7 s), in
@@ -43,32 +54,81 @@ def _params(tmp: Path, name: str, *, epochs: int, tasks: int = 1, augment: bool 
         # float summation order (per-rank augmentation draws would differ otherwise).
         train.update(mixup=0.0, cutmix=0.0, drop_path=0.0, repeated_aug=1)
         train["aug"].update(scale=[1.0, 1.0], ratio=[1.0, 1.0], hflip=0.0, reprob=0.0)
-    data["launch"]["pretrain"].update(tasks_per_node=tasks, cpus_per_task=1, mem_gb=2,
-                                      timeout_min=30)
+    data["launch"]["pretrain"].update(
+        tasks_per_node=tasks, cpus_per_task=1, mem_gb=2, timeout_min=30
+    )
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
 
 
+def _checkout_status() -> str:
+    return subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=all"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+
+
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory, slurm):
+def checkout_before():
+    """The checkout's `git status` before the first SLURM test of this module."""
+    return _checkout_status()
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, slurm, checkout_before):
     """Smoke data and a teacher, made by the CLI."""
     from conftest import _need_fashion
 
     _need_fashion()
     root = tmp_path_factory.mktemp("slurm")
     params = _params(root, "base", epochs=1)
-    run([DEIT, "prepare", "--params", str(params), "--dataset", "fashion_mnist", "--out",
-         "data"], root)
-    run([DEIT, "teacher", "--params", str(params), "--data", "data", "--out", "teacher",
-         "--run-dir", "runs/teacher"], root)
+    run(
+        [DEIT, "prepare", "--params", str(params), "--dataset", "fashion_mnist", "--out", "data"],
+        root,
+    )
+    run(
+        [
+            DEIT,
+            "teacher",
+            "--params",
+            str(params),
+            "--data",
+            "data",
+            "--out",
+            "teacher",
+            "--run-dir",
+            "runs/teacher",
+        ],
+        root,
+    )
     return root
 
 
 def _pretrain(root: Path, params: Path, name: str, launcher: str, **popen) -> list[str]:
-    return [DEIT, "pretrain", "--params", str(params), "--data", "data", "--teacher", "teacher",
-            "--distill", "hard", "--seed", "0", "--out", f"models/{name}", "--run-dir",
-            f"runs/{name}", "--launcher", launcher]
+    return [
+        DEIT,
+        "pretrain",
+        "--params",
+        str(params),
+        "--data",
+        "data",
+        "--teacher",
+        "teacher",
+        "--distill",
+        "hard",
+        "--seed",
+        "0",
+        "--out",
+        f"models/{name}",
+        "--run-dir",
+        f"runs/{name}",
+        "--launcher",
+        launcher,
+    ]
 
 
 def _history(root: Path, name: str) -> list[dict[str, float]]:
@@ -92,8 +152,11 @@ def test_ddp_two_tasks_on_slurm_matches_one_process(prepared):
     assert f"slurm job {job} (1 node(s) x 2 task(s)" in out
     run_info = json.loads((root / "runs" / "ddp" / "run.json").read_text())
     assert run_info["world_size"] == 2 and run_info["device"] == "cpu"
-    acct = sc.wait_for("the job in sacct", lambda: [
-        r for r in sc.sacct(job) if r["State"] == "COMPLETED"], timeout=60)
+    acct = sc.wait_for(
+        "the job in sacct",
+        lambda: [r for r in sc.sacct(job) if r["State"] == "COMPLETED"],
+        timeout=60,
+    )
     assert acct[0]["JobName"] == "deit-repro-pretrain-seed0"
     assert sc.scontrol_job(job)["NumTasks"] == "2"
 
@@ -108,8 +171,9 @@ def test_ddp_two_tasks_on_slurm_matches_one_process(prepared):
     w2 = torch.load(root / "models/ddp/model.pt", weights_only=True)
     diff = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
     assert diff < 1e-3, diff
-    print(f"DDP (2 gloo tasks) vs 1 process: max |dw| = {diff:.2e}, "
-          f"{time.time() - t0:.0f} s on SLURM")
+    print(
+        f"DDP (2 gloo tasks) vs 1 process: max |dw| = {diff:.2e}, {time.time() - t0:.0f} s on SLURM"
+    )
 
 
 def _md5(path: Path) -> str:
@@ -125,20 +189,29 @@ def test_interrupted_job_requeues_and_resumes_to_the_same_weights(prepared, inte
     if not (root / "models" / "uninterrupted" / "model.pt").exists():
         run(_pretrain(root, params, "uninterrupted", "in-process"), root)
 
-    proc = subprocess.Popen(_pretrain(root, params, name, "slurm"), cwd=root, env=env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        _pretrain(root, params, name, "slurm"),
+        cwd=root,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
-        job = sc.wait_for("the submitted job", lambda: (root / "runs" / name /
-                                                        "submitit-job.json").exists()
-                          and _job_id(root, name), timeout=120)
+        job = sc.wait_for(
+            "the submitted job",
+            lambda: (root / "runs" / name / "submitit-job.json").exists() and _job_id(root, name),
+            timeout=120,
+        )
         ckpt = root / "runs" / name / "checkpoint.pth"
         sc.wait_for("a first checkpoint", ckpt.exists, timeout=180, every=0.05)
         if interrupt == "usr2":  # what SLURM sends signal_delay_s before a timeout/preemption
             subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30)
         else:
             subprocess.run(["scontrol", "requeue", job], check=True, timeout=30)
-        sc.wait_for("the requeue", lambda: int(sc.scontrol_job(job).get("Restarts", "0")) >= 1,
-                    timeout=120)
+        sc.wait_for(
+            "the requeue", lambda: int(sc.scontrol_job(job).get("Restarts", "0")) >= 1, timeout=120
+        )
         out, _ = proc.communicate(timeout=600)
     finally:
         if proc.poll() is None:
@@ -152,13 +225,17 @@ def test_interrupted_job_requeues_and_resumes_to_the_same_weights(prepared, inte
     assert len(_history(root, name)) == epochs
     # ...to exactly the weights and metrics of the run nobody interrupted.
     assert _md5(root / "models" / name / "model.pt") == _md5(
-        root / "models" / "uninterrupted" / "model.pt")
+        root / "models" / "uninterrupted" / "model.pt"
+    )
     assert (root / "models" / name / "metrics.json").read_bytes() == (
-        root / "models" / "uninterrupted" / "metrics.json").read_bytes()
+        root / "models" / "uninterrupted" / "metrics.json"
+    ).read_bytes()
     assert re.search(r"finished \(world size 1, [1-9]\d* restart", out), out
 
 
-def test_snakemake_slurm_profile_runs_the_smoke_dag(slurm, dvc_reference, tmp_path):
+def test_snakemake_slurm_profile_runs_the_smoke_dag(
+    slurm, dvc_reference, tmp_path, checkout_before
+):
     repo = make_repo(tmp_path / "repo")
     params = yaml.safe_load((repo / "params.yaml").read_text())
     # The training stages submit their own submitit jobs (local rules); the rest are Snakemake's
@@ -168,22 +245,40 @@ def test_snakemake_slurm_profile_runs_the_smoke_dag(slurm, dvc_reference, tmp_pa
     since = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(time.time() - 5))
     out = run([SNAKEMAKE, "--profile", "slurm"], repo, timeout=1500)
     assert "Nothing to be done" not in out
-    jobs = sc.wait_for("finished jobs in sacct", lambda: [
-        r for r in sc.sacct(since=since) if r["State"] == "COMPLETED"], timeout=60)
-    rules = {m.group(1) for r in jobs
-             for m in [re.fullmatch(r"rule_(\w+?)(_wildcards_.*)?", r["Comment"])] if m}
-    assert {"prepare_fashion_mnist", "prepare_digits", "teacher_convnet", "teacher_vit",
-            "evaluate", "throughput", "tables"} <= rules, rules
+    jobs = sc.wait_for(
+        "finished jobs in sacct",
+        lambda: [r for r in sc.sacct(since=since) if r["State"] == "COMPLETED"],
+        timeout=60,
+    )
+    rules = {
+        m.group(1)
+        for r in jobs
+        for m in [re.fullmatch(r"rule_(\w+?)(_wildcards_.*)?", r["Comment"])]
+        if m
+    }
+    assert {
+        "prepare_fashion_mnist",
+        "prepare_digits",
+        "teacher_convnet",
+        "teacher_vit",
+        "evaluate",
+        "throughput",
+        "tables",
+    } <= rules, rules
     assert not rules & {"pretrain_deit", "finetune_bicubic", "transfer_digits_pretrained"}
     names = {r["JobName"] for r in jobs}
-    assert {"deit-repro-pretrain-seed0", "deit-repro-finetune-seed0",
-            "deit-repro-transfer-seed0"} <= names, names
+    assert {
+        "deit-repro-pretrain-seed0",
+        "deit-repro-finetune-seed0",
+        "deit-repro-transfer-seed0",
+    } <= names, names
     # Same results as `dvc repro`, and dvc.lock up to date.
     assert metric_files(repo) == dvc_reference["metrics"]
     lock, ref = lock_stages(repo), dvc_reference["lock"]
     assert {k for k in ref if lock[k] != ref[k]} <= set(TIMED_STAGES)
-    assert "Data and pipelines are up to date" in run([str(Path(SNAKEMAKE).parent / "dvc"),
-                                                       "status"], repo)
+    assert "Data and pipelines are up to date" in run(
+        [str(Path(SNAKEMAKE).parent / "dvc"), "status"], repo
+    )
 
 
 def test_a_killed_stage_waits_for_its_job_instead_of_submitting_another(prepared):
@@ -192,14 +287,22 @@ def test_a_killed_stage_waits_for_its_job_instead_of_submitting_another(prepared
     root = prepared
     params = _params(root, "reattach", epochs=30, wide=True)
     cmd = _pretrain(root, params, "reattach", "slurm")
-    first = subprocess.Popen(cmd, cwd=root, env=env(), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(
+        cmd, cwd=root, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
-        job = sc.wait_for("the submitted job", lambda: (root / "runs/reattach/"
-                                                        "submitit-job.json").exists()
-                          and _job_id(root, "reattach"), timeout=120)
-        sc.wait_for("the job running", lambda: sc.scontrol_job(job).get("JobState") ==
-                    "RUNNING", timeout=120)
+        job = sc.wait_for(
+            "the submitted job",
+            lambda: (
+                (root / "runs/reattach/submitit-job.json").exists() and _job_id(root, "reattach")
+            ),
+            timeout=120,
+        )
+        sc.wait_for(
+            "the job running",
+            lambda: sc.scontrol_job(job).get("JobState") == "RUNNING",
+            timeout=120,
+        )
         first.kill()  # SIGKILL: no chance to cancel its job
         first.wait(timeout=30)
         out = run(cmd, root, timeout=600)
@@ -213,3 +316,9 @@ def test_a_killed_stage_waits_for_its_job_instead_of_submitting_another(prepared
     since = sc.scontrol_job(job)["SubmitTime"]
     names = [r["JobName"] for r in sc.sacct(since=since)]
     assert names.count("deit-repro-pretrain-seed0") == 1, names
+
+
+def test_the_slurm_tests_write_nothing_into_the_checkout(checkout_before):
+    """Runs last in this module: every job, log and Snakemake file stayed in the tests' own
+    directories (a stray `slurm-<id>.out` once landed in the repository root)."""
+    assert _checkout_status() == checkout_before

@@ -1,7 +1,7 @@
-"""The tables stage (issue #5) on a synthetic metrics directory with known numbers.
+"""The tables stage on a synthetic metrics directory with known numbers.
 
-The files are written in exactly the schema of the DAG's metrics (launch.aggregate: every measured
-number is {"mean", "std", "values"} over seeds; evaluate.json's per-seed disagreement in %;
+The files are written in exactly the schema of the DAG's metrics (core.records.aggregate: every
+measured number is {"mean", "std", "values"} over seeds; evaluate.json's per-seed disagreement in %;
 throughput.json's models), so every expected cell below is computed by hand from these numbers.
 """
 
@@ -17,16 +17,20 @@ import pytest
 from PIL import Image
 
 from deit_repro.config import load_params
-from deit_repro.tables import resolve, run_tables, stale, trace, verdict
+from deit_repro.reporting.claims import verdict
+from deit_repro.reporting.report import run_tables
+from deit_repro.reporting.trace import resolve, stale, trace
 
 ROOT = Path(__file__).resolve().parents[1]
 EVAL = {"crop_pct": 1.0, "interpolation": "bicubic", "split": "test", "weights": "raw (not EMA)"}
 
 
 def stat(*values: float) -> dict:
-    return {"mean": round(statistics.fmean(values), 6),
-            "std": round(statistics.stdev(values), 6) if len(values) > 1 else 0.0,
-            "values": list(values)}
+    return {
+        "mean": round(statistics.fmean(values), 6),
+        "std": round(statistics.stdev(values), 6) if len(values) > 1 else 0.0,
+        "values": list(values),
+    }
 
 
 def heads(**top1: tuple[float, ...]) -> dict:
@@ -35,10 +39,17 @@ def heads(**top1: tuple[float, ...]) -> dict:
 
 def model_json(img_size: int, seeds: list[int], extra: dict, **top1: tuple[float, ...]) -> dict:
     hs = heads(**top1)
-    return {**extra, "epochs": 20, "eval": dict(EVAL, img_size=img_size), "heads": hs,
-            "n": len(seeds), "role": extra.get("role", "student"), "seeds": seeds,
-            "top1": hs.get("joint", hs["cls"])["top1"],
-            "train_loss": stat(*(1.0 for _ in seeds))}
+    return {
+        **extra,
+        "epochs": 20,
+        "eval": dict(EVAL, img_size=img_size),
+        "heads": hs,
+        "n": len(seeds),
+        "role": extra.get("role", "student"),
+        "seeds": seeds,
+        "top1": hs.get("joint", hs["cls"])["top1"],
+        "train_loss": stat(*(1.0 for _ in seeds)),
+    }
 
 
 def write(path: Path, obj: dict) -> None:
@@ -51,40 +62,58 @@ STUDENT = {"alpha": 0.5, "dist_token": False, "distill": "none", "tau": 1.0}
 #: per-seed predicted disagreement in % (seed 0, seed 1), symmetric; the diagonal is 0
 DISAGREE = {
     ("ground_truth", "teacher"): (17.0, 17.0),
-    ("ground_truth", "none"): (29.4, 29.4), ("ground_truth", "deit/cls"): (30.8, 31.0),
-    ("ground_truth", "deit/dist"): (26.6, 27.4), ("ground_truth", "deit/joint"): (27.6, 27.6),
-    ("teacher", "none"): (24.0, 24.2), ("teacher", "deit/cls"): (24.6, 24.8),
-    ("teacher", "deit/dist"): (20.0, 20.8), ("teacher", "deit/joint"): (21.0, 21.13),
-    ("none", "deit/cls"): (12.6, 13.0), ("none", "deit/dist"): (14.6, 15.2),
-    ("none", "deit/joint"): (12.6, 13.4), ("deit/cls", "deit/dist"): (11.8, 12.0),
-    ("deit/cls", "deit/joint"): (7.6, 7.8), ("deit/dist", "deit/joint"): (4.4, 4.4),
+    ("ground_truth", "none"): (29.4, 29.4),
+    ("ground_truth", "deit/cls"): (30.8, 31.0),
+    ("ground_truth", "deit/dist"): (26.6, 27.4),
+    ("ground_truth", "deit/joint"): (27.6, 27.6),
+    ("teacher", "none"): (24.0, 24.2),
+    ("teacher", "deit/cls"): (24.6, 24.8),
+    ("teacher", "deit/dist"): (20.0, 20.8),
+    ("teacher", "deit/joint"): (21.0, 21.13),
+    ("none", "deit/cls"): (12.6, 13.0),
+    ("none", "deit/dist"): (14.6, 15.2),
+    ("none", "deit/joint"): (12.6, 13.4),
+    ("deit/cls", "deit/dist"): (11.8, 12.0),
+    ("deit/cls", "deit/joint"): (7.6, 7.8),
+    ("deit/dist", "deit/joint"): (4.4, 4.4),
 }
 
 
 def synthetic_metrics(root: Path, *, vit_teacher: bool = False) -> Path:
     """A metrics/ directory of the fashion profile (seeds 0, 1) with hand-picked numbers."""
     m = root / "metrics"
-    write(m / "teacher.json", model_json(16, [0], {"arch": "resnet_small", "role": "teacher"},
-                                         cls=(83.0,)))
+    write(
+        m / "teacher.json",
+        model_json(16, [0], {"arch": "resnet_small", "role": "teacher"}, cls=(83.0,)),
+    )
     write(m / "pretrain/none.json", model_json(16, [0, 1], STUDENT, cls=(71.8, 72.2)))
-    write(m / "pretrain/soft.json", model_json(16, [0, 1], dict(STUDENT, distill="soft",
-                                                                alpha=0.1, tau=3.0),
-                                               cls=(72.0, 72.2)))
-    write(m / "pretrain/hard.json", model_json(16, [0, 1], dict(STUDENT, distill="hard"),
-                                               cls=(75.0, 75.2)))
+    write(
+        m / "pretrain/soft.json",
+        model_json(16, [0, 1], dict(STUDENT, distill="soft", alpha=0.1, tau=3.0), cls=(72.0, 72.2)),
+    )
+    write(
+        m / "pretrain/hard.json",
+        model_json(16, [0, 1], dict(STUDENT, distill="hard"), cls=(75.0, 75.2)),
+    )
     deit = dict(STUDENT, distill="hard", dist_token=True)
-    write(m / "pretrain/deit.json", model_json(16, [0, 1], deit, cls=(69.0, 69.2),
-                                               dist=(73.4, 72.5), joint=(72.41, 72.37)))
+    write(
+        m / "pretrain/deit.json",
+        model_json(16, [0, 1], deit, cls=(69.0, 69.2), dist=(73.4, 72.5), joint=(72.41, 72.37)),
+    )
     if vit_teacher:
-        write(m / "teacher_vit.json", model_json(16, [0], {"arch": "vit", "role": "teacher"},
-                                                 cls=(78.0,)))
-        write(m / "pretrain/deit_vit_teacher.json",
-              model_json(16, [0, 1], deit, cls=(68.0, 68.2), dist=(70.0, 70.2),
-                         joint=(70.39, 70.37)))
+        write(
+            m / "teacher_vit.json",
+            model_json(16, [0], {"arch": "vit", "role": "teacher"}, cls=(78.0,)),
+        )
+        write(
+            m / "pretrain/deit_vit_teacher.json",
+            model_json(16, [0, 1], deit, cls=(68.0, 68.2), dist=(70.0, 70.2), joint=(70.39, 70.37)),
+        )
     # Figure 3: test accuracy every 5 epochs; the gap deit − none grows from 1.0 to 2.0
     for name, cols, base in (("none", ("cls",), 0.0), ("deit", ("cls", "dist", "joint"), 1.0)):
-        rows = ["seed,epoch,lr,train_loss," + ",".join(f"test_{h}_top1,test_{h}_top5"
-                                                       for h in cols)]
+        rows = [
+            "seed,epoch,lr,train_loss," + ",".join(f"test_{h}_top1,test_{h}_top5" for h in cols)
+        ]
         for seed in (0, 1):
             for epoch in range(1, 11):
                 acc = ""
@@ -96,43 +125,89 @@ def synthetic_metrics(root: Path, *, vit_teacher: bool = False) -> Path:
                 rows.append(f"{seed},{epoch},0.001,1.5,{acc}")
         (m / f"pretrain/{name}_history.csv").write_text("\n".join(rows) + "\n")
     for run, px, interp, before, after in (
-            ("control", 16, "bicubic", (72.41, 72.37), (75.46, 75.69)),
-            ("bicubic", 28, "bicubic", (56.8, 50.81), (76.28, 77.01)),
-            ("bilinear", 28, "bilinear", (53.93, 47.37), (76.05, 76.82))):
-        f = model_json(px, [0, 1], dict(deit, from_img_size=16, interpolation=interp),
-                       cls=after, dist=after, joint=after)
+        ("control", 16, "bicubic", (72.41, 72.37), (75.46, 75.69)),
+        ("bicubic", 28, "bicubic", (56.8, 50.81), (76.28, 77.01)),
+        ("bilinear", 28, "bilinear", (53.93, 47.37), (76.05, 76.82)),
+    ):
+        f = model_json(
+            px,
+            [0, 1],
+            dict(deit, from_img_size=16, interpolation=interp),
+            cls=after,
+            dist=after,
+            joint=after,
+        )
         f["epochs"] = 3
-        f["before_finetune"] = {f"test_{h}_{k}": stat(*(before if k == "top1" else (95.0, 95.0)))
-                                for h in ("cls", "dist", "joint") for k in ("top1", "top5")}
+        f["before_finetune"] = {
+            f"test_{h}_{k}": stat(*(before if k == "top1" else (95.0, 95.0)))
+            for h in ("cls", "dist", "joint")
+            for k in ("top1", "top5")
+        }
         write(m / f"finetune/{run}.json", f)
     for init, acc in (("pretrained", (88.61, 91.95)), ("scratch", (56.66, 58.06))):
-        write(m / f"transfer/digits-{init}.json",
-              model_json(16, [0, 1], {"init": init, "role": "student",
-                                      "pretrained_from": None}, **(
-                  {"cls": acc, "dist": acc, "joint": acc} if init == "pretrained" else
-                  {"cls": acc})))
+        write(
+            m / f"transfer/digits-{init}.json",
+            model_json(
+                16,
+                [0, 1],
+                {"init": init, "role": "student", "pretrained_from": None},
+                **(
+                    {"cls": acc, "dist": acc, "joint": acc}
+                    if init == "pretrained"
+                    else {"cls": acc}
+                ),
+            ),
+        )
     names = ["ground_truth", "teacher", "none", "deit/cls", "deit/dist", "deit/joint"]
     per_pair = {**DISAGREE, **{(b, a): v for (a, b), v in DISAGREE.items()}}
-    write(m / "evaluate.json", {
-        "classifiers": names, "dataset": {"content_hash": "0" * 64, "path": "data/x",
-                                          "test_images": 10000},
-        "eval": EVAL, "n": 2, "seeds": [0, 1],
-        "models": {"none": {"heads": heads(cls=(71.8, 72.2)), "img_size": 16, "params": 202954,
-                            "top1": stat(71.8, 72.2)}},
-        "disagreement": {a: {b: stat(*per_pair.get((a, b), (0.0, 0.0))) for b in names}
-                         for a in names}})
-    entry = {"batch_size": 1024, "device": "cpu", "dtype": "float32", "repeats": 5,
-             "threads": 1, "images_per_s_std": 100.0}
-    write(m / "throughput.json", {
-        "hardware": {"cpu_count": 2, "cuda": False, "machine": "x86_64", "processor": None,
-                     "torch_threads": 1},
-        "models": {"teacher": dict(entry, images_per_s=28000.4, img_size=16, params=77754),
-                   "deit": dict(entry, images_per_s=5575.8, img_size=16, params=202954),
-                   "deit_distilled": dict(entry, images_per_s=5500.2, img_size=16,
-                                          params=203732),
-                   "deit_distilled_28": dict(entry, images_per_s=1328.9, img_size=28,
-                                             params=205844)},
-        "versions": {"torch": "x"}})
+    write(
+        m / "evaluate.json",
+        {
+            "classifiers": names,
+            "dataset": {"content_hash": "0" * 64, "path": "data/x", "test_images": 10000},
+            "eval": EVAL,
+            "n": 2,
+            "seeds": [0, 1],
+            "models": {
+                "none": {
+                    "heads": heads(cls=(71.8, 72.2)),
+                    "img_size": 16,
+                    "params": 202954,
+                    "top1": stat(71.8, 72.2),
+                }
+            },
+            "disagreement": {
+                a: {b: stat(*per_pair.get((a, b), (0.0, 0.0))) for b in names} for a in names
+            },
+        },
+    )
+    entry = {
+        "batch_size": 1024,
+        "device": "cpu",
+        "dtype": "float32",
+        "repeats": 5,
+        "threads": 1,
+        "images_per_s_std": 100.0,
+    }
+    write(
+        m / "throughput.json",
+        {
+            "hardware": {
+                "cpu_count": 2,
+                "cuda": False,
+                "machine": "x86_64",
+                "processor": None,
+                "torch_threads": 1,
+            },
+            "models": {
+                "teacher": dict(entry, images_per_s=28000.4, img_size=16, params=77754),
+                "deit": dict(entry, images_per_s=5575.8, img_size=16, params=202954),
+                "deit_distilled": dict(entry, images_per_s=5500.2, img_size=16, params=203732),
+                "deit_distilled_28": dict(entry, images_per_s=1328.9, img_size=28, params=205844),
+            },
+            "versions": {"torch": "x"},
+        },
+    )
     return m
 
 
@@ -164,23 +239,33 @@ def test_table3_cells(results):
     _, out = results
     rows = read_csv(out / "table3_distillation.csv")
     joint = row(rows, "method", "DeiT⚗: class+distillation")
-    assert joint["top-1 @16px"] == "72.39 ± 0.03"          # [72.41, 72.37]
+    assert joint["top-1 @16px"] == "72.39 ± 0.03"  # [72.41, 72.37]
     assert joint["top-1 ↑28px (fine-tuned)"] == "76.64 ± 0.52"
     assert joint["per seed"] == "72.41 / 72.37"
     assert joint["paper DeiT-B"] == "83.4" and joint["paper DeiT-Ti"] == "74.5"
     assert joint["paper source"] == "ARXIV_V2_PDFTEXT+ARXIV_V2_MD+ICML2021_MD"
     none = row(rows, "method", "DeiT - no distillation")
     assert (none["top-1 @16px"], none["teacher supervision"], none["dist. token"]) == (
-        "72.00 ± 0.28", "none", "no")
+        "72.00 ± 0.28",
+        "none",
+        "no",
+    )
     assert none["top-1 ↑28px (fine-tuned)"] == "–"
-    assert "| DeiT⚗: class+distillation | hard | yes | 72.39 ± 0.03 |" in (
-        out / "table3_distillation.md").read_text()
+    assert (
+        "| DeiT⚗: class+distillation | hard | yes | 72.39 ± 0.03 |"
+        in (out / "table3_distillation.md").read_text()
+    )
 
 
 def test_captions_state_profile_seeds_and_eval(results):
     _, out = results
-    for name in ("table1_variants", "table3_distillation", "table4_disagreement",
-                 "table10_finetune_resolution", "figure3_epochs"):
+    for name in (
+        "table1_variants",
+        "table3_distillation",
+        "table4_disagreement",
+        "table10_finetune_resolution",
+        "figure3_epochs",
+    ):
         md = (out / f"{name}.md").read_text()
         assert "profile `fashion`" in md and "seeds [0, 1]" in md, name
         assert "crop_pct=1.0, bicubic" in md, name
@@ -190,8 +275,9 @@ def test_captions_state_profile_seeds_and_eval(results):
     tex = (out / "table3_distillation.tex").read_text()
     assert r"\begin{tabular}{" in tex and r"\caption{Table 3 analogue" in tex
     assert r"72.39 $\pm$ 0.03" in tex and r"DeiT\alembic{}: class+distillation" in tex
-    body = [line for line in tex.splitlines() if not line.startswith("%")
-            and not line.endswith("{%")]
+    body = [
+        line for line in tex.splitlines() if not line.startswith("%") and not line.endswith("{%")
+    ]
     text = [re.sub(r"(?<!\\)\$[^$]*(?<!\\)\$", "", line) for line in body]  # drop math
     assert not [line for line in text if re.search(r"(?<!\\)[_%#$]", line)]
 
@@ -200,19 +286,19 @@ def test_table4_disagreement_is_a_fraction(results):
     _, out = results
     rows = read_csv(out / "table4_disagreement.csv")
     teacher = row(rows, "classifier", "teacher")
-    assert teacher["DeiT⚗ class+distil."] == "0.211 ± 0.001"    # [21.0, 21.13] %
+    assert teacher["DeiT⚗ class+distil."] == "0.211 ± 0.001"  # [21.0, 21.13] %
     assert teacher["DeiT (no distillation)"] == "0.241 ± 0.001"  # [24.0, 24.2] %
     assert teacher["teacher"] == "0.000 ± 0.000"
     assert teacher["paper: DeiT⚗ class+distil."] == "0.102"
     assert teacher["paper: DeiT (no distillation)"] == "0.133"
     gt = row(rows, "classifier", "ground truth")
-    assert gt["DeiT⚗ distil. only"] == "0.270 ± 0.006"          # [26.6, 27.4] %
+    assert gt["DeiT⚗ distil. only"] == "0.270 ± 0.006"  # [26.6, 27.4] %
 
 
 def test_other_tables(results):
     _, out = results
     t1 = read_csv(out / "table1_variants.csv")
-    assert [r["embedding dim"] for r in t1] == ["64"] * 3      # fashion: custom 64-dim ViT
+    assert [r["embedding dim"] for r in t1] == ["64"] * 3  # fashion: custom 64-dim ViT
     assert [r["images/s"] for r in t1] == ["5576", "5500", "1329"]
     assert [r["params"] for r in t1] == ["0.20M", "0.20M", "0.21M"]
     assert t1[0]["paper model"] == "DeiT-Ti" and t1[0]["paper images/s"] == "2536"
@@ -225,7 +311,7 @@ def test_other_tables(results):
     assert t5[3]["paper network"] == "DeiT-B alembic up384" and t5[3]["paper top-1"] == "84.5"
     t7 = row(read_csv(out / "table7_transfer.csv"), "dataset", "digits")
     assert (t7["pretrained (DeiT⚗)"], t7["from scratch"]) == ("90.28 ± 2.36", "57.36 ± 0.99")
-    assert t7["gain"] == "+32.92 ± 1.37"                          # per seed +31.95, +33.89
+    assert t7["gain"] == "+32.92 ± 1.37"  # per seed +31.95, +33.89
     assert t7["paper DeiT-B from scratch"] == "97.5"
     t10 = {r["run"]: r for r in read_csv(out / "table10_finetune_resolution.csv")}
     assert t10["bicubic"]["top-1 right after resampling"] == "53.80 ± 4.24"
@@ -248,21 +334,26 @@ def test_claims_verdicts(results):
         assert len(hits) == 1, prefix
         return hits[0]
 
-    hard = c("hard distillation beats usual")       # 75.0/75.2 vs 72.0/72.2
+    hard = c("hard distillation beats usual")  # 75.0/75.2 vs 72.0/72.2
     assert (hard["verdict"], hard["margin"], hard["seed spread"]) == ("holds", "+3.00", "0.14")
     assert hard["paper"] == "+1.2 (83.0 vs 81.8)"
     soft = c("usual (soft) distillation is at least")  # 72.0/72.2 vs 71.8/72.2
     assert (soft["verdict"], soft["margin"], soft["seed spread"]) == (
-        "weak (within seed spread)", "+0.10", "0.28")
+        "weak (within seed spread)",
+        "+0.10",
+        "0.28",
+    )
     token = c("the distillation token beats hard")  # 72.41/72.37 vs 75.0/75.2
     assert (token["verdict"], token["margin"]) == ("does not hold here", "-2.71")
     agree = c("the distilled student agrees more")  # teacher: none 24.0/24.2, joint 21.0/21.13
     assert (agree["verdict"], agree["margin"], agree["per seed"]) == (
-        "holds", "+0.030", "+0.030 / +0.031")
+        "holds",
+        "+0.030",
+        "+0.030 / +0.031",
+    )
     assert agree["paper"] == "+0.031 (0.133 vs 0.102)"
     assert c("a convnet teacher")["verdict"] == "not run"
-    assert c("pretraining beats training from scratch for transfer to digits")["verdict"] == \
-        "holds"
+    assert c("pretraining beats training from scratch for transfer to digits")["verdict"] == "holds"
     assert c("distillation keeps gaining")["margin"] == "+1.00"
     assert c("fine-tuning at a higher resolution")["verdict"] == "holds"  # 76.6 vs 75.6
     readme = (out / "README.md").read_text()
@@ -286,9 +377,15 @@ def test_vit_teacher_rows_when_present(tmp_path, params):
     run_tables(params, metrics=metrics, out=tmp_path / "results")
     t2 = read_csv(tmp_path / "results" / "table2_teacher.csv")
     assert (t2[1]["teacher"], t2[1]["teacher top-1"], t2[1]["student top-1 @16px"]) == (
-        "transformer (vit)", "78.00", "70.38 ± 0.01")
-    claim = [r for r in read_csv(tmp_path / "results" / "claims.csv")
-             if r["claim"].startswith("a convnet teacher")][0]
+        "transformer (vit)",
+        "78.00",
+        "70.38 ± 0.01",
+    )
+    claim = [
+        r
+        for r in read_csv(tmp_path / "results" / "claims.csv")
+        if r["claim"].startswith("a convnet teacher")
+    ][0]
     assert (claim["verdict"], claim["margin"]) == ("holds", "+2.01")
 
 
@@ -342,7 +439,8 @@ def test_stale_after_a_metrics_change(tmp_path, params):
     metrics = synthetic_metrics(tmp_path)
     run_tables(params, metrics=metrics, out=tmp_path / "results")
     (metrics / "pretrain" / "hard.json").write_text(
-        (metrics / "pretrain" / "hard.json").read_text().replace("75.2", "75.3"))
+        (metrics / "pretrain" / "hard.json").read_text().replace("75.2", "75.3")
+    )
     assert stale(tmp_path / "results", metrics=metrics) == ["metrics/pretrain/hard.json"]
 
 

@@ -18,14 +18,20 @@ DEIT = str(BIN / "deit-repro")
 
 
 def env() -> dict[str, str]:
-    return dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", DVC_NO_ANALYTICS="1",
-                DEIT_REPRO_LOG="WARNING", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t",
-                GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    return dict(
+        os.environ,
+        PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        DVC_NO_ANALYTICS="1",
+        DEIT_REPRO_LOG="WARNING",
+        GIT_AUTHOR_NAME="t",
+        GIT_AUTHOR_EMAIL="t@t",
+        GIT_COMMITTER_NAME="t",
+        GIT_COMMITTER_EMAIL="t@t",
+    )
 
 
 def run(cmd: list[str], cwd: Path, timeout: int = 900) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout + proc.stderr
 
@@ -37,12 +43,19 @@ def ran_stages(output: str) -> set[str]:
 def copy_project(dst: Path) -> None:
     """The project's files as a clone would have them (tracked + new, minus ignored), without
     the DAG's outputs."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout.split("\0")
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\0")
     for rel in filter(None, files):
         src = ROOT / rel
-        if rel.startswith(("data/", "models/", "metrics/", "results/", "runs/")) or \
-                rel == "dvc.lock":
+        if (
+            rel.startswith(("data/", "models/", "metrics/", "results/", "runs/"))
+            or rel == "dvc.lock"
+        ):
             continue
         if src.is_symlink():
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -75,6 +88,8 @@ TIMED_STAGES = ("throughput", "tables")
 
 
 def metric_files(repo: Path) -> dict[str, bytes]:
-    return {p.relative_to(repo).as_posix(): p.read_bytes()
-            for p in sorted((repo / "metrics").rglob("*")) if p.is_file()
-            and p.relative_to(repo).as_posix() not in TIMED}
+    return {
+        p.relative_to(repo).as_posix(): p.read_bytes()
+        for p in sorted((repo / "metrics").rglob("*"))
+        if p.is_file() and p.relative_to(repo).as_posix() not in TIMED
+    }

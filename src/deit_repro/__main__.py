@@ -1,3 +1,3 @@
-from deit_repro.cli import entry
+from deit_repro.run.cli import entry
 
 entry()

@@ -1,8 +1,8 @@
 """Atomic writes: a reader sees either the old file or the complete new one, never a torn one.
 
-Every output of every stage goes through these helpers (DESIGN.md, reproducibility contract: "no
-half-written output is ever taken for a finished one"). The pattern is the usual one: write to a
-temporary file in the same directory, flush + fsync, then ``os.replace`` onto the target.
+Every output of every stage goes through these helpers, so no half-written output is ever taken for
+a finished one (RELIABILITY.md, "Torn and half-written files"). The pattern is the usual one: write
+to a temporary file in the same directory, flush + fsync, then ``os.replace`` onto the target.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """The one experiment config: ``params.yaml`` loaded once into frozen, typed objects.
 
-Unknown keys, wrong types and out-of-range values are refused with a message that names the key
-(STYLE.md rule 2). Derived values (the effective learning rate) are computed by properties and
-logged, never written back. Cluster settings (partition, GPUs, time) are not here: they belong to
-the launch settings / SLURM profile (STYLE.md rule 3).
+Unknown keys, wrong types and out-of-range values are refused with a message that names the key.
+Derived values (the effective learning rate) are computed by properties and logged, never written
+back. Cluster settings (partition, GPUs, time) are the ``launch`` section, which no stage reads as a
+DVC param: where a run happens does not change what it computes.
 
 Every field is documented by a ``#:`` comment; units are stated where a number has one.
 """
@@ -32,7 +32,7 @@ def _bounded(default: Any = dataclasses.MISSING, *, expect: str, **schema: Any) 
 
     The loader checks them (:func:`_violates`) and :func:`params_schema` writes them into
     ``workflow/schemas/params.schema.yaml``: one declaration, so the Python loader and the schema
-    Snakemake validates with cannot disagree on a range (issue #4). ``expect`` is the phrase of
+    Snakemake validates with cannot disagree on a range. ``expect`` is the phrase of
     the error message. Checks across fields stay in ``__post_init__`` (a schema cannot say them).
     """
     meta = {"schema": schema, "expect": expect}
@@ -51,8 +51,21 @@ _UNIT = dict(expect="in [0, 1]", minimum=0, maximum=1)
 # --------------------------------------------------------------------------------------------------
 
 
-_SOURCES = ("fashion_mnist", "digits", "imagefolder", "cifar10", "cifar100", "flowers102",
-            "stanford_cars", "inat2018", "inat2019")
+#: the dataset sources ``deit_repro.data.sources.load_source`` knows: the contract between
+#: params.yaml's ``datasets.<name>.source`` and the data layer
+SOURCES = (
+    "fashion_mnist",
+    "digits",
+    "imagefolder",
+    "cifar10",
+    "cifar100",
+    "flowers102",
+    "stanford_cars",
+    "inat2018",
+    "inat2019",
+)
+#: what the prepare stage does with an unreadable image of an image tree
+ON_BAD_IMAGE = ("error", "skip")
 
 
 @dataclass(frozen=True)
@@ -61,7 +74,7 @@ class DatasetCfg:
 
     #: fashion_mnist | digits | imagefolder | cifar10 | cifar100 | flowers102 | stanford_cars |
     #: inat2018 | inat2019
-    source: str = _bounded(expect="one of " + str(sorted(_SOURCES)), enum=sorted(_SOURCES))
+    source: str = _bounded(expect="one of " + str(sorted(SOURCES)), enum=sorted(SOURCES))
     #: where the raw data lies (ImageNet's ImageFolder root, torchvision's root); null = the
     #: source's usual place (Fashion-MNIST: the Debian package). `--source-dir` overrides it.
     root: Optional[str] = None
@@ -72,15 +85,13 @@ class DatasetCfg:
     #: resize (shorter side + centre crop, bicubic) when preparing; null = native size
     image_size: Optional[int] = _bounded(None, **_POSITIVE_OR_NULL)
     #: an unreadable image in an image tree: refuse ("error") or skip and count it ("skip")
-    on_bad_image: Literal["error", "skip"] = "error"
+    on_bad_image: Literal[ON_BAD_IMAGE] = "error"
     #: held-out fraction for sources without an official test split (digits)
-    test_fraction: float = _bounded(0.2, expect="in (0, 1)", exclusiveMinimum=0,
-                                    exclusiveMaximum=1)
+    test_fraction: float = _bounded(0.2, expect="in (0, 1)", exclusiveMinimum=0, exclusiveMaximum=1)
     #: seed of the subset / split draw
     seed: int = 0
     #: let torchvision download the data where a network exists
     download: bool = False
-
 
 
 @dataclass(frozen=True)
@@ -105,12 +116,24 @@ class ModelCfg:
 
     def __post_init__(self) -> None:
         if self.name is None and self.arch == "vit":
-            _check(self.img_size % self.patch_size == 0, "patch_size", self.patch_size,
-                   f"a divisor of img_size={self.img_size}")
-            _check(self.embed_dim % self.num_heads == 0, "num_heads", self.num_heads,
-                   f"a divisor of embed_dim={self.embed_dim}")
-        _check(len(self.channels) == len(self.depths), "depths", self.depths,
-               f"one entry per stage of channels={self.channels}")
+            _check(
+                self.img_size % self.patch_size == 0,
+                "patch_size",
+                self.patch_size,
+                f"a divisor of img_size={self.img_size}",
+            )
+            _check(
+                self.embed_dim % self.num_heads == 0,
+                "num_heads",
+                self.num_heads,
+                f"a divisor of embed_dim={self.embed_dim}",
+            )
+        _check(
+            len(self.channels) == len(self.depths),
+            "depths",
+            self.depths,
+            f"one entry per stage of channels={self.channels}",
+        )
 
 
 @dataclass(frozen=True)
@@ -121,10 +144,12 @@ class AugCfg:
     #: "timm": per-image timm create_transform (PIL), the ImageNet path
     pipeline: Literal["tensor", "timm"] = "timm"
     #: random-resized-crop area range
-    scale: tuple[float, float] = _bounded((0.08, 1.0), expect="0 < min <= max <= 1",
-                                          items={"exclusiveMinimum": 0, "maximum": 1})
-    ratio: tuple[float, float] = _bounded((0.75, 4.0 / 3.0), expect="0 < min <= max",
-                                          items={"exclusiveMinimum": 0})
+    scale: tuple[float, float] = _bounded(
+        (0.08, 1.0), expect="0 < min <= max <= 1", items={"exclusiveMinimum": 0, "maximum": 1}
+    )
+    ratio: tuple[float, float] = _bounded(
+        (0.75, 4.0 / 3.0), expect="0 < min <= max", items={"exclusiveMinimum": 0}
+    )
     hflip: float = _bounded(0.5, **_UNIT)
     #: timm RandAugment string (paper: rand-m9-mstd0.5-inc1); null = off; timm pipeline only
     rand_augment: Optional[str] = "rand-m9-mstd0.5-inc1"
@@ -138,9 +163,13 @@ class AugCfg:
         _check(self.scale[0] <= self.scale[1], "scale", self.scale, "0 < min <= max <= 1")
         _check(self.ratio[0] <= self.ratio[1], "ratio", self.ratio, "0 < min <= max")
         if self.pipeline == "tensor":
-            _check(self.rand_augment is None and self.color_jitter == 0.0, "rand_augment",
-                   self.rand_augment, "null with color_jitter 0 for pipeline 'tensor' "
-                   "(RandAugment/colour jitter need the per-image 'timm' pipeline)")
+            _check(
+                self.rand_augment is None and self.color_jitter == 0.0,
+                "rand_augment",
+                self.rand_augment,
+                "null with color_jitter 0 for pipeline 'tensor' "
+                "(RandAugment/colour jitter need the per-image 'timm' pipeline)",
+            )
 
 
 @dataclass(frozen=True)
@@ -172,8 +201,7 @@ class TrainCfg:
     #: repeated augmentation: copies of each image per epoch (paper: 3; 1 = off)
     repeated_aug: int = _bounded(3, expect=">= 1 (1 = off)", minimum=1)
     ema: bool = False
-    ema_decay: float = _bounded(0.99996, expect="in (0, 1)", exclusiveMinimum=0,
-                                exclusiveMaximum=1)
+    ema_decay: float = _bounded(0.99996, expect="in (0, 1)", exclusiveMinimum=0, exclusiveMaximum=1)
     #: mixed precision on CUDA: auto (bf16 where supported) | bf16 | fp16 | off; CPU runs fp32
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     #: evaluate on the test split every n epochs for the accuracy-vs-epoch curve (0 = final only)
@@ -183,8 +211,12 @@ class TrainCfg:
     aug: AugCfg = field(default_factory=AugCfg)
 
     def __post_init__(self) -> None:
-        _check(self.warmup_epochs < self.epochs or self.warmup_epochs == 0, "warmup_epochs",
-               self.warmup_epochs, f"in [0, epochs={self.epochs})")
+        _check(
+            self.warmup_epochs < self.epochs or self.warmup_epochs == 0,
+            "warmup_epochs",
+            self.warmup_epochs,
+            f"in [0, epochs={self.epochs})",
+        )
 
     def effective_lr(self) -> float:
         """The paper's linear scaling rule, lr = lr_per_512 x global batch / 512 (§6)."""
@@ -211,8 +243,9 @@ class WeightsCfg:
     url: str
     #: a full sha256, or (as torch.hub's check_hash) the prefix in a release's file name, e.g.
     #: regnety_160-a5fe301d.pth: at least 8 hex digits
-    sha256: str = _bounded(expect="8 to 64 lowercase hex digits (a sha256 or its prefix)",
-                           pattern="^[0-9a-f]{8,64}$")
+    sha256: str = _bounded(
+        expect="8 to 64 lowercase hex digits (a sha256 or its prefix)", pattern="^[0-9a-f]{8,64}$"
+    )
 
 
 @dataclass(frozen=True)
@@ -295,9 +328,12 @@ class TransferCfg:
 class ThroughputCfg:
     """Inference throughput measured the paper's way (largest batch that fits, mean of repeats)."""
 
-    batch_sizes: tuple[int, ...] = _bounded((1024, 512, 256, 128, 64),
-                                            expect="a non-empty list of positive integers",
-                                            minItems=1, items={"exclusiveMinimum": 0})
+    batch_sizes: tuple[int, ...] = _bounded(
+        (1024, 512, 256, 128, 64),
+        expect="a non-empty list of positive integers",
+        minItems=1,
+        items={"exclusiveMinimum": 0},
+    )
     warmup: int = _bounded(3, expect=">= 0", minimum=0)
     repeats: int = _bounded(10, **_POSITIVE)
 
@@ -318,8 +354,12 @@ class JobResources:
     timeout_min: int = _bounded(60, **_POSITIVE)
 
     def __post_init__(self) -> None:
-        _check(self.gpus_per_node in (0, self.tasks_per_node), "tasks_per_node",
-               self.tasks_per_node, f"gpus_per_node={self.gpus_per_node} (one task per GPU)")
+        _check(
+            self.gpus_per_node in (0, self.tasks_per_node),
+            "tasks_per_node",
+            self.tasks_per_node,
+            f"gpus_per_node={self.gpus_per_node} (one task per GPU)",
+        )
 
     @property
     def world_size(self) -> int:
@@ -361,10 +401,21 @@ class LaunchCfg:
 
     def __post_init__(self) -> None:
         if self.launcher == "local":
-            for stage in ("pretrain", "finetune", "transfer"):
+            for stage in LAUNCHED_STAGES:
                 res = getattr(self, stage)
-                _check(res.nodes == 1, f"{stage}.nodes", res.nodes,
-                       "1 with launcher 'local' (one machine)")
+                _check(
+                    res.nodes == 1,
+                    f"{stage}.nodes",
+                    res.nodes,
+                    "1 with launcher 'local' (one machine)",
+                )
+
+
+#: the stages a submitit launcher runs, one job per seed: those with resources in LaunchCfg (the
+#: teacher trains in one process or is downloaded; evaluate, throughput and tables are cheap)
+LAUNCHED_STAGES = tuple(
+    f.name for f in dataclasses.fields(LaunchCfg) if f.type in (JobResources, "JobResources")
+)
 
 
 @dataclass(frozen=True)
@@ -391,10 +442,20 @@ class Params:
     #: where the training stages run (not a DVC param: see LaunchCfg)
     launch: LaunchCfg = field(default_factory=LaunchCfg)
 
+    def recipe(self, stage: str) -> TrainCfg:
+        """The training recipe of a launched stage."""
+        return {
+            "pretrain": self.student.train,
+            "finetune": self.finetune.train,
+            "transfer": self.transfer.train,
+        }[stage]
+
     def __post_init__(self) -> None:
-        for where, name in (("teacher.dataset", self.teacher.dataset),
-                            ("student.dataset", self.student.dataset),
-                            *(("transfer.datasets", d) for d in self.transfer.datasets)):
+        for where, name in (
+            ("teacher.dataset", self.teacher.dataset),
+            ("student.dataset", self.student.dataset),
+            *(("transfer.datasets", d) for d in self.transfer.datasets),
+        ):
             _check(name in self.datasets, where, name, f"one of datasets: {sorted(self.datasets)}")
 
 
@@ -428,22 +489,31 @@ def _type_name(tp: Any) -> str:
         return "a mapping"
     if dataclasses.is_dataclass(tp):
         return "a mapping"
-    return {type(None): "null", int: "an integer", float: "a number", str: "a string",
-            bool: "true/false"}.get(tp, str(tp))
+    return {
+        type(None): "null",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        bool: "true/false",
+    }.get(tp, str(tp))
 
 
 def _convert(value: Any, tp: Any, key: str) -> Any:
     """Convert a YAML value to ``tp``, or raise ConfigError naming ``key``."""
     origin = typing.get_origin(tp)
-    wrong = ConfigError(f"params key '{key}' = {value!r} has the wrong type (expected "
-                        f"{_type_name(tp)})", "fix its value in params.yaml")
+    wrong = ConfigError(
+        f"params key '{key}' = {value!r} has the wrong type (expected {_type_name(tp)})",
+        "fix its value in params.yaml",
+    )
     if tp is Any:
         return value
     if origin is Literal:
         if value not in typing.get_args(tp):
-            raise ConfigError(f"params key '{key}' = {value!r} is not one of "
-                              f"{', '.join(repr(a) for a in typing.get_args(tp))}",
-                              "fix its value in params.yaml")
+            raise ConfigError(
+                f"params key '{key}' = {value!r} is not one of "
+                f"{', '.join(repr(a) for a in typing.get_args(tp))}",
+                "fix its value in params.yaml",
+            )
         return value
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
@@ -468,8 +538,10 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
         if len(value) != len(args):
-            raise ConfigError(f"params key '{key}' = {value!r} needs exactly {len(args)} values",
-                              "fix its value in params.yaml")
+            raise ConfigError(
+                f"params key '{key}' = {value!r} needs exactly {len(args)} values",
+                "fix its value in params.yaml",
+            )
         return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     if origin is dict:
         if not isinstance(value, dict):
@@ -491,8 +563,10 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, str) and _is_number(value):
             # YAML 1.1 (PyYAML) reads 5e-4 as a string: a float needs a dot, as in 5.0e-4.
-            raise ConfigError(f"params key '{key}' = {value!r} is a string to YAML, not a number",
-                              "write the mantissa with a dot (e.g. 5.0e-4, not 5e-4)")
+            raise ConfigError(
+                f"params key '{key}' = {value!r} is a string to YAML, not a number",
+                "write the mantissa with a dot (e.g. 5.0e-4, not 5e-4)",
+            )
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise wrong
         return float(value)
@@ -511,25 +585,33 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
     unknown = sorted(str(k) for k in data if k not in fields)
     if unknown:
         close = _closest(unknown[0], fields)
-        raise ConfigError(f"unknown params key '{path}{unknown[0]}'",
-                          f"did you mean '{path}{close}'?" if close else
-                          f"valid keys here: {', '.join(sorted(fields))}")
+        raise ConfigError(
+            f"unknown params key '{path}{unknown[0]}'",
+            f"did you mean '{path}{close}'?"
+            if close
+            else f"valid keys here: {', '.join(sorted(fields))}",
+        )
     kwargs = {}
     for name, f in fields.items():
         if name in data:
             kwargs[name] = _convert(data[name], hints[name], path + name)
             spec = f.metadata.get("schema")
             if spec and kwargs[name] is not None and _violates(kwargs[name], spec):
-                raise ConfigError(f"params key '{path}{name}' = {kwargs[name]!r} is out of range "
-                                  f"(expected {f.metadata['expect']})",
-                                  "fix its value in params.yaml")
+                raise ConfigError(
+                    f"params key '{path}{name}' = {kwargs[name]!r} is out of range "
+                    f"(expected {f.metadata['expect']})",
+                    "fix its value in params.yaml",
+                )
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"params key '{path}{name}' is missing", "add it to params.yaml")
     try:
         return cls(**kwargs)
     except _Invalid as err:
-        raise ConfigError(f"params key '{path}{err.key}' = {err.value!r} is out of range "
-                          f"(expected {err.expected})", "fix its value in params.yaml") from None
+        raise ConfigError(
+            f"params key '{path}{err.key}' = {err.value!r} is out of range "
+            f"(expected {err.expected})",
+            "fix its value in params.yaml",
+        ) from None
 
 
 def _violates(value: Any, spec: dict[str, Any]) -> bool:
@@ -550,8 +632,12 @@ def _violates(value: Any, spec: dict[str, Any]) -> bool:
         elif key == "pattern":
             if re.search(bound, value) is None:
                 return True
-        elif not {"minimum": value >= bound, "exclusiveMinimum": value > bound,
-                  "maximum": value <= bound, "exclusiveMaximum": value < bound}[key]:
+        elif not {
+            "minimum": value >= bound,
+            "exclusiveMinimum": value > bound,
+            "maximum": value <= bound,
+            "exclusiveMaximum": value < bound,
+        }[key]:
             return True
     return False
 
@@ -574,25 +660,41 @@ def _type_schema(tp: Any, defs: dict[str, Any]) -> dict[str, Any]:
         args = typing.get_args(tp)
         if len(args) == 2 and args[1] is Ellipsis:
             return {"type": "array", "items": _type_schema(args[0], defs)}
-        return {"type": "array", "prefixItems": [_type_schema(a, defs) for a in args],
-                "minItems": len(args), "maxItems": len(args)}
+        return {
+            "type": "array",
+            "prefixItems": [_type_schema(a, defs) for a in args],
+            "minItems": len(args),
+            "maxItems": len(args),
+        }
     if origin is dict:
-        return {"type": "object",
-                "additionalProperties": _type_schema(typing.get_args(tp)[1], defs)}
+        return {
+            "type": "object",
+            "additionalProperties": _type_schema(typing.get_args(tp)[1], defs),
+        }
     if dataclasses.is_dataclass(tp):
         if tp.__name__ not in defs:
             defs[tp.__name__] = {}  # placeholder: recursion-safe, keeps first-seen order
             defs[tp.__name__] = _dataclass_schema(tp, defs)
         return {"$ref": f"#/$defs/{tp.__name__}"}
-    return {"type": {type(None): "null", int: "integer", float: "number", str: "string",
-                     bool: "boolean"}[tp]}
+    return {
+        "type": {
+            type(None): "null",
+            int: "integer",
+            float: "number",
+            str: "string",
+            bool: "boolean",
+        }[tp]
+    }
 
 
 def _with_bounds(schema: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
     """Attach range keywords to the non-null branch of a type schema."""
     if "anyOf" in schema:
-        return {"anyOf": [b if b.get("type") == "null" else _with_bounds(b, spec)
-                          for b in schema["anyOf"]]}
+        return {
+            "anyOf": [
+                b if b.get("type") == "null" else _with_bounds(b, spec) for b in schema["anyOf"]
+            ]
+        }
     out = dict(schema)
     for key, bound in spec.items():
         if key == "items":
@@ -629,10 +731,14 @@ def params_schema() -> dict[str, Any]:
     names that exist) are the loader's alone: a JSON schema cannot state them."""
     defs: dict[str, Any] = {}
     top = _dataclass_schema(Params, defs)
-    return {"$schema": "https://json-schema.org/draft/2020-12/schema",
-            "$comment": "Generated by `deit-repro schema` from src/deit_repro/config.py; "
-                        "tests/test_schema.py keeps it identical.",
-            "title": "deit-repro params.yaml", **top, "$defs": defs}
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$comment": "Generated by `deit-repro schema` from src/deit_repro/config.py; "
+        "tests/test_schema.py keeps it identical.",
+        "title": "deit-repro params.yaml",
+        **top,
+        "$defs": defs,
+    }
 
 
 def _is_number(text: str) -> bool:
@@ -653,8 +759,10 @@ def _closest(word: str, options) -> str | None:
 def params_from_dict(data: dict) -> Params:
     """Build and validate :class:`Params` from a parsed params.yaml."""
     if not isinstance(data, dict):
-        raise ConfigError("params.yaml must be a mapping at the top level",
-                          "see the project's params.yaml for the layout")
+        raise ConfigError(
+            "params.yaml must be a mapping at the top level",
+            "see the project's params.yaml for the layout",
+        )
     return _build(Params, data)
 
 
@@ -662,18 +770,24 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     """Load params.yaml once into frozen typed objects (a ConfigError names any bad key)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"params file {path} not found",
-                          "run from the repository root or pass --params PATH")
+        raise ConfigError(
+            f"params file {path} not found", "run from the repository root or pass --params PATH"
+        )
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise ConfigError(f"params file {path} is not valid YAML{where} ({err.__class__.__name__}"
-                          f": {str(err).splitlines()[0]})", "fix the YAML syntax") from None
+        raise ConfigError(
+            f"params file {path} is not valid YAML{where} ({err.__class__.__name__}"
+            f": {str(err).splitlines()[0]})",
+            "fix the YAML syntax",
+        ) from None
     if not isinstance(data, dict):
-        raise ConfigError(f"params file {path} is {'empty' if data is None else 'not a mapping'}",
-                          "see profiles/smoke.yaml for the layout")
+        raise ConfigError(
+            f"params file {path} is {'empty' if data is None else 'not a mapping'}",
+            "see profiles/smoke.yaml for the layout",
+        )
     try:
         return params_from_dict(data)
     except ConfigError as err:  # name the file too: --params may point anywhere

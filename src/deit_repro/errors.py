@@ -1,7 +1,7 @@
 """Errors a user can act on.
 
-Library code raises these; the CLI (``deit_repro.cli``) turns them into one line on stderr and a
-non-zero exit code (STYLE.md rule 7: no ``sys.exit`` in library code).
+Library code raises these and never calls ``sys.exit``; the CLI (``deit_repro.run.cli``) turns them
+into one line on stderr and a non-zero exit code.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ class CheckpointError(DeitReproError):
 
 
 class TrainingError(DeitReproError):
-    """Training cannot go on (e.g. a non-finite loss); the message names the last good checkpoint."""
+    """Training cannot go on (e.g. a non-finite loss); the message names the last good
+    checkpoint."""
 
     exit_code = 3

@@ -3,8 +3,9 @@
 Format (http://yann.lecun.com/exdb/mnist/, "FILE FORMATS"): a big-endian 4-byte magic number
 ``0x00 0x00 <dtype> <ndim>``, then ``ndim`` big-endian uint32 dimension sizes, then the payload in
 row-major order. Fashion-MNIST uses dtype ``0x08`` (unsigned byte) only: ``0x00000803`` for images
-``[N, 28, 28]`` and ``0x00000801`` for labels ``[N]``. Used by the prepare stage (DESIGN.md stage 1)
-to read the files of the Debian package ``dataset-fashion-mnist`` without a network.
+``[N, 28, 28]`` and ``0x00000801`` for labels ``[N]``. Used by the prepare stage
+(``deit_repro.stages.prepare``) to read the files of the Debian package ``dataset-fashion-mnist``
+without a network.
 """
 
 from __future__ import annotations
@@ -25,13 +26,16 @@ _logger = logging.getLogger(__name__)
 _UBYTE = 0x08
 _ALLOWED_NDIM = (1, 3)  # labels, images
 _REINSTALL = (
-    "re-download the file or reinstall dataset-fashion-mnist (apt-get install --reinstall dataset-fashion-mnist)"
+    "re-download the file or reinstall dataset-fashion-mnist "
+    "(apt-get install --reinstall dataset-fashion-mnist)"
 )
 
 # Split name in the prepared format -> IDX file stem prefix (MNIST calls its test set "t10k").
 _SPLIT_PREFIX = {"train": "train", "test": "t10k"}
 IDX_NAMES = tuple(
-    f"{prefix}-{kind}" for prefix in _SPLIT_PREFIX.values() for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")
+    f"{prefix}-{kind}"
+    for prefix in _SPLIT_PREFIX.values()
+    for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")
 )
 
 
@@ -46,7 +50,9 @@ def _read_bytes(path: Path) -> bytes:
         raise DataError(f"IDX file not found: {path}", _REINSTALL) from exc
     # BadGzipFile is an OSError; a truncated gzip stream raises EOFError, a corrupt one zlib.error.
     except (OSError, EOFError, zlib.error) as exc:
-        raise DataError(f"corrupt IDX file {path} ({type(exc).__name__}: {exc})", _REINSTALL) from exc
+        raise DataError(
+            f"corrupt IDX file {path} ({type(exc).__name__}: {exc})", _REINSTALL
+        ) from exc
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
@@ -65,7 +71,9 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     path = Path(path)
     data = _read_bytes(path)
     if len(data) < 4:
-        raise DataError(f"corrupt IDX file {path}: {len(data)} bytes, shorter than the header", _REINSTALL)
+        raise DataError(
+            f"corrupt IDX file {path}: {len(data)} bytes, shorter than the header", _REINSTALL
+        )
     zero, dtype, ndim = struct.unpack(">HBB", data[:4])
     if zero != 0 or dtype != _UBYTE or ndim not in _ALLOWED_NDIM:
         raise DataError(
@@ -82,7 +90,8 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     if payload != expected:
         state = "truncated" if payload < expected else "padded"
         raise DataError(
-            f"corrupt IDX file {path}: {state}, payload is {payload} bytes but dims {list(dims)} need {expected}",
+            f"corrupt IDX file {path}: {state}, payload is {payload} bytes "
+            f"but dims {list(dims)} need {expected}",
             _REINSTALL,
         )
     # frombuffer gives a read-only view of `data`; copy so callers own a normal writable array.
@@ -102,8 +111,9 @@ def find_idx_files(directory: str | os.PathLike) -> dict[str, tuple[Path, Path]]
     """Locate the four MNIST-style IDX files in ``directory``.
 
     Args:
-        directory: a folder holding ``train-images-idx3-ubyte[.gz]``, ``train-labels-idx1-ubyte[.gz]``,
-            ``t10k-images-idx3-ubyte[.gz]`` and ``t10k-labels-idx1-ubyte[.gz]``.
+        directory: a folder holding ``train-images-idx3-ubyte[.gz]``,
+            ``train-labels-idx1-ubyte[.gz]``, ``t10k-images-idx3-ubyte[.gz]`` and
+            ``t10k-labels-idx1-ubyte[.gz]``.
 
     Returns:
         ``{"train": (images, labels), "test": (images, labels)}``.
@@ -116,9 +126,11 @@ def find_idx_files(directory: str | os.PathLike) -> dict[str, tuple[Path, Path]]
     missing = [stem for stem, p in found.items() if p is None]
     if missing:
         raise DataError(
-            f"Fashion-MNIST not found at {directory} (need {', '.join(s + '[.gz]' for s in IDX_NAMES)}; "
+            f"Fashion-MNIST not found at {directory} "
+            f"(need {', '.join(s + '[.gz]' for s in IDX_NAMES)}; "
             f"missing {', '.join(missing)})",
-            "install the Debian package dataset-fashion-mnist (apt-get install dataset-fashion-mnist) "
+            "install the Debian package dataset-fashion-mnist "
+            "(apt-get install dataset-fashion-mnist) "
             "or pass --source-dir DIR holding the four IDX files",
         )
     result = {}

@@ -1,12 +1,14 @@
-"""Dataset sources for the prepare stage (DESIGN.md stage 1), each loaded into one ``RawDataset``.
+"""Dataset sources for the prepare stage, each loaded into one ``RawDataset``.
 
-Every source yields the splits ``train`` and ``test``, where ``test`` is the held-out split the paper
-reports on (ImageNet's ``val/``, iNaturalist's ``val{year}.json``, Flowers-102's ``test``), matching the
-train/test sizes of the paper's Table 6 (Flowers-102 train = its ``train`` + ``val``, 2,040 images).
+Every source yields the splits ``train`` and ``test``, where ``test`` is the held-out split the
+paper reports on (ImageNet's ``val/``, iNaturalist's ``val{year}.json``, Flowers-102's ``test``),
+matching the train/test sizes of the paper's Table 6 (Flowers-102 train = its ``train`` + ``val``,
+2,040 images).
 
 Small sources come as in-memory uint8 arrays ``[N, H, W, C]``; large image trees come as file lists
 (absolute paths + labels), decoded later only when the prepare stage is asked for a pre-resized copy
-(``decode_files``). The ``source`` names in ``SOURCES`` are the contract with params.yaml and the CLI.
+(``decode_files``). The ``source`` names are declared once, ``deit_repro.config.SOURCES``: the
+contract with params.yaml and the CLI.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
+from deit_repro.config import ON_BAD_IMAGE, SOURCES
 from deit_repro.data.idx import find_idx_files, read_idx
 from deit_repro.errors import ConfigError, DataError
 
@@ -30,12 +33,20 @@ _logger = logging.getLogger(__name__)
 
 DEBIAN_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 ]  # fmt: skip  (same order and spelling as torchvision.datasets.FashionMNIST.classes)
 _FASHION_COUNTS = {"train": 60000, "test": 10000}
 # Same extensions as torchvision's ImageFolder, so a tree it accepts is accepted here.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-ON_BAD_IMAGE = ("error", "skip")
 # Everything PIL raises on a broken file: UnidentifiedImageError is an OSError, verify() raises
 # SyntaxError on some corrupt PNGs, DecompressionBombError is a plain Exception.
 _PIL_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
@@ -48,7 +59,8 @@ class Split:
 
     Attributes:
         labels: int64 ``[N]`` class indices into ``RawDataset.classes``.
-        images: uint8 ``[N, H, W, C]`` (channels-last, as PIL and the raw formats give them), or None.
+        images: uint8 ``[N, H, W, C]`` (channels-last, as PIL and the raw formats give them), or
+            None.
         files: absolute image paths, one per label, or None.
     """
 
@@ -63,7 +75,9 @@ class Split:
         if len(self.labels) != n:
             raise ValueError(f"{n} samples but {len(self.labels)} labels")
         if self.images is not None and (self.images.dtype != np.uint8 or self.images.ndim != 4):
-            raise ValueError(f"images must be uint8 [N, H, W, C], got {self.images.dtype} {self.images.shape}")
+            raise ValueError(
+                f"images must be uint8 [N, H, W, C], got {self.images.dtype} {self.images.shape}"
+            )
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -108,13 +122,15 @@ def _labels(values: Sequence[int] | np.ndarray) -> np.ndarray:
 
 def _require_dir(root: Path | None, what: str, how: str) -> Path:
     if root is None:
-        raise DataError(f"{what} needs a data directory, none given", f"pass --source-dir DIR; {how}")
+        raise DataError(
+            f"{what} needs a data directory, none given", f"pass --source-dir DIR; {how}"
+        )
     if not Path(root).is_dir():
         raise DataError(f"{what} not found: {root} is not a directory", how)
     return Path(root)
 
 
-# ----------------------------------------------------------------------------- Fashion-MNIST
+# ------------------------------------------------------------------------- Fashion-MNIST
 
 
 def _fashion_dirs(root: Path) -> list[Path]:
@@ -146,16 +162,20 @@ def _find_fashion(root: Path, download: bool) -> dict[str, tuple[Path, Path]]:
     return find_idx_files(root / "FashionMNIST" / "raw")
 
 
-def load_fashion_mnist(root: str | os.PathLike | None = None, *, download: bool = False) -> RawDataset:
+def load_fashion_mnist(
+    root: str | os.PathLike | None = None, *, download: bool = False
+) -> RawDataset:
     """Load Fashion-MNIST from the four IDX files.
 
     Args:
         root: a folder with the four IDX files (raw or ``.gz``) or a torchvision root holding
-            ``FashionMNIST/raw``; default the Debian package's ``/usr/share/datasets/fashion-mnist``.
+            ``FashionMNIST/raw``; default the Debian package's
+            ``/usr/share/datasets/fashion-mnist``.
         download: when the files are missing, fetch them with torchvision into ``root``.
 
     Raises:
-        DataError: the files are missing, corrupt, or not 60,000 + 10,000 28x28 images with labels 0..9.
+        DataError: the files are missing, corrupt, or not 60,000 + 10,000 28x28 images with labels
+            0..9.
     """
     root = Path(root) if root is not None else DEBIAN_FASHION_DIR
     paths = _find_fashion(root, download)
@@ -165,7 +185,8 @@ def load_fashion_mnist(root: str | os.PathLike | None = None, *, download: bool 
         expected = _FASHION_COUNTS[split]
         if images.shape != (expected, 28, 28):
             raise DataError(
-                f"{images_path} holds images of shape {list(images.shape)}, expected [{expected}, 28, 28]",
+                f"{images_path} holds images of shape {list(images.shape)}, "
+                f"expected [{expected}, 28, 28]",
                 "it is not the Fashion-MNIST file; reinstall dataset-fashion-mnist",
             )
         if labels.shape != (expected,) or int(labels.max()) > 9:
@@ -176,10 +197,12 @@ def load_fashion_mnist(root: str | os.PathLike | None = None, *, download: bool 
             )
         splits[split] = Split(labels=_labels(labels), images=images[..., None])
     _logger.info("Fashion-MNIST from %s: %s", root, {k: len(v) for k, v in splits.items()})
-    return RawDataset(name="Fashion-MNIST", source="fashion_mnist", classes=list(FASHION_CLASSES), splits=splits)
+    return RawDataset(
+        name="Fashion-MNIST", source="fashion_mnist", classes=list(FASHION_CLASSES), splits=splits
+    )
 
 
-# ----------------------------------------------------------------------------- scikit-learn digits
+# ------------------------------------------------------------------------- scikit-learn digits
 
 
 def load_digits(*, test_fraction: float = 0.2, seed: int = 0) -> RawDataset:
@@ -196,7 +219,9 @@ def load_digits(*, test_fraction: float = 0.2, seed: int = 0) -> RawDataset:
     from sklearn.model_selection import train_test_split
 
     if not 0.0 < test_fraction < 1.0:
-        raise ConfigError(f"test_fraction = {test_fraction} is out of range", "use a value in (0, 1)")
+        raise ConfigError(
+            f"test_fraction = {test_fraction} is out of range", "use a value in (0, 1)"
+        )
     bunch = sk_load_digits()
     images = np.rint(bunch.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)[..., None]
     labels = _labels(bunch.target)
@@ -212,7 +237,7 @@ def load_digits(*, test_fraction: float = 0.2, seed: int = 0) -> RawDataset:
     return RawDataset(name="digits", source="digits", classes=classes, splits=splits)
 
 
-# ----------------------------------------------------------------------------- image checks / decoding
+# ------------------------------------------------------------------------- image checks / decoding
 
 
 def _open_and_verify(path: str) -> str | None:
@@ -227,13 +252,19 @@ def _open_and_verify(path: str) -> str | None:
 def _bad_image_error(path: str, reason: str) -> DataError:
     return DataError(
         f"unreadable image {path} ({reason})",
-        "replace or delete the file, or pass on_bad_image=skip (--on-bad-image skip) to drop it and "
+        "replace or delete the file, or pass on_bad_image=skip (--on-bad-image skip) "
+        "to drop it and "
         "record it in the manifest",
     )
 
 
 def check_images(
-    files: Sequence[str], labels: np.ndarray, *, on_bad_image: str, split: str, skipped: dict[str, list[str]]
+    files: Sequence[str],
+    labels: np.ndarray,
+    *,
+    on_bad_image: str,
+    split: str,
+    skipped: dict[str, list[str]],
 ) -> Split:
     """Open every file with PIL (``verify()``: header and checksums, no full decode).
 
@@ -282,7 +313,8 @@ def resize_shorter_and_crop(img: Image.Image, size: int) -> Image.Image:
 
 
 def resize_arrays(images: np.ndarray, size: int) -> np.ndarray:
-    """Resize uint8 ``[N, H, W, C]`` images with ``resize_shorter_and_crop`` (C = 1 stays grayscale)."""
+    """Resize uint8 ``[N, H, W, C]`` images with ``resize_shorter_and_crop`` (C = 1 stays
+    grayscale)."""
     n, h, w, c = images.shape
     if (h, w) == (size, size):
         return images
@@ -316,8 +348,12 @@ def decode_files(
     """
     out = np.empty((len(split), size, size, 3), dtype=np.uint8)
     keep = []
-    with ThreadPoolExecutor(_IO_WORKERS) as pool:  # PIL releases the GIL while decoding and resizing
-        for i, (path, result) in enumerate(zip(split.files, pool.map(_decode, split.files, [size] * len(split)))):
+    with ThreadPoolExecutor(
+        _IO_WORKERS
+    ) as pool:  # PIL releases the GIL while decoding and resizing
+        for i, (path, result) in enumerate(
+            zip(split.files, pool.map(_decode, split.files, [size] * len(split)))
+        ):
             if isinstance(result, str):
                 if on_bad_image == "error":
                     raise _bad_image_error(path, result)
@@ -330,11 +366,13 @@ def decode_files(
     return Split(labels=split.labels[keep_arr], images=out[: len(keep)])
 
 
-# ----------------------------------------------------------------------------- ImageFolder (ImageNet)
+# ------------------------------------------------------------------------- ImageFolder (ImageNet)
 
 
 def _class_dirs(split_dir: Path) -> list[str]:
-    return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+    return sorted(
+        e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith(".")
+    )
 
 
 def _image_files(class_dir: Path) -> list[str]:
@@ -343,7 +381,9 @@ def _image_files(class_dir: Path) -> list[str]:
     for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
         dirnames.sort()
         found.extend(
-            os.path.abspath(os.path.join(dirpath, f)) for f in sorted(filenames) if f.lower().endswith(IMG_EXTENSIONS)
+            os.path.abspath(os.path.join(dirpath, f))
+            for f in sorted(filenames)
+            if f.lower().endswith(IMG_EXTENSIONS)
         )
     return found
 
@@ -398,12 +438,19 @@ def load_imagefolder(
         for label, cls in enumerate(classes):
             class_files = _image_files(split_dir / cls)
             if not class_files:
-                raise DataError(f"class folder {split_dir / cls} holds no images ({', '.join(IMG_EXTENSIONS)})", how)
+                raise DataError(
+                    f"class folder {split_dir / cls} holds no images ({', '.join(IMG_EXTENSIONS)})",
+                    how,
+                )
             files.extend(class_files)
             labels.extend([label] * len(class_files))
         splits[split] = _file_split(files, labels, verify_images, on_bad_image, split, skipped)
-    _logger.info("ImageFolder %s: %d classes, %s", root, len(classes), {k: len(v) for k, v in splits.items()})
-    return RawDataset(name=name, source="imagefolder", classes=classes, splits=splits, skipped=skipped)
+    _logger.info(
+        "ImageFolder %s: %d classes, %s", root, len(classes), {k: len(v) for k, v in splits.items()}
+    )
+    return RawDataset(
+        name=name, source="imagefolder", classes=classes, splits=splits, skipped=skipped
+    )
 
 
 def _file_split(
@@ -416,18 +463,24 @@ def _file_split(
 ) -> Split:
     files = [os.path.abspath(f) for f in files]
     if verify_images:
-        return check_images(files, _labels(labels), on_bad_image=on_bad_image, split=split, skipped=skipped)
+        return check_images(
+            files, _labels(labels), on_bad_image=on_bad_image, split=split, skipped=skipped
+        )
     return Split(labels=_labels(labels), files=tuple(files))
 
 
-# ----------------------------------------------------------------------------- torchvision datasets
+# ------------------------------------------------------------------------- torchvision datasets
 
 
 def _torchvision(make: Callable[[], object], what: str, root: Path, how: str) -> object:
     """Call a torchvision dataset constructor, turning its missing-file errors into a DataError."""
     try:
         return make()
-    except (RuntimeError, OSError, ValueError) as exc:  # ValueError: StanfordCars' "cannot be downloaded"
+    except (
+        RuntimeError,
+        OSError,
+        ValueError,
+    ) as exc:  # ValueError: StanfordCars' "cannot be downloaded"
         raise DataError(f"{what} not found or corrupt under {root} ({exc})", how) from exc
 
 
@@ -437,16 +490,25 @@ def _load_cifar(root, download: bool, hundred: bool) -> RawDataset:
     name = "CIFAR-100" if hundred else "CIFAR-10"
     folder = "cifar-100-python" if hundred else "cifar-10-batches-py"
     url = f"https://www.cs.toronto.edu/~kriz/{'cifar-100' if hundred else 'cifar-10'}-python.tar.gz"
-    how = f"pass --download where a network exists, or extract {url} into the folder (giving ROOT/{folder})"
+    how = (
+        f"pass --download where a network exists, or extract {url} into the folder "
+        f"(giving ROOT/{folder})"
+    )
     root = _require_dir(None if root is None else Path(root), name, how)
     cls = torchvision.datasets.CIFAR100 if hundred else torchvision.datasets.CIFAR10
     splits, classes = {}, None
     for split, train in (("train", True), ("test", False)):
-        ds = _torchvision(functools.partial(cls, str(root), train=train, download=download), name, root, how)
+        ds = _torchvision(
+            functools.partial(cls, str(root), train=train, download=download), name, root, how
+        )
         # .data is already uint8 [N, 32, 32, 3] (channels-last); no PIL round trip needed.
-        splits[split] = Split(labels=_labels(ds.targets), images=np.ascontiguousarray(ds.data, dtype=np.uint8))
+        splits[split] = Split(
+            labels=_labels(ds.targets), images=np.ascontiguousarray(ds.data, dtype=np.uint8)
+        )
         classes = list(ds.classes)
-    return RawDataset(name=name, source="cifar100" if hundred else "cifar10", classes=classes, splits=splits)
+    return RawDataset(
+        name=name, source="cifar100" if hundred else "cifar10", classes=classes, splits=splits
+    )
 
 
 def load_cifar10(root: str | os.PathLike | None, *, download: bool = False) -> RawDataset:
@@ -470,7 +532,8 @@ def load_cifar100(root: str | os.PathLike | None, *, download: bool = False) -> 
 
 
 def _path_loader(path) -> str:
-    # Passed as the dataset's `loader`: indexing then yields (path, label) without decoding anything.
+    # Passed as the dataset's `loader`: indexing then yields (path, label) without decoding
+    # anything.
     return str(path)
 
 
@@ -480,9 +543,14 @@ def _paths_and_labels(ds) -> tuple[list[str], list[int]]:
 
 
 def load_flowers102(
-    root: str | os.PathLike | None, *, download: bool = False, verify_images: bool = True, on_bad_image: str = "error"
+    root: str | os.PathLike | None,
+    *,
+    download: bool = False,
+    verify_images: bool = True,
+    on_bad_image: str = "error",
 ) -> RawDataset:
-    """List Oxford Flowers-102 through torchvision; ``train`` = its train + val (2,040), ``test`` = 6,149.
+    """List Oxford Flowers-102 through torchvision; ``train`` = its train + val (2,040),
+    ``test`` = 6,149.
 
     Args:
         root: torchvision root holding ``flowers-102``.
@@ -493,14 +561,19 @@ def load_flowers102(
     import torchvision
 
     how = (
-        "pass --download where a network exists, or get https://www.robots.ox.ac.uk/~vgg/data/flowers/102/ "
+        "pass --download where a network exists, "
+        "or get https://www.robots.ox.ac.uk/~vgg/data/flowers/102/ "
         "(102flowers.tgz, imagelabels.mat, setid.mat) into ROOT/flowers-102"
     )
     root = _require_dir(None if root is None else Path(root), "Flowers-102", how)
 
     def split_files(tv_split: str) -> tuple[list[str], list[int]]:
         make = functools.partial(
-            torchvision.datasets.Flowers102, str(root), split=tv_split, download=download, loader=_path_loader
+            torchvision.datasets.Flowers102,
+            str(root),
+            split=tv_split,
+            download=download,
+            loader=_path_loader,
         )
         return _paths_and_labels(_torchvision(make, "Flowers-102", root, how))
 
@@ -509,11 +582,15 @@ def load_flowers102(
     val_f, val_l = split_files("val")
     test_f, test_l = split_files("test")
     splits = {
-        "train": _file_split(train_f + val_f, train_l + val_l, verify_images, on_bad_image, "train", skipped),
+        "train": _file_split(
+            train_f + val_f, train_l + val_l, verify_images, on_bad_image, "train", skipped
+        ),
         "test": _file_split(test_f, test_l, verify_images, on_bad_image, "test", skipped),
     }
     classes = list(torchvision.datasets.Flowers102.classes)
-    return RawDataset(name="Flowers-102", source="flowers102", classes=classes, splits=splits, skipped=skipped)
+    return RawDataset(
+        name="Flowers-102", source="flowers102", classes=classes, splits=splits, skipped=skipped
+    )
 
 
 def load_stanford_cars(
@@ -531,19 +608,29 @@ def load_stanford_cars(
 
     # torchvision's StanfordCars download is gone (the original URL is dead), so no download flag.
     how = (
-        "torchvision can no longer download it (the original URL is dead); get the files from a mirror into "
-        "ROOT/stanford_cars with devkit/, cars_train/, cars_test/ and cars_test_annos_withlabels.mat"
+        "torchvision can no longer download it (the original URL is dead); "
+        "get the files from a mirror into "
+        "ROOT/stanford_cars with devkit/, cars_train/, cars_test/ "
+        "and cars_test_annos_withlabels.mat"
     )
     root = _require_dir(None if root is None else Path(root), "Stanford Cars", how)
     skipped: dict[str, list[str]] = {}
     splits, classes = {}, None
     for split in ("train", "test"):
-        make = functools.partial(torchvision.datasets.StanfordCars, str(root), split=split, loader=_path_loader)
+        make = functools.partial(
+            torchvision.datasets.StanfordCars, str(root), split=split, loader=_path_loader
+        )
         ds = _torchvision(make, "Stanford Cars", root, how)
         files, labels = _paths_and_labels(ds)
         splits[split] = _file_split(files, labels, verify_images, on_bad_image, split, skipped)
         classes = list(ds.classes)
-    return RawDataset(name="Stanford Cars", source="stanford_cars", classes=classes, splits=splits, skipped=skipped)
+    return RawDataset(
+        name="Stanford Cars",
+        source="stanford_cars",
+        classes=classes,
+        splits=splits,
+        skipped=skipped,
+    )
 
 
 def _read_json(path: Path, how: str) -> dict:
@@ -557,15 +644,21 @@ def _read_json(path: Path, how: str) -> dict:
 
 
 def load_inaturalist(
-    root: str | os.PathLike | None, year: int, *, verify_images: bool = True, on_bad_image: str = "error"
+    root: str | os.PathLike | None,
+    year: int,
+    *,
+    verify_images: bool = True,
+    on_bad_image: str = "error",
 ) -> RawDataset:
-    """List iNaturalist 2018 or 2019 from the competition's own ``train{year}.json``/``val{year}.json``.
+    """List iNaturalist 2018 or 2019 from the competition's own
+    ``train{year}.json``/``val{year}.json``.
 
     torchvision's ``INaturalist`` is not used: for 2017-2019 it indexes every image of the
-    ``train_val`` archive with no train/val split, whereas the paper (Table 6) uses the official split
-    (2018: 437,513 / 24,426 images, 8,142 classes; 2019: 265,240 / 3,003, 1,010 classes), as the
-    official DeiT code does (``INatDataset`` in its datasets.py). Classes are the sorted category ids
-    of the train annotations; names come from the JSON's ``categories`` or ``ROOT/categories.json``.
+    ``train_val`` archive with no train/val split, whereas the paper (Table 6) uses the official
+    split (2018: 437,513 / 24,426 images, 8,142 classes; 2019: 265,240 / 3,003, 1,010 classes), as
+    the official DeiT code does (``INatDataset`` in its datasets.py). Classes are the sorted
+    category ids of the train annotations; names come from the JSON's ``categories`` or
+    ``ROOT/categories.json``.
 
     Args:
         root: folder with ``train{year}.json``, ``val{year}.json`` and the extracted images
@@ -585,7 +678,10 @@ def load_inaturalist(
     label_of = {cid: i for i, cid in enumerate(category_ids)}
     names = {int(c["id"]): str(c.get("name", c["id"])) for c in data["train"].get("categories", [])}
     if not names and (root / "categories.json").is_file():
-        names = {int(c["id"]): str(c.get("name", c["id"])) for c in _read_json(root / "categories.json", how)}
+        names = {
+            int(c["id"]): str(c.get("name", c["id"]))
+            for c in _read_json(root / "categories.json", how)
+        }
     classes = [names.get(cid, str(cid)) for cid in category_ids]
     skipped: dict[str, list[str]] = {}
     splits = {}
@@ -596,20 +692,23 @@ def load_inaturalist(
             cid = int(ann["category_id"])
             if cid not in label_of:
                 raise DataError(
-                    f"iNaturalist {year} {split} image {ann['image_id']} has category {cid}, absent from train", how
+                    f"iNaturalist {year} {split} image {ann['image_id']} has category {cid}, "
+                    "absent from train",
+                    how,
                 )
             files.append(str(root / file_of[int(ann["image_id"])]))
             labels.append(label_of[cid])
         splits[split] = _file_split(files, labels, verify_images, on_bad_image, split, skipped)
     return RawDataset(
-        name=f"iNaturalist {year}", source=f"inat{year}", classes=classes, splits=splits, skipped=skipped
+        name=f"iNaturalist {year}",
+        source=f"inat{year}",
+        classes=classes,
+        splits=splits,
+        skipped=skipped,
     )
 
 
-# ----------------------------------------------------------------------------- dispatch
-
-SOURCES = ("fashion_mnist", "digits", "imagefolder", "cifar10", "cifar100", "flowers102", "stanford_cars",
-           "inat2018", "inat2019")  # fmt: skip
+# ------------------------------------------------------------------------- dispatch
 
 
 def load_source(
@@ -626,8 +725,8 @@ def load_source(
 
     Args:
         source: the source key.
-        source_dir: its data directory (``digits`` ignores it; ``fashion_mnist`` defaults to the Debian
-            package's folder).
+        source_dir: its data directory (``digits`` ignores it; ``fashion_mnist`` defaults to the
+            Debian package's folder).
         download: let torchvision fetch missing files (Fashion-MNIST, CIFAR, Flowers-102).
         seed: seed of the digits train/test split.
         test_fraction: digits' held-out share.
@@ -655,5 +754,7 @@ def load_source(
     if source not in loaders:
         raise ConfigError(f"source = {source!r} is not one of {list(SOURCES)}")
     if source == "digits" and source_dir is not None:
-        _logger.warning("source digits ships inside scikit-learn; ignoring source_dir %s", source_dir)
+        _logger.warning(
+            "source digits ships inside scikit-learn; ignoring source_dir %s", source_dir
+        )
     return loaders[source]()

@@ -1,4 +1,4 @@
-"""The on-disk format of a prepared dataset (output of the prepare stage, DESIGN.md stage 1).
+"""The on-disk format of a prepared dataset (output of the prepare stage).
 
 Every later stage reads datasets only through ``load_prepared``; this docstring is the format's
 documentation.
@@ -14,8 +14,9 @@ and for ``kind = "files"`` (large image trees kept as files, decoded by the data
     manifest.json
     <split>_files.csv    header "path,label"; absolute image path, int class index
 
-Splits are ``train`` and ``test`` (``test`` = the split the paper reports on, e.g. ImageNet ``val``).
-The ``.npy`` files are written with ``np.save`` (no pickles), so equal arrays give equal bytes.
+Splits are ``train`` and ``test`` (``test`` = the split the paper reports on, e.g. ImageNet
+``val``). The ``.npy`` files are written with ``np.save`` (no pickles), so equal arrays give equal
+bytes.
 
 ``manifest.json`` (sorted keys, written last into the same atomic directory)::
 
@@ -62,7 +63,17 @@ _logger = logging.getLogger(__name__)
 
 FORMAT = "deit-repro/prepared-v1"
 MANIFEST = "manifest.json"
-_REQUIRED_KEYS = ("format", "name", "source", "kind", "classes", "num_classes", "image_shape", "splits", "content_hash")
+_REQUIRED_KEYS = (
+    "format",
+    "name",
+    "source",
+    "kind",
+    "classes",
+    "num_classes",
+    "image_shape",
+    "splits",
+    "content_hash",
+)
 _RERUN = "re-run `deit-repro prepare` for this dataset"
 
 
@@ -91,7 +102,8 @@ class PreparedSplit:
 
 
 def compute_content_hash(file_hashes: dict[str, str]) -> str:
-    """sha256 over ``"<filename> <sha256>\\n"`` lines sorted by filename (see the module docstring)."""
+    """sha256 over ``"<filename> <sha256>\\n"`` lines sorted by filename (see the module
+    docstring)."""
     text = "".join(f"{name} {digest}\n" for name, digest in sorted(file_hashes.items()))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
@@ -131,7 +143,9 @@ def _image_shape(raw: RawDataset) -> list[int] | None:
     return [c, h, w]
 
 
-def write_prepared(out: str | os.PathLike, raw: RawDataset, params: dict[str, Any]) -> dict[str, Any]:
+def write_prepared(
+    out: str | os.PathLike, raw: RawDataset, params: dict[str, Any]
+) -> dict[str, Any]:
     """Write ``raw`` to ``out`` in the prepared format, replacing any previous ``out`` atomically.
 
     Args:
@@ -176,7 +190,12 @@ def write_prepared(out: str | os.PathLike, raw: RawDataset, params: dict[str, An
             manifest["skipped"][split] = {"count": len(skipped), "files": skipped}
         manifest["content_hash"] = compute_content_hash(all_hashes)
         write_json(tmp / MANIFEST, manifest)
-    _logger.info("wrote prepared dataset %s (%s, content_hash %s)", out, raw.name, manifest["content_hash"][:12])
+    _logger.info(
+        "wrote prepared dataset %s (%s, content_hash %s)",
+        out,
+        raw.name,
+        manifest["content_hash"][:12],
+    )
     return manifest
 
 
@@ -235,7 +254,11 @@ def _load_csv(path: Path) -> tuple[list[str], np.ndarray]:
 
 def _check_labels(path: Path, labels: np.ndarray, entry: dict[str, Any], num_classes: int) -> None:
     if labels.dtype != np.int64 or labels.shape != (entry["count"],):
-        raise _corrupt(path, f"labels are {labels.dtype} {list(labels.shape)}, manifest says int64 [{entry['count']}]")
+        raise _corrupt(
+            path,
+            f"labels are {labels.dtype} {list(labels.shape)}, "
+            f"manifest says int64 [{entry['count']}]",
+        )
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
         raise _corrupt(path, f"labels outside 0..{num_classes - 1}")
     if np.bincount(labels, minlength=num_classes).tolist() != entry["per_class"]:
@@ -248,7 +271,8 @@ def load_prepared(path: str | os.PathLike, split: str, *, verify: bool = False) 
     Args:
         path: the dataset directory written by ``write_prepared``.
         split: ``"train"`` or ``"test"``.
-        verify: also check every data file's sha256 (reads each file twice; worth it before a long run).
+        verify: also check every data file's sha256 (reads each file twice; worth it before a long
+            run).
 
     Raises:
         DataError: not a prepared dataset, an unknown split, a missing file, a sha256 mismatch
@@ -265,7 +289,8 @@ def load_prepared(path: str | os.PathLike, split: str, *, verify: bool = False) 
     for name, digest in entry["files"].items():
         if not (path / name).is_file():
             raise _corrupt(path, f"{name} is missing")
-        # Hash before parsing, so a corrupt header is reported as corruption rather than a parse error.
+        # Hash before parsing, so a corrupt header is reported as corruption rather than a parse
+        # error.
         if verify and sha256_file(path / name) != digest:
             raise _corrupt(path, f"{name} does not match its sha256 in {MANIFEST}")
     num_classes = int(manifest["num_classes"])
@@ -276,7 +301,9 @@ def load_prepared(path: str | os.PathLike, split: str, *, verify: bool = False) 
         expected = (entry["count"], *manifest["image_shape"])
         if images.dtype != np.uint8 or images.shape != expected:
             raise _corrupt(
-                path, f"images are {images.dtype} {list(images.shape)}, manifest says uint8 {list(expected)}"
+                path,
+                f"images are {images.dtype} {list(images.shape)}, "
+                f"manifest says uint8 {list(expected)}",
             )
         images_t = torch.from_numpy(images)
     else:

@@ -4,9 +4,10 @@ Two pipelines (``AugCfg.pipeline``):
 
 * ``tensor`` — small datasets held in memory as uint8 ``[N, C, H, W]`` tensors. Random-resized crop
   and horizontal flip are one batched ``affine_grid``/``grid_sample`` call, random erasing is timm's
-  ``RandomErasing`` on the batch; no per-image Python work, no decoding (issue #2, #7).
-* ``timm`` — per-image ``timm.data.create_transform`` (RandAugment, colour jitter, random erasing) in
-  a ``DataLoader``: the paper's ImageNet pipeline (Table 9), for file lists and for arrays alike.
+  ``RandomErasing`` on the batch; no per-image Python work, no decoding (the loader costs a few % of
+  a training step, bench/README.md).
+* ``timm`` — per-image ``timm.data.create_transform`` (RandAugment, colour jitter, random erasing)
+  in a ``DataLoader``: the paper's ImageNet pipeline (Table 9), for file lists and for arrays alike.
 
 Both take their sample order from :func:`epoch_indices` (repeated augmentation, paper §6 / official
 ``samplers.RASampler``) and draw every random number from generators seeded by (seed, epoch, rank),
@@ -52,8 +53,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def epoch_indices(n: int, *, epoch: int, seed: int, repeats: int = 1, world_size: int = 1,
-                  rank: int = 0) -> torch.Tensor:
+def epoch_indices(
+    n: int, *, epoch: int, seed: int, repeats: int = 1, world_size: int = 1, rank: int = 0
+) -> torch.Tensor:
     """This rank's sample order for one epoch.
 
     With ``repeats > 1`` this is the official RASampler: a seeded permutation, each index repeated
@@ -88,7 +90,7 @@ class TensorAugment:
     Args:
         aug: augmentation settings (scale and ratio as torchvision's RandomResizedCrop).
         img_size: output side length (may differ from the stored size: e.g. pretraining below the
-            native resolution, notes/small-scale.md).
+            native resolution, as the ``fashion`` profile does at 16 px).
         in_chans: channels of the images.
     """
 
@@ -101,14 +103,16 @@ class TensorAugment:
         self.mean = torch.tensor(mean).view(1, -1, 1, 1)
         self.std = torch.tensor(std).view(1, -1, 1, 1)
         # RandomErasing draws from Python's `random`, which seed_everything() seeds per epoch.
-        self.erase = (RandomErasing(aug.reprob, mode=aug.remode, device="cpu")
-                      if aug.reprob > 0 else None)
+        self.erase = (
+            RandomErasing(aug.reprob, mode=aug.remode, device="cpu") if aug.reprob > 0 else None
+        )
 
     def __call__(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         b = x.shape[0]
         area = torch.empty(b).uniform_(self.aug.scale[0], self.aug.scale[1], generator=g)
-        log_r = torch.empty(b).uniform_(math.log(self.aug.ratio[0]), math.log(self.aug.ratio[1]),
-                                        generator=g)
+        log_r = torch.empty(b).uniform_(
+            math.log(self.aug.ratio[0]), math.log(self.aug.ratio[1]), generator=g
+        )
         ratio = torch.exp(log_r)
         # Crop width/height as fractions of the image side; clamped like torchvision's fallback.
         w = torch.sqrt(area * ratio).clamp(max=1.0)
@@ -122,8 +126,9 @@ class TensorAugment:
         theta[:, 1, 1] = h
         theta[:, 1, 2] = cy
         xf = x.to(self.mean.device, torch.float32).div_(255.0)
-        grid = F.affine_grid(theta.to(xf.device), [b, x.shape[1], self.img_size, self.img_size],
-                             align_corners=False)
+        grid = F.affine_grid(
+            theta.to(xf.device), [b, x.shape[1], self.img_size, self.img_size], align_corners=False
+        )
         mode = "bicubic" if self.aug.interpolation == "bicubic" else "bilinear"
         out = F.grid_sample(xf, grid, mode=mode, padding_mode="border", align_corners=False)
         out = out.clamp_(0.0, 1.0).sub_(self.mean).div_(self.std)
@@ -141,10 +146,11 @@ def eval_tensor(images: torch.Tensor, img_size: int, ev: EvalCfg) -> torch.Tenso
     resize = int(math.floor(img_size / ev.crop_pct))
     x = images.float().div_(255.0)
     if x.shape[-1] != resize or x.shape[-2] != resize:
-        x = F.interpolate(x, size=(resize, resize), mode=ev.interpolation, align_corners=False,
-                          antialias=True)
+        x = F.interpolate(
+            x, size=(resize, resize), mode=ev.interpolation, align_corners=False, antialias=True
+        )
     top = (resize - img_size) // 2
-    x = x[..., top:top + img_size, top:top + img_size].clamp_(0.0, 1.0)
+    x = x[..., top : top + img_size, top : top + img_size].clamp_(0.0, 1.0)
     m = torch.tensor(mean).view(1, -1, 1, 1)
     s = torch.tensor(std).view(1, -1, 1, 1)
     return (x - m) / s
@@ -171,8 +177,14 @@ class _EpochBatches:
         self.epoch = epoch
 
     def indices(self) -> torch.Tensor:
-        return epoch_indices(self._num_samples(), epoch=self.epoch, seed=self.seed,
-                             repeats=self.repeats, world_size=self.world_size, rank=self.rank)
+        return epoch_indices(
+            self._num_samples(),
+            epoch=self.epoch,
+            seed=self.seed,
+            repeats=self.repeats,
+            world_size=self.world_size,
+            rank=self.rank,
+        )
 
     def __len__(self) -> int:
         return len(self.indices()) // self.batch_size
@@ -207,7 +219,7 @@ class TrainBatches(_EpochBatches):
         idx = self.indices()
         g = self._generator()
         for start in range(0, len(idx) - self.batch_size + 1, self.batch_size):
-            sel = idx[start:start + self.batch_size]
+            sel = idx[start : start + self.batch_size]
             yield self.augment(self.images[sel], g), self.labels[sel]
 
 
@@ -219,8 +231,14 @@ class TrainBatches(_EpochBatches):
 class ImageDataset(torch.utils.data.Dataset):
     """Per-image access to a prepared split (uint8 arrays or a file list) with a PIL transform."""
 
-    def __init__(self, transform, *, images: torch.Tensor | None = None,
-                 files: list[str] | None = None, labels):
+    def __init__(
+        self,
+        transform,
+        *,
+        images: torch.Tensor | None = None,
+        files: list[str] | None = None,
+        labels,
+    ):
         self.transform = transform
         self.images = images
         self.files = files
@@ -247,18 +265,33 @@ def timm_train_transform(aug: AugCfg, img_size: int, in_chans: int):
 
     mean, std = norm_stats(in_chans)
     return create_transform(
-        img_size, is_training=True, scale=aug.scale, ratio=aug.ratio, hflip=aug.hflip,
-        color_jitter=aug.color_jitter, auto_augment=aug.rand_augment,
-        interpolation=aug.interpolation, re_prob=aug.reprob, re_mode=aug.remode,
-        mean=mean, std=std)
+        img_size,
+        is_training=True,
+        scale=aug.scale,
+        ratio=aug.ratio,
+        hflip=aug.hflip,
+        color_jitter=aug.color_jitter,
+        auto_augment=aug.rand_augment,
+        interpolation=aug.interpolation,
+        re_prob=aug.reprob,
+        re_mode=aug.remode,
+        mean=mean,
+        std=std,
+    )
 
 
 def timm_eval_transform(ev: EvalCfg, img_size: int, in_chans: int):
     from timm.data import create_transform
 
     mean, std = norm_stats(in_chans)
-    return create_transform(img_size, is_training=False, crop_pct=ev.crop_pct,
-                            interpolation=ev.interpolation, mean=mean, std=std)
+    return create_transform(
+        img_size,
+        is_training=False,
+        crop_pct=ev.crop_pct,
+        interpolation=ev.interpolation,
+        mean=mean,
+        std=std,
+    )
 
 
 class _IndexList(torch.utils.data.Sampler):
@@ -276,8 +309,17 @@ class LoaderBatches(_EpochBatches):
     """An epoch of training batches through a DataLoader (timm pipeline), same contract as
     :class:`TrainBatches`."""
 
-    def __init__(self, dataset: ImageDataset, *, batch_size: int, seed: int, repeats: int = 1,
-                 world_size: int = 1, rank: int = 0, num_workers: int = 0):
+    def __init__(
+        self,
+        dataset: ImageDataset,
+        *,
+        batch_size: int,
+        seed: int,
+        repeats: int = 1,
+        world_size: int = 1,
+        rank: int = 0,
+        num_workers: int = 0,
+    ):
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
         self.repeats, self.world_size, self.rank = repeats, world_size, rank
         self.num_workers = num_workers
@@ -289,7 +331,13 @@ class LoaderBatches(_EpochBatches):
     def __iter__(self):
         g = self._generator()
         loader = torch.utils.data.DataLoader(
-            self.dataset, batch_size=self.batch_size, sampler=_IndexList(self), drop_last=True,
-            num_workers=self.num_workers, generator=g, pin_memory=torch.cuda.is_available(),
-            persistent_workers=False)
+            self.dataset,
+            batch_size=self.batch_size,
+            sampler=_IndexList(self),
+            drop_last=True,
+            num_workers=self.num_workers,
+            generator=g,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=False,
+        )
         return iter(loader)

@@ -1,4 +1,4 @@
-"""Released checkpoints as model directories: the evaluate-only path (issue #5).
+"""The import-weights command: released checkpoints as model directories, the evaluate-only path.
 
 A user with ImageNet but no cluster fills the paper's tables from the released weights: each
 checkpoint (a URL or a local file, pinned by sha256 and loaded with ``weights_only=True``) becomes a
@@ -6,8 +6,8 @@ model directory like the ones the training stages write, so ``deit-repro evaluat
 ``deit-repro tables`` read it unchanged::
 
     deit-repro import-weights --model deit_base_distilled_patch16_224 \\
-        --weights https://dl.fbaipublicfiles.com/deit/deit_base_distilled_patch16_224-df68dfff.pth \\
-        --sha256 df68dfff --data data/imagenet --out models/released/deit_base_distilled
+      --weights https://dl.fbaipublicfiles.com/deit/deit_base_distilled_patch16_224-df68dfff.pth \\
+      --sha256 df68dfff --data data/imagenet --out models/released/deit_base_distilled
 """
 
 from __future__ import annotations
@@ -19,15 +19,23 @@ from typing import Any
 from deit_repro import atomic
 from deit_repro.config import WeightsCfg
 from deit_repro.errors import ConfigError
-from deit_repro.models import load_state_dict_checked
-from deit_repro.runs import (build_model, fetch_weights, load_weights_file, open_dataset,
-                             save_model)
+from deit_repro.core.datasets import open_dataset
+from deit_repro.core.model_dirs import build_model, fetch_weights, load_weights_file, save_model
+from deit_repro.core.models import load_state_dict_checked
 
 _logger = logging.getLogger(__name__)
 
 
-def import_weights(*, model: str, weights: str, sha256: str, data: Path, out: Path,
-                   img_size: int | None = None, cache_dir: Path | None = None) -> dict[str, Any]:
+def import_weights(
+    *,
+    model: str,
+    weights: str,
+    sha256: str,
+    data: Path,
+    out: Path,
+    img_size: int | None = None,
+    cache_dir: Path | None = None,
+) -> dict[str, Any]:
     """Write a model directory for released weights of a timm DeiT (or convnet teacher).
 
     Args:
@@ -49,21 +57,29 @@ def import_weights(*, model: str, weights: str, sha256: str, data: Path, out: Pa
     size = img_size or (384 if model.endswith("_384") else 224)
     role = "student" if model.startswith("deit") else "teacher"
     if role == "student":
-        kwargs = dict(name=model, distilled="distilled" in model, num_classes=ds.num_classes,
-                      img_size=size, in_chans=ds.in_chans, drop_path_rate=0.0)
+        kwargs = dict(
+            name=model,
+            distilled="distilled" in model,
+            num_classes=ds.num_classes,
+            img_size=size,
+            in_chans=ds.in_chans,
+            drop_path_rate=0.0,
+        )
     elif model.startswith(("regnet", "resnet")):
-        kwargs = dict(name=model, num_classes=ds.num_classes, in_chans=ds.in_chans,
-                      img_size=size)
+        kwargs = dict(name=model, num_classes=ds.num_classes, in_chans=ds.in_chans, img_size=size)
     else:
-        raise ConfigError(f"--model {model} is neither a timm DeiT nor a convnet teacher",
-                          "use an exact timm name such as deit_base_distilled_patch16_224")
+        raise ConfigError(
+            f"--model {model} is neither a timm DeiT nor a convnet teacher",
+            "use an exact timm name such as deit_base_distilled_patch16_224",
+        )
     net = build_model(role, kwargs)
     load_state_dict_checked(net, load_weights_file(path), what=f"released weights {path}")
     extra = {"source": weights, "sha256": atomic.sha256_file(path), "released": True}
     if role == "student":
-        extra.update(distill="hard" if kwargs["distilled"] else "none",
-                     dist_token=bool(kwargs["distilled"]))
-    with atomic.atomic_dir(out) as tmp:  # whole or not at all (issue #6)
+        extra.update(
+            distill="hard" if kwargs["distilled"] else "none", dist_token=bool(kwargs["distilled"])
+        )
+    with atomic.atomic_dir(out) as tmp:  # whole or not at all
         save_model(tmp, net, role=role, kwargs=kwargs, ds=ds, img_size=size, extra=extra)
     _logger.info("imported %s (%s) into %s", model, path, out)
     return {"role": role, "kwargs": kwargs, "img_size": size, **extra}

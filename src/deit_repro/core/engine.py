@@ -5,9 +5,9 @@ as the official main.py), Mixup/CutMix via ``timm.data.Mixup``, label smoothing 
 stochastic depth in the model, optional EMA via ``ModelEmaV3`` (paper §6, Table 9).
 
 ``fit`` writes one complete checkpoint (model, optimizer, scheduler, scaler, EMA, epoch, RNG states,
-history) atomically after every epoch and resumes from it automatically (STYLE.md rule 12). Each
-epoch reseeds every generator from (seed, epoch, rank), so a run resumed from epoch k ends with the
-same weights as an uninterrupted one.
+history) atomically after every epoch and resumes from it automatically (RELIABILITY.md,
+"Interruptions"). Each epoch reseeds every generator from (seed, epoch, rank), so a run resumed from
+epoch k ends with the same weights as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from deit_repro import atomic
-from deit_repro.batches import epoch_seed, seed_everything
+from deit_repro.core.batches import epoch_seed, seed_everything
 from deit_repro.config import TrainCfg
 from deit_repro.errors import CheckpointError, TrainingError
 
@@ -58,8 +58,11 @@ class Runtime:
     def detect(amp: str = "auto") -> "Runtime":
         """CUDA when present (bf16/fp16 autocast), CPU fp32 otherwise; DDP rank if initialised."""
         dist = torch.distributed
-        world, rank = (dist.get_world_size(), dist.get_rank()) if (
-            dist.is_available() and dist.is_initialized()) else (1, 0)
+        world, rank = (
+            (dist.get_world_size(), dist.get_rank())
+            if (dist.is_available() and dist.is_initialized())
+            else (1, 0)
+        )
         if torch.cuda.is_available():
             # One process per GPU: the node-local rank picks it (LOCAL_RANK, exported from
             # submitit's environment), not rank % device_count as the official code does.
@@ -93,7 +96,7 @@ def base_criterion(recipe: TrainCfg) -> nn.Module:
     if recipe.mixing:
         return SoftTargetCrossEntropy()
     # The same loss as the official timm LabelSmoothingCrossEntropy, (1-s)·NLL + s·mean(-log p),
-    # in one fused kernel: a few % of a small model's step on CPU (issue #7, bench/README.md).
+    # in one fused kernel: a few % of a small model's step on CPU (bench/README.md).
     return nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
 
 
@@ -103,28 +106,46 @@ def mixup_fn(recipe: TrainCfg, num_classes: int):
         return None
     from timm.data import Mixup
 
-    return Mixup(mixup_alpha=recipe.mixup, cutmix_alpha=recipe.cutmix, prob=recipe.mixup_prob,
-                 switch_prob=recipe.mixup_switch_prob, mode="batch",
-                 label_smoothing=recipe.label_smoothing, num_classes=num_classes)
+    return Mixup(
+        mixup_alpha=recipe.mixup,
+        cutmix_alpha=recipe.cutmix,
+        prob=recipe.mixup_prob,
+        switch_prob=recipe.mixup_switch_prob,
+        mode="batch",
+        label_smoothing=recipe.label_smoothing,
+        num_classes=num_classes,
+    )
 
 
 def optimizer_and_scheduler(model: nn.Module, recipe: TrainCfg, steps_per_epoch: int):
     """AdamW (timm, no weight decay on norms/biases) + cosine with warmup (timm).
 
     Returns ``(optimizer, scheduler, num_epochs)``; ``num_epochs`` is create_scheduler_v2's second
-    return value (schedule length incl. cooldown), honoured by :func:`fit` (STYLE.md rule 5).
+    return value (schedule length incl. cooldown), honoured by :func:`fit`.
     """
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
 
     lr = recipe.effective_lr()
     kwargs: dict[str, Any] = {"eps": recipe.opt_eps} if "adam" in recipe.opt else {}
-    opt = create_optimizer_v2(model, opt=recipe.opt, lr=lr, weight_decay=recipe.weight_decay,
-                              momentum=recipe.momentum, **kwargs)
+    opt = create_optimizer_v2(
+        model,
+        opt=recipe.opt,
+        lr=lr,
+        weight_decay=recipe.weight_decay,
+        momentum=recipe.momentum,
+        **kwargs,
+    )
     sched, num_epochs = create_scheduler_v2(
-        opt, sched=recipe.sched, num_epochs=recipe.epochs, min_lr=recipe.min_lr,
-        warmup_lr=recipe.warmup_lr, warmup_epochs=recipe.warmup_epochs,
-        step_on_epochs=True, updates_per_epoch=steps_per_epoch)
+        opt,
+        sched=recipe.sched,
+        num_epochs=recipe.epochs,
+        min_lr=recipe.min_lr,
+        warmup_lr=recipe.warmup_lr,
+        warmup_epochs=recipe.warmup_epochs,
+        step_on_epochs=True,
+        updates_per_epoch=steps_per_epoch,
+    )
     return opt, sched, num_epochs
 
 
@@ -134,8 +155,11 @@ def optimizer_and_scheduler(model: nn.Module, recipe: TrainCfg, steps_per_epoch:
 
 
 @torch.no_grad()
-def predict(heads_fn: Callable[[torch.Tensor], dict[str, torch.Tensor]],
-            batches: Iterable[tuple[torch.Tensor, torch.Tensor]], rt: Runtime) -> dict[str, Any]:
+def predict(
+    heads_fn: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    rt: Runtime,
+) -> dict[str, Any]:
     """Logits of every head over a loader: ``{"labels": [N], head: [N, C] float32}``."""
     out: dict[str, list[torch.Tensor]] = {}
     labels = []
@@ -161,9 +185,14 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
 
 def accuracy_table(pred: dict[str, Any]) -> dict[str, dict[str, float]]:
     """``{head: {"top1", "top5"}}`` for every head in a :func:`predict` result."""
-    return {k: {"top1": topk_accuracy(v, pred["labels"], 1),
-                "top5": topk_accuracy(v, pred["labels"], 5)}
-            for k, v in pred.items() if k != "labels"}
+    return {
+        k: {
+            "top1": topk_accuracy(v, pred["labels"], 1),
+            "top5": topk_accuracy(v, pred["labels"], 5),
+        }
+        for k, v in pred.items()
+        if k != "labels"
+    }
 
 
 def disagreement(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -177,9 +206,12 @@ def disagreement(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-            "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -191,11 +223,15 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # a truncated zip, a pickle from elsewhere, ...
-        raise CheckpointError(f"checkpoint {path} is unreadable ({type(err).__name__})",
-                              "delete it to restart the run from scratch") from None
+        raise CheckpointError(
+            f"checkpoint {path} is unreadable ({type(err).__name__})",
+            "delete it to restart the run from scratch",
+        ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a deit-repro training checkpoint",
-                              "delete it or point --checkpoint-dir elsewhere")
+        raise CheckpointError(
+            f"{path} is not a deit-repro training checkpoint",
+            "delete it, or pass another --run-dir",
+        )
     return ckpt
 
 
@@ -219,16 +255,31 @@ def _tqdm(iterable, total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
     # disable=None: tqdm switches itself off without a terminal (CI logs stay readable).
-    return tqdm(iterable, total=total, desc=desc, leave=False, disable=None if enabled else True,
-                dynamic_ncols=True)
+    return tqdm(
+        iterable,
+        total=total,
+        desc=desc,
+        leave=False,
+        disable=None if enabled else True,
+        dynamic_ncols=True,
+    )
 
 
-def fit(*, model: nn.Module, loss_fn: Callable[[torch.Tensor, Any, torch.Tensor], torch.Tensor],
-        train_batches, recipe: TrainCfg, num_classes: int, seed: int, rt: Runtime,
-        checkpoint_path: Path | None, fingerprint: str,
-        evaluate: Callable[[nn.Module], dict[str, Any]] | None = None,
-        on_epoch_end: Callable[[list[dict[str, Any]]], None] | None = None,
-        desc: str = "train") -> FitResult:
+def fit(
+    *,
+    model: nn.Module,
+    loss_fn: Callable[[torch.Tensor, Any, torch.Tensor], torch.Tensor],
+    train_batches,
+    recipe: TrainCfg,
+    num_classes: int,
+    seed: int,
+    rt: Runtime,
+    checkpoint_path: Path | None,
+    fingerprint: str,
+    evaluate: Callable[[nn.Module], dict[str, Any]] | None = None,
+    on_epoch_end: Callable[[list[dict[str, Any]]], None] | None = None,
+    desc: str = "train",
+) -> FitResult:
     """Train ``model`` for ``recipe.epochs`` epochs, checkpointing and resuming.
 
     Args:
@@ -253,8 +304,11 @@ def fit(*, model: nn.Module, loss_fn: Callable[[torch.Tensor, Any, torch.Tensor]
     raw = _unwrap(model)
     steps = len(train_batches)
     if steps == 0:
-        raise TrainingError(f"batch_size={recipe.batch_size} is larger than the training split "
-                            f"(one epoch has no full batch)", "lower batch_size in params.yaml")
+        raise TrainingError(
+            f"batch_size={recipe.batch_size} is larger than the training split "
+            f"(one epoch has no full batch)",
+            "lower batch_size in params.yaml",
+        )
     optimizer, scheduler, num_epochs = optimizer_and_scheduler(raw, recipe, steps)
     scaler = torch.amp.GradScaler(rt.device.type) if rt.amp_dtype == torch.float16 else None
     ema = ModelEmaV3(raw, decay=recipe.ema_decay) if recipe.ema else None
@@ -265,8 +319,12 @@ def fit(*, model: nn.Module, loss_fn: Callable[[torch.Tensor, Any, torch.Tensor]
     if checkpoint_path is not None and checkpoint_path.exists():
         ckpt = load_checkpoint(checkpoint_path)
         if ckpt["fingerprint"] != fingerprint:
-            _logger.warning("checkpoint %s belongs to another configuration (%s != %s): starting "
-                            "over", checkpoint_path, ckpt["fingerprint"], fingerprint)
+            _logger.warning(
+                "checkpoint %s belongs to another configuration (%s != %s): starting over",
+                checkpoint_path,
+                ckpt["fingerprint"],
+                fingerprint,
+            )
         else:
             raw.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
@@ -278,8 +336,9 @@ def fit(*, model: nn.Module, loss_fn: Callable[[torch.Tensor, Any, torch.Tensor]
             start = ckpt["epoch"] + 1
             result.history = list(ckpt["history"])
             result.resumed_from_epoch = ckpt["epoch"]
-            _logger.info("resumed %s from epoch %d of %d", checkpoint_path, ckpt["epoch"] + 1,
-                         num_epochs)
+            _logger.info(
+                "resumed %s from epoch %d of %d", checkpoint_path, ckpt["epoch"] + 1, num_epochs
+            )
 
     last_good = checkpoint_path if start > 0 else None
     for epoch in range(start, num_epochs):
@@ -302,11 +361,16 @@ def fit(*, model: nn.Module, loss_fn: Callable[[torch.Tensor, Any, torch.Tensor]
                 loss = loss_fn(x, outputs, targets)
             loss_value = loss.item()  # one sync, used by the check and the running mean
             if not math.isfinite(loss_value):
-                where = (f"last good checkpoint: {last_good}" if last_good else
-                         "no checkpoint was written yet")
-                raise TrainingError(f"loss is {loss_value} at epoch {epoch + 1} step {step + 1} "
-                                    f"({where})", "lower the learning rate (lr_per_512) or "
-                                    "enable clip_grad; facebookresearch/deit#29")
+                where = (
+                    f"last good checkpoint: {last_good}"
+                    if last_good
+                    else "no checkpoint was written yet"
+                )
+                raise TrainingError(
+                    f"loss is {loss_value} at epoch {epoch + 1} step {step + 1} ({where})",
+                    "lower the learning rate (lr_per_512) or "
+                    "enable clip_grad; facebookresearch/deit#29",
+                )
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -335,23 +399,38 @@ def fit(*, model: nn.Module, loss_fn: Callable[[torch.Tensor, Any, torch.Tensor]
             "train_images_per_s": n_seen / (time.perf_counter() - t_epoch),
         }
         last = epoch == num_epochs - 1
-        if evaluate is not None and rt.is_main and (
-                last or (recipe.eval_every and (epoch + 1) % recipe.eval_every == 0)):
+        if (
+            evaluate is not None
+            and rt.is_main
+            and (last or (recipe.eval_every and (epoch + 1) % recipe.eval_every == 0))
+        ):
             row.update(evaluate(raw))
             if ema is not None:
                 row.update({f"ema_{k}": v for k, v in evaluate(ema.module).items()})
         result.history.append(row)
-        _logger.info("%s epoch %d/%d %s", desc, epoch + 1, num_epochs,
-                     {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
+        _logger.info(
+            "%s epoch %d/%d %s",
+            desc,
+            epoch + 1,
+            num_epochs,
+            {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()},
+        )
         if checkpoint_path is not None and rt.is_main:
-            atomic.torch_save({
-                "format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "epoch": epoch,
-                "model": raw.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "ema": ema.state_dict() if ema is not None else None,
-                "rng": _rng_state(), "history": result.history,
-            }, checkpoint_path)
+            atomic.torch_save(
+                {
+                    "format": CHECKPOINT_FORMAT,
+                    "fingerprint": fingerprint,
+                    "epoch": epoch,
+                    "model": raw.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None,
+                    "ema": ema.state_dict() if ema is not None else None,
+                    "rng": _rng_state(),
+                    "history": result.history,
+                },
+                checkpoint_path,
+            )
             last_good = checkpoint_path
         if on_epoch_end is not None and rt.is_main:
             on_epoch_end(result.history)

@@ -1,7 +1,6 @@
-"""A process with torch, torchvision and timm already imported that forks the ``deit-repro`` calls
-(issue #7).
+"""A process with torch, torchvision and timm already imported that forks the ``deit-repro`` calls.
 
-Every DAG stage is a fresh ``deit-repro`` process. On this 2-core machine importing torch,
+Every DAG stage is a fresh ``deit-repro`` process. On a 2-core machine importing torch,
 torchvision (which imports ``torch._dynamo`` through ``torchvision.ops``) and timm takes about 4 s,
 most of a smoke stage and about a minute of the default DAG. The first ``deit-repro`` call starts,
 in the background, a server that imports those libraries once; every later call becomes a thin
@@ -27,7 +26,7 @@ stay in the job's cgroup). ``DEIT_REPRO_FORKSERVER=require`` waits for the serve
 it cannot serve (the tests use it). The server exits after ``DEIT_REPRO_FORKSERVER_IDLE_S``
 seconds (default 300) without a call. Its log, ``<socket>.log`` (removed on a clean exit), has a
 line per call as it starts (``call <child pid>: <argv>``) and as it ends (``call <pid>: X<exit
-status>`` or ``K<signal>``). ``python -m deit_repro.forkserver stop`` stops this user's servers.
+status>`` or ``K<signal>``). ``python -m deit_repro.run.forkserver stop`` stops this user's servers.
 """
 
 from __future__ import annotations
@@ -44,22 +43,51 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from deit_repro.errors import DeitReproError
+
 SWITCH = "DEIT_REPRO_FORKSERVER"
 IDLE = "DEIT_REPRO_FORKSERVER_IDLE_S"
 TAG = "DEIT_REPRO_FORKSERVER_TAG"
 
 #: imported once by the server; the stages' heavy third-party imports (prepare: sklearn for digits;
 #: tables: pandas and matplotlib). A library that is missing is skipped.
-PRELOAD = ("torch", "torchvision", "timm", "numpy", "yaml", "pandas", "matplotlib",
-           "sklearn.datasets")
+PRELOAD = (
+    "torch",
+    "torchvision",
+    "timm",
+    "numpy",
+    "yaml",
+    "pandas",
+    "matplotlib",
+    "sklearn.datasets",
+)
 
 #: environment variables read when those libraries load (thread runtimes, torch's and CUDA's
 #: flags, the loader, the interpreter, locale) and this module's own settings: callers that differ
 #: in one get another server (``DEIT_REPRO_FORKSERVER_TAG=<anything>`` asks for a server of one's
 #: own: the benchmarks' cold start, the tests)
-_KEY_ENV_PREFIXES = ("DEIT_REPRO_FORKSERVER_", "OMP_", "MKL_", "KMP_", "GOMP_", "OPENBLAS_",
-                     "TORCH", "PYTORCH", "CUDA", "NVIDIA", "CUBLAS", "LD_", "PYTHON", "MPL",
-                     "LANG", "LC_", "TIMM", "SCIPY", "SKLEARN", "NUMPY")
+_KEY_ENV_PREFIXES = (
+    "DEIT_REPRO_FORKSERVER_",
+    "OMP_",
+    "MKL_",
+    "KMP_",
+    "GOMP_",
+    "OPENBLAS_",
+    "TORCH",
+    "PYTORCH",
+    "CUDA",
+    "NVIDIA",
+    "CUBLAS",
+    "LD_",
+    "PYTHON",
+    "MPL",
+    "LANG",
+    "LC_",
+    "TIMM",
+    "SCIPY",
+    "SKLEARN",
+    "NUMPY",
+)
 
 #: the signals a client relays to its child's process group
 _RELAYED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -69,10 +97,20 @@ _HEADER = struct.Struct("!I")
 
 # ----------------------------------------------------------------------------------- the client
 
-def call(argv: list[str]) -> int | None:
-    """Run ``deit-repro argv[1:]`` in a child of the server and return its exit status, or
-    ``None`` when the call is to run in this process (switched off, in a SLURM job, no server
-    yet: one is then started for the next calls)."""
+
+def call(argv: list[str], target: str) -> int | None:
+    """Run ``target(argv[1:])`` in a child of the server and return its exit status, or ``None``
+    when the call is to run in this process (switched off, in a SLURM job, no server yet: one is
+    then started for the next calls).
+
+    Args:
+        argv: the command line (``sys.argv``).
+        target: ``"module:function"``, the command's main function, imported in the child from
+            the code on disk now; it takes ``argv[1:]`` and returns the exit status.
+
+    Raises:
+        DeitReproError: ``require`` mode and no server answered, or the server ended mid-call.
+    """
     mode = os.environ.get(SWITCH, "1").strip().lower()
     if mode in ("0", "off", "false", "no") or "SLURM_JOB_ID" in os.environ:
         return None
@@ -89,7 +127,7 @@ def call(argv: list[str]) -> int | None:
             sock = _wait_for_server(path)
     except OSError:
         return None
-    return _run_remote(sock, argv, cwd)
+    return _run_remote(sock, argv, cwd, target)
 
 
 def socket_path() -> Path:
@@ -120,8 +158,18 @@ def _key() -> str:
         stamps.append([name, origin, st and st.st_mtime_ns, st and st.st_size])
     own = os.stat(__file__)
     env = sorted((k, v) for k, v in os.environ.items() if k.startswith(_KEY_ENV_PREFIXES))
-    blob = json.dumps([sys.executable, sys.version, repr(sys.flags), sorted(sys._xoptions.items()),
-                       stamps, [own.st_mtime_ns, own.st_size], env], default=str)
+    blob = json.dumps(
+        [
+            sys.executable,
+            sys.version,
+            repr(sys.flags),
+            sorted(sys._xoptions.items()),
+            stamps,
+            [own.st_mtime_ns, own.st_size],
+            env,
+        ],
+        default=str,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -146,9 +194,15 @@ def _start_server(path: Path) -> None:
         except BlockingIOError:
             return
     with open(path.with_suffix(".log"), "w") as log:
-        subprocess.Popen([sys.executable, "-m", "deit_repro.forkserver", str(path)], cwd="/",
-                         stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                         start_new_session=True, close_fds=True)
+        subprocess.Popen(
+            [sys.executable, "-m", "deit_repro.run.forkserver", str(path)],
+            cwd="/",
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+            close_fds=True,
+        )
 
 
 def _wait_for_server(path: Path, timeout: float = 120.0) -> socket.socket:
@@ -158,17 +212,28 @@ def _wait_for_server(path: Path, timeout: float = 120.0) -> socket.socket:
         if sock is not None:
             return sock
         time.sleep(0.1)
-    sys.exit(f"deit-repro: {SWITCH}=require but no fork server answered at {path} within "
-             f"{timeout:.0f} s; see {path.with_suffix('.log')}, or unset {SWITCH}")
+    raise DeitReproError(
+        f"{SWITCH}=require but no fork server answered at {path} within "
+        f"{timeout:.0f} s; see {path.with_suffix('.log')}",
+        f"unset {SWITCH}",
+    )
 
 
-def _run_remote(sock: socket.socket, argv: list[str], cwd: str) -> int | None:
+def _run_remote(sock: socket.socket, argv: list[str], cwd: str, target: str) -> int | None:
     umask = os.umask(0)
     os.umask(umask)
     stream = sys.stdout
-    request = json.dumps({"argv": argv, "cwd": cwd, "env": dict(os.environ), "umask": umask,
-                          "path": sys.path,
-                          "encoding": getattr(stream, "encoding", None) or "utf-8"}).encode()
+    request = json.dumps(
+        {
+            "argv": argv,
+            "target": target,
+            "cwd": cwd,
+            "env": dict(os.environ),
+            "umask": umask,
+            "path": sys.path,
+            "encoding": getattr(stream, "encoding", None) or "utf-8",
+        }
+    ).encode()
     try:
         socket.send_fds(sock, [_HEADER.pack(len(request))], [0, 1, 2])
         sock.sendall(request)
@@ -191,8 +256,10 @@ def _run_remote(sock: socket.socket, argv: list[str], cwd: str) -> int | None:
         except InterruptedError:
             continue
         if not chunk:
-            sys.exit("deit-repro: the fork server ended before the command did; re-run, or set "
-                     f"{SWITCH}=0 to run in this process")
+            raise DeitReproError(
+                "the fork server ended before the command did",
+                f"re-run, or set {SWITCH}=0 to run in this process",
+            )
         reply += chunk
     kind, value = reply[:1], int(reply[1:])
     if kind == b"K":  # the child was killed by a signal: end the same way
@@ -206,6 +273,7 @@ def _run_remote(sock: socket.socket, argv: list[str], cwd: str) -> int | None:
 
 
 # ----------------------------------------------------------------------------------- the server
+
 
 def serve(path: Path) -> int:
     """Import the libraries, then fork a child per call until idle for the idle timeout."""
@@ -227,8 +295,11 @@ def serve(path: Path) -> int:
         except Exception as err:  # noqa: BLE001 - a child imports it again and reports the error
             print(f"fork server: not preloaded: {name}: {err!r}", flush=True)
     idle = float(os.environ.get(IDLE, "300"))
-    print(f"fork server {os.getpid()}: tag {os.environ.get(TAG, '')!r}; preloaded in "
-          f"{time.perf_counter() - t0:.1f} s; exits after {idle:.0f} s idle", flush=True)
+    print(
+        f"fork server {os.getpid()}: tag {os.environ.get(TAG, '')!r}; preloaded in "
+        f"{time.perf_counter() - t0:.1f} s; exits after {idle:.0f} s idle",
+        flush=True,
+    )
 
     # Bound under a temporary name and renamed: a client never meets a socket nobody listens on.
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -332,8 +403,9 @@ def _reap(children: dict[int, socket.socket]) -> None:
         conn.close()
 
 
-def _accept(listener: socket.socket, children: dict[int, socket.socket],
-            release: Callable[[], None]) -> None:
+def _accept(
+    listener: socket.socket, children: dict[int, socket.socket], release: Callable[[], None]
+) -> None:
     """Read one call and fork its child (which runs the command and exits, never returning)."""
     conn, _ = listener.accept()
     fds: list[int] = []
@@ -346,7 +418,7 @@ def _accept(listener: socket.socket, children: dict[int, socket.socket],
         if len(fds) != 3 or len(data) < _HEADER.size:
             raise ValueError("a call without its standard streams")
         size = _HEADER.unpack_from(data)[0]
-        body = bytearray(data[_HEADER.size:])
+        body = bytearray(data[_HEADER.size :])
         while len(body) < size:
             chunk = conn.recv(size - len(body))
             if not chunk:
@@ -422,22 +494,43 @@ def _child(conn: socket.socket, request: dict, fds: list[int]) -> None:
     importlib.invalidate_caches()
     threading.Thread(target=_watch_client, args=(conn,), name="client-watch", daemon=True).start()
 
-    from deit_repro import cli
+    module, _, func = request["target"].partition(":")
+    main = getattr(importlib.import_module(module), func)
+    finish(main(sys.argv[1:]))
 
-    cli.finish(cli.main(sys.argv[1:]))
+
+def finish(code: int) -> None:
+    """Exit without the interpreter's teardown.
+
+    Freeing torch, timm and torch._dynamo at exit costs about 1 s a process on a 2-core machine,
+    once per DAG stage. Every output is complete on disk by then (atomic writes, closed files);
+    the log and the standard streams are flushed first.
+    """
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _reopen_standard_streams(encoding: str, unbuffered: bool) -> None:
     import io
 
-    sys.stdin = sys.__stdin__ = io.TextIOWrapper(io.open(0, "rb", closefd=False),
-                                                 encoding=encoding)
+    sys.stdin = sys.__stdin__ = io.TextIOWrapper(io.open(0, "rb", closefd=False), encoding=encoding)
     sys.stdout = sys.__stdout__ = io.TextIOWrapper(
-        io.open(1, "wb", closefd=False), encoding=encoding,
-        line_buffering=unbuffered or os.isatty(1), write_through=unbuffered)
+        io.open(1, "wb", closefd=False),
+        encoding=encoding,
+        line_buffering=unbuffered or os.isatty(1),
+        write_through=unbuffered,
+    )
     sys.stderr = sys.__stderr__ = io.TextIOWrapper(
-        io.open(2, "wb", closefd=False), encoding=encoding, errors="backslashreplace",
-        line_buffering=True, write_through=unbuffered)
+        io.open(2, "wb", closefd=False),
+        encoding=encoding,
+        errors="backslashreplace",
+        line_buffering=True,
+        write_through=unbuffered,
+    )
 
 
 def _watch_client(conn: socket.socket) -> None:
@@ -473,7 +566,7 @@ def stop_all(tag: str = "") -> list[int]:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes() if pid else b""
         except OSError:
             continue
-        if b"deit_repro.forkserver" in cmdline:
+        if b"deit_repro.run.forkserver" in cmdline:
             os.kill(pid, signal.SIGTERM)
             stopped.append(pid)
     return stopped

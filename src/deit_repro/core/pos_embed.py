@@ -43,8 +43,9 @@ def _check_interpolation(interpolation: str) -> None:
         )
 
 
-def _resample(pos_embed: torch.Tensor, new_grid: tuple[int, int], num_prefix_tokens: int,
-              interpolation: str) -> torch.Tensor:
+def _resample(
+    pos_embed: torch.Tensor, new_grid: tuple[int, int], num_prefix_tokens: int, interpolation: str
+) -> torch.Tensor:
     """Resample a [1, P + G², D] embedding to [1, P + new_grid[0]·new_grid[1], D]."""
     if pos_embed.ndim != 3 or pos_embed.shape[0] != 1:
         raise CheckpointError(
@@ -55,9 +56,10 @@ def _resample(pos_embed: torch.Tensor, new_grid: tuple[int, int], num_prefix_tok
     old = math.isqrt(max(num_grid, 0))
     if num_grid <= 0 or old * old != num_grid:
         raise CheckpointError(
-            f"pos_embed has {pos_embed.shape[1]} tokens: minus {num_prefix_tokens} prefix tokens that is not a "
-            "square grid",
-            "check num_prefix_tokens (1 without, 2 with a distillation token) against the checkpoint",
+            f"pos_embed has {pos_embed.shape[1]} tokens: minus {num_prefix_tokens} prefix tokens "
+            "that is not a square grid",
+            "check num_prefix_tokens (1 without, 2 with a distillation token) "
+            "against the checkpoint",
         )
     return resample_abs_pos_embed(
         pos_embed,
@@ -72,12 +74,12 @@ def _resample(pos_embed: torch.Tensor, new_grid: tuple[int, int], num_prefix_tok
 
 
 def resample_student_state_dict(
-        state_dict: Mapping[str, torch.Tensor],
-        *,
-        new_img_size: int,
-        patch_size: int,
-        num_prefix_tokens: int,
-        interpolation: str = "bicubic",
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    new_img_size: int,
+    patch_size: int,
+    num_prefix_tokens: int,
+    interpolation: str = "bicubic",
 ) -> dict[str, torch.Tensor]:
     """Return a copy of a ViT state dict with ``pos_embed`` resampled to a new resolution.
 
@@ -85,11 +87,13 @@ def resample_student_state_dict(
         state_dict: weights of a ViT whose ``pos_embed`` is [1, P + G_old², D].
         new_img_size: the new (square) input resolution in pixels.
         patch_size: the patch side, unchanged by fine-tuning.
-        num_prefix_tokens: P, the rows kept unchanged (1: class token; 2: class + distillation token).
+        num_prefix_tokens: P, the rows kept unchanged (1: class token; 2: class + distillation
+            token).
         interpolation: ``'bicubic'`` (paper) or ``'bilinear'``.
 
     Returns:
-        A new dict (other tensors shared, not copied) with ``pos_embed`` [1, P + (new_img_size/patch)², D].
+        A new dict (other tensors shared, not copied) with ``pos_embed``
+        [1, P + (new_img_size/patch)², D].
 
     Raises:
         ConfigError: bad interpolation, or ``new_img_size`` not a multiple of ``patch_size``.
@@ -104,26 +108,30 @@ def resample_student_state_dict(
     if num_prefix_tokens < 0:
         raise ConfigError(f"num_prefix_tokens {num_prefix_tokens} is negative", "use 1 or 2")
     if "pos_embed" not in state_dict:
-        raise CheckpointError("state dict has no 'pos_embed'", "pass the weights of a ViT/DeiT student")
+        raise CheckpointError(
+            "state dict has no 'pos_embed'", "pass the weights of a ViT/DeiT student"
+        )
     grid = new_img_size // patch_size
     out = dict(state_dict)
-    out["pos_embed"] = _resample(state_dict["pos_embed"], (grid, grid), num_prefix_tokens, interpolation)
+    out["pos_embed"] = _resample(
+        state_dict["pos_embed"], (grid, grid), num_prefix_tokens, interpolation
+    )
     return out
 
 
 def adapt_for_finetune(
-        model_new: nn.Module,
-        state_dict_old: Mapping[str, torch.Tensor],
-        *,
-        interpolation: str = "bicubic",
-        drop_heads: bool,
+    model_new: nn.Module,
+    state_dict_old: Mapping[str, torch.Tensor],
+    *,
+    interpolation: str = "bicubic",
+    drop_heads: bool,
 ) -> list[str]:
     """Load pre-trained weights into a model built for another resolution and/or class count.
 
     As the official fine-tuning code: the positional embedding is resampled to ``model_new``'s patch
     grid (prefix rows kept), head weights whose shape differs are dropped (all heads when
-    ``drop_heads``, e.g. transfer to another dataset with the same class count), and the rest is loaded
-    non-strictly. Only head keys may be missing afterwards; they keep ``model_new``'s fresh
+    ``drop_heads``, e.g. transfer to another dataset with the same class count), and the rest is
+    loaded non-strictly. Only head keys may be missing afterwards; they keep ``model_new``'s fresh
     initialisation.
 
     Args:
@@ -145,11 +153,17 @@ def adapt_for_finetune(
 
     if "pos_embed" in sd and "pos_embed" in target:
         # DeiT-III style models (no_embed_class) keep no prefix rows in pos_embed.
-        prefix = 0 if getattr(model_new, "no_embed_class", False) else int(model_new.num_prefix_tokens)
+        prefix = (
+            0 if getattr(model_new, "no_embed_class", False) else int(model_new.num_prefix_tokens)
+        )
         grid = tuple(model_new.patch_embed.grid_size)
         sd["pos_embed"] = _resample(sd["pos_embed"], grid, prefix, interpolation)
-        _logger.info("pos_embed resampled %s -> %s (%s)", list(state_dict_old["pos_embed"].shape),
-                     list(sd["pos_embed"].shape), interpolation)
+        _logger.info(
+            "pos_embed resampled %s -> %s (%s)",
+            list(state_dict_old["pos_embed"].shape),
+            list(sd["pos_embed"].shape),
+            interpolation,
+        )
 
     for key in [k for k in sd if _HEAD_KEY.match(k)]:
         if drop_heads or key not in target or target[key].shape != sd[key].shape:
@@ -158,8 +172,10 @@ def adapt_for_finetune(
     for key, value in sd.items():
         if key in target and target[key].shape != value.shape:
             raise CheckpointError(
-                f"pre-trained {key} has shape {list(value.shape)} but the model expects {list(target[key].shape)}",
-                "fine-tune the same architecture (width, depth, patch size, input channels) as pre-trained",
+                f"pre-trained {key} has shape {list(value.shape)} "
+                f"but the model expects {list(target[key].shape)}",
+                "fine-tune the same architecture (width, depth, patch size, input channels) "
+                "as pre-trained",
             )
     # Checked before loading so that a failure leaves model_new untouched.
     missing = [k for k in target if k not in sd]

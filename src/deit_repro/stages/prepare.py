@@ -1,4 +1,4 @@
-"""The prepare stage (DESIGN.md stage 1): one source -> one prepared dataset directory.
+"""The prepare stage: one source -> one prepared dataset directory.
 
 Loads a source (``deit_repro.data.sources``), keeps a class-balanced seeded subset, optionally
 resizes (bicubic, shorter side + center crop), and writes the documented format of
@@ -16,9 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from deit_repro.data.sources import ON_BAD_IMAGE, RawDataset, Split, decode_files, load_source, resize_arrays
+from deit_repro.config import DatasetCfg
+from deit_repro.data.sources import RawDataset, Split, decode_files, load_source, resize_arrays
 from deit_repro.data.store import write_prepared
-from deit_repro.errors import ConfigError, DataError
+from deit_repro.errors import DataError
 
 _logger = logging.getLogger(__name__)
 
@@ -27,12 +28,18 @@ _PER_CLASS_KEY = {"train": "train_per_class", "test": "test_per_class"}
 
 
 def class_balanced_indices(
-    labels: np.ndarray, per_class: int | None, classes: list[str], seed: int, *, split: str = "train"
+    labels: np.ndarray,
+    per_class: int | None,
+    classes: list[str],
+    seed: int,
+    *,
+    split: str = "train",
 ) -> np.ndarray:
     """Pick ``per_class`` samples of every class, the same ones for the same seed.
 
     For each class, the first ``per_class`` of its indices in the order of one seeded permutation of
-    the split are taken; the result is sorted ascending so the written bytes follow the source order.
+    the split are taken; the result is sorted ascending so the written bytes follow the source
+    order.
 
     Args:
         labels: int labels ``[N]``.
@@ -58,77 +65,53 @@ def class_balanced_indices(
             raise DataError(
                 f"class {name!r} of split {split} has {len(candidates)} images, fewer than "
                 f"{_PER_CLASS_KEY.get(split, 'per_class')} = {per_class}",
-                f"lower {_PER_CLASS_KEY.get(split, 'per_class')} to at most {len(candidates)} or set it to null "
+                f"lower {_PER_CLASS_KEY.get(split, 'per_class')} to at most {len(candidates)} "
+                "or set it to null "
                 "(all images)",
             )
         chosen.append(candidates[:per_class])
     return np.sort(np.concatenate(chosen)).astype(np.int64)
 
 
-def _check_args(
-    train_per_class: int | None,
-    test_per_class: int | None,
-    image_size: int | None,
-    on_bad_image: str,
-) -> None:
-    for key, value in (("train_per_class", train_per_class), ("test_per_class", test_per_class),
-                       ("image_size", image_size)):  # fmt: skip
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ConfigError(f"{key} = {value!r} is invalid", "use a positive integer or null")
-    if on_bad_image not in ON_BAD_IMAGE:
-        raise ConfigError(f"on_bad_image = {on_bad_image!r} is invalid", f"use one of {list(ON_BAD_IMAGE)}")
-
-
-def _materialise(split: Split, image_size: int | None, on_bad_image: str, name: str, skipped: dict) -> Split:
-    """Resize arrays, or decode files into arrays, when ``image_size`` is set (the pre-resized path)."""
+def _materialise(
+    split: Split, image_size: int | None, on_bad_image: str, name: str, skipped: dict
+) -> Split:
+    """Resize arrays, or decode files into arrays, when ``image_size`` is set (the pre-resized
+    path)."""
     if image_size is None:
         return split
     if split.images is not None:
         return Split(labels=split.labels, images=resize_arrays(split.images, image_size))
-    return decode_files(split, image_size, on_bad_image=on_bad_image, split_name=name, skipped=skipped)
+    return decode_files(
+        split, image_size, on_bad_image=on_bad_image, split_name=name, skipped=skipped
+    )
 
 
 def run_prepare(
-    *,
-    source: str,
-    out: Path,
-    source_dir: Path | None,
-    train_per_class: int | None,
-    test_per_class: int | None,
-    image_size: int | None,
-    seed: int,
-    on_bad_image: str = "error",
-    download: bool = False,
-    test_fraction: float = 0.2,
-    verify_images: bool = True,
+    cfg: DatasetCfg, *, out: Path, source_dir: Path | None = None, verify_images: bool = True
 ) -> dict[str, Any]:
-    """Prepare one dataset into ``out``.
+    """Prepare one dataset of the profile into ``out``.
 
     Args:
-        source: a key of ``deit_repro.data.sources.SOURCES`` (``fashion_mnist``, ``digits``, ...).
+        cfg: the dataset's entry of ``params.yaml`` (source, subset sizes, resize, seed, ...),
+            already validated by :func:`deit_repro.config.load_params`.
         out: output directory; replaced atomically.
-        source_dir: the source's data directory (None: the source's default; Fashion-MNIST uses the
-            Debian package's ``/usr/share/datasets/fashion-mnist``).
-        train_per_class: training images kept per class (None: all).
-        test_per_class: test images kept per class (None: all).
-        image_size: resize to ``image_size`` x ``image_size`` (bicubic, shorter side + center crop);
-            file-list sources are then decoded into arrays. None keeps the native size (file-list
-            sources stay file lists).
-        seed: seed of the subset (and of the digits train/test split).
-        on_bad_image: ``"error"`` or ``"skip"`` for unreadable image files.
-        download: let torchvision download a missing source where it can.
-        test_fraction: held-out share for sources without a test split (digits).
+        source_dir: the source's data directory; default ``cfg.root``, else the source's usual
+            place (Fashion-MNIST: the Debian package's ``/usr/share/datasets/fashion-mnist``).
         verify_images: open every image file with PIL before using it (file-list sources).
 
     Returns:
         The manifest written to ``out/manifest.json``.
 
     Raises:
-        ConfigError: an invalid argument.
         DataError: the source is missing or malformed, or a class is too small for the subset.
     """
+    if source_dir is None and cfg.root:
+        source_dir = Path(cfg.root).expanduser()
+    source, seed, image_size, on_bad_image = cfg.source, cfg.seed, cfg.image_size, cfg.on_bad_image
+    train_per_class, test_per_class = cfg.train_per_class, cfg.test_per_class
+    download, test_fraction = cfg.download, cfg.test_fraction
     start = time.perf_counter()
-    _check_args(train_per_class, test_per_class, image_size, on_bad_image)
     params = {
         "source": source,
         "source_dir": None if source_dir is None else os.fspath(source_dir),
@@ -154,10 +137,14 @@ def run_prepare(
     splits = {}
     for name, split in raw.splits.items():
         per_class = {"train": train_per_class, "test": test_per_class}.get(name)
-        subset = split.take(class_balanced_indices(split.labels, per_class, raw.classes, seed, split=name))
+        subset = split.take(
+            class_balanced_indices(split.labels, per_class, raw.classes, seed, split=name)
+        )
         splits[name] = _materialise(subset, image_size, on_bad_image, name, skipped)
         _logger.info("%s/%s: %d of %d images kept", raw.name, name, len(splits[name]), len(split))
-    prepared = RawDataset(name=raw.name, source=raw.source, classes=raw.classes, splits=splits, skipped=skipped)
+    prepared = RawDataset(
+        name=raw.name, source=raw.source, classes=raw.classes, splits=splits, skipped=skipped
+    )
     manifest = write_prepared(out, prepared, params)
     _logger.info("prepared %s into %s in %.1f s", raw.name, out, time.perf_counter() - start)
     return manifest

@@ -1,12 +1,13 @@
-"""The paper's figures redrawn from the metrics of a run (issue #5): Figure 1 (top-1 vs measured
+"""The paper's figures redrawn from the metrics of a run: Figure 1 (top-1 vs measured
 throughput, the plot of Table 5) and Figure 3 (top-1 vs training epochs, with and without
 distillation).
 
-Plotting only: the numbers arrive as plain sequences from :mod:`deit_repro.tables`, which also
-writes them as tables. The PNG bytes are a function of those numbers alone: the Agg canvas is used
-directly (no pyplot global state, no backend switch), the style is matplotlib's default whatever
-the user's matplotlibrc says, the size and DPI are fixed, and the PNG carries no Software/date
-metadata, so a rerun on the same metrics and matplotlib version writes the same file.
+Plotting only: the numbers arrive as plain sequences from the table modules
+(:mod:`deit_repro.reporting.table_models`, :mod:`deit_repro.reporting.table_distillation`),
+which also write them as tables. The PNG bytes are a function of those numbers alone: the Agg
+canvas is used directly (no pyplot global state, no backend switch), the style is matplotlib's
+default whatever the user's matplotlibrc says, the size and DPI are fixed, and the PNG carries no
+Software/date metadata, so a rerun on the same metrics and matplotlib version writes the same file.
 """
 
 from __future__ import annotations
@@ -29,11 +30,11 @@ class Point:
     """One model in Figure 1: top-1 (mean, sample std over seeds) at a measured throughput."""
 
     label: str
-    family: str          # "convnet" | "transformer": marker and colour, as in the paper
+    family: str  # "convnet" | "transformer": marker and colour, as in the paper
     images_per_s: float
     top1: float
     top1_std: float = 0.0
-    series: str = ""     # points of one series are joined by a line (a model at two resolutions)
+    series: str = ""  # points of one series are joined by a line (a model at two resolutions)
 
 
 @dataclass(frozen=True)
@@ -68,14 +69,33 @@ def figure1(points: Sequence[Point], *, title: str) -> bytes:
         style = {"convnet": ("s", "tab:blue"), "transformer": ("o", "tab:red")}
         for series in sorted({p.series for p in points if p.series}):
             pts = sorted((p for p in points if p.series == series), key=lambda p: p.images_per_s)
-            ax.plot([p.images_per_s for p in pts], [p.top1 for p in pts], "-",
-                    color=style.get(pts[0].family, ("o", "gray"))[1], alpha=0.6, zorder=1)
+            ax.plot(
+                [p.images_per_s for p in pts],
+                [p.top1 for p in pts],
+                "-",
+                color=style.get(pts[0].family, ("o", "gray"))[1],
+                alpha=0.6,
+                zorder=1,
+            )
         for p in points:
             marker, color = style.get(p.family, ("o", "gray"))
-            ax.errorbar([p.images_per_s], [p.top1], yerr=[p.top1_std], fmt=marker, color=color,
-                        capsize=3, markersize=7, zorder=2)
-            ax.annotate(p.label, (p.images_per_s, p.top1), textcoords="offset points",
-                        xytext=(6, 5), fontsize=8)
+            ax.errorbar(
+                [p.images_per_s],
+                [p.top1],
+                yerr=[p.top1_std],
+                fmt=marker,
+                color=color,
+                capsize=3,
+                markersize=7,
+                zorder=2,
+            )
+            ax.annotate(
+                p.label,
+                (p.images_per_s, p.top1),
+                textcoords="offset points",
+                xytext=(6, 5),
+                fontsize=8,
+            )
         ax.set_xscale("log")
         ax.set_xlabel("measured throughput (images/s, log scale)")
         ax.set_ylabel("top-1 accuracy (%)")
@@ -94,8 +114,9 @@ def figure3(curves: Sequence[Curve], *, title: str) -> bytes:
         ax = fig.add_subplot()
         colors = ("tab:gray", "tab:red", "tab:blue", "tab:green")
         for curve, color in zip(curves, colors):
-            ax.fill_between(curve.epochs, curve.low, curve.high, color=color, alpha=0.2,
-                            linewidth=0)
+            ax.fill_between(
+                curve.epochs, curve.low, curve.high, color=color, alpha=0.2, linewidth=0
+            )
             ax.plot(curve.epochs, curve.mean, "o-", color=color, label=curve.label)
         ax.set_xlabel("training epochs")
         ax.set_ylabel("top-1 accuracy (%)")

@@ -1,0 +1,148 @@
+"""Reading the metrics of a run of the DAG and the paper's numbers (reference/paper/*.csv).
+
+Every read is logged (``Metrics.read``, ``Reference.read``), so that ``results/provenance.json``
+names, per table, the files that table read.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from deit_repro.errors import DataError
+from deit_repro.reporting.cells import DASH, NOT_RUN, Cell, Stat, pointer
+
+#: the paper's numbers in this repository: <repository root>/reference/paper
+REFERENCE = Path(__file__).resolve().parents[3] / "reference" / "paper"
+
+
+class Metrics:
+    """The metrics directory of a run of the DAG, read once.
+
+    Sources are written ``<dir name>/<file>#<JSON pointer>`` ("metrics/pretrain/deit.json#/heads/
+    joint/top1"); history CSVs ``<dir name>/<file>#column=<c>&epoch=<e>`` (every seed's row).
+    """
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise DataError(
+                f"metrics directory {root} does not exist",
+                "run the training and evaluate stages first (dvc repro)",
+            )
+        self.prefix = self.root.resolve().name
+        self.files = {
+            p.relative_to(self.root).with_suffix("").as_posix(): p
+            for p in sorted(self.root.rglob("*.json"))
+        }
+        self._cache: dict[str, Any] = {}
+        self.read: set[Path] = set()
+
+    def path(self, name: str, suffix: str = ".json") -> str:
+        return f"{self.prefix}/{name}{suffix}"
+
+    def has(self, name: str) -> bool:
+        return name in self.files
+
+    def get(self, name: str) -> dict:
+        if name not in self.files:
+            raise DataError(
+                f"metrics file {self.root / name}.json is missing",
+                "run the stage that writes it (see dvc.yaml)",
+            )
+        self.read.add(self.files[name])
+        return self.peek(name)
+
+    def peek(self, name: str) -> dict:
+        """A file's content without logging the read (for what a caption says about a file that
+        a table reads anyway)."""
+        if name not in self._cache:
+            self._cache[name] = json.loads(self.files[name].read_text())
+        return self._cache[name]
+
+    def stat(self, name: str, *keys: str) -> Stat | Cell:
+        """The Stat at ``keys`` of a file; "not run" if the file is missing, "–" if the key is."""
+        if not self.has(name):
+            return Cell(NOT_RUN)
+        node: Any = self.get(name)
+        for k in keys:
+            if not isinstance(node, dict) or k not in node:
+                return Cell(DASH)
+            node = node[k]
+        return Stat.of(node, self.path(name) + "#" + pointer(*keys))
+
+    def top1(self, name: str, head: str | None = None) -> Stat | Cell:
+        """Top-1 of a head, or (head None) the model's own top-1: joint if it has it, else cls."""
+        return self.stat(name, "heads", head, "top1") if head else self.stat(name, "top1")
+
+    def eval_weights(self) -> list[str]:
+        """The eval weights ("raw (not EMA)") of the JSON files read since ``read`` was cleared."""
+        out = set()
+        for name, path in self.files.items():
+            # a history CSV was evaluated as its stage's metrics file says
+            if path in self.read or self.root / f"{name}_history.csv" in self.read:
+                ev = self.peek(name).get("eval")
+                if isinstance(ev, dict) and ev.get("weights"):
+                    out.add(str(ev["weights"]))
+        return sorted(out)
+
+    def field(self, name: str, key: str, default: Any = None) -> Any:
+        return self.get(name).get(key, default) if self.has(name) else default
+
+    def history(self, name: str) -> pd.DataFrame | None:
+        path = self.root / f"{name}.csv"
+        if not path.is_file():
+            return None
+        self.read.add(path)
+        if name not in self._cache:
+            self._cache[name] = pd.read_csv(path)
+        return self._cache[name]
+
+
+class Reference:
+    """The paper's numbers (reference/paper/*.csv, see its SOURCES.md)."""
+
+    def __init__(self, root: Path = REFERENCE):
+        self.root = Path(root)
+        resolved = self.root.resolve()
+        self.prefix = f"{resolved.parent.name}/{resolved.name}"
+        self._cache: dict[str, pd.DataFrame] = {}
+        self.read: set[Path] = set()
+
+    def table(self, name: str) -> pd.DataFrame:
+        path = self.root / f"{name}.csv"
+        if not path.is_file():
+            raise DataError(f"reference table {path} is missing", "restore reference/paper/")
+        self.read.add(path)
+        if name not in self._cache:
+            self._cache[name] = pd.read_csv(path, dtype=str, keep_default_na=False)
+        return self._cache[name]
+
+    def row(self, name: str, **match: str) -> int | None:
+        """Index of the first row whose columns equal ``match`` (None if there is none)."""
+        df = self.table(name)
+        hit = df.index[(df[list(match)] == pd.Series(match)).all(axis=1)]
+        return int(hit[0]) if len(hit) else None
+
+    def cell(self, name: str, row: int | None, column: str) -> Cell:
+        """The printed value (as printed, e.g. "83.1" or "86M") with its source; "–" if empty."""
+        if row is None:
+            return Cell(DASH)
+        value = self.table(name).at[row, column]
+        if value == "":
+            return Cell(DASH)
+        return Cell(value, (f"{self.prefix}/{name}.csv#row={row}&column={column}",))
+
+    def number(self, name: str, row: int | None, column: str) -> Stat | None:
+        c = self.cell(name, row, column)
+        try:
+            return Stat(float(c.text), 0.0, (float(c.text),), c.sources, c.text)
+        except ValueError:
+            return None
+
+    def source(self, name: str, row: int | None) -> Cell:
+        """The row's ``source`` column (the transcription it comes from), kept with the numbers."""
+        return Cell(DASH) if row is None else Cell(self.table(name).at[row, "source"])

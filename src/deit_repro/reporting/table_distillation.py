@@ -1,0 +1,284 @@
+"""The distillation tables: convnet vs transformer teacher (paper Table 2), the distillation
+methods (Table 3), the disagreement between classifiers (Table 4) and top-1 against training
+epochs with and without distillation (Figure 3)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from deit_repro.reporting import figures
+from deit_repro.reporting.cells import DASH, NOT_RUN, Cell, Stat, Value, difference, num
+from deit_repro.reporting.context import Context, paper_variant
+from deit_repro.reporting.writers import Table
+
+
+def table2(c: Context) -> Table:
+    """Teacher comparison (paper Table 2): a convnet and a transformer teacher of the profile."""
+    ref = "table2_teacher_comparison"
+    t = Table(
+        "table2_teacher",
+        "Table 2 analogue: convnet vs transformer teacher",
+        [
+            "teacher",
+            "teacher top-1",
+            f"student top-1 @{c.pre_px}px",
+            "paper teacher",
+            "paper teacher top-1",
+            "paper student top-1 @224",
+            "paper student top-1 ↑384",
+            "paper source",
+        ],
+    )
+    t.notes = [
+        "Student: the headline DeiT⚗ (class+distillation), distilled from each teacher "
+        "(metrics/pretrain/deit.json, metrics/pretrain/deit_vit_teacher.json).",
+        c.paper_note(ref, what="arXiv v2 rows; ICML differs for RegNetY-12/16GF, see SOURCES.md"),
+    ]
+    rows = (
+        ("convnet", "teacher", "pretrain/deit", "RegNetY-16GF"),
+        ("transformer", "teacher_vit", "pretrain/deit_vit_teacher", "DeiT-B"),
+    )
+    for kind, teacher, student, paper_teacher in rows:
+        arch = c.m.field(teacher, "arch", NOT_RUN if not c.m.has(teacher) else "?")
+        prow = c.ref.row(ref, paper_version="arXiv_v2", teacher_model=paper_teacher)
+        t.add_row(
+            {
+                "teacher": f"{kind} ({arch})",
+                "teacher top-1": c.m.top1(teacher),
+                f"student top-1 @{c.pre_px}px": c.m.top1(student),
+                "paper teacher": paper_teacher,
+                "paper teacher top-1": c.ref.cell(ref, prow, "teacher_imagenet_top1"),
+                "paper student top-1 @224": c.ref.cell(ref, prow, "student_top1_pretrain_224"),
+                "paper student top-1 ↑384": c.ref.cell(ref, prow, "student_top1_finetuned_384"),
+                "paper source": c.ref.source(ref, prow),
+            }
+        )
+    return t
+
+
+TABLE3_ROWS = (  # (paper method, metrics file, head); DeiT⚗ rows share the headline model
+    ("DeiT - no distillation", "pretrain/none", "cls"),
+    ("DeiT - usual distillation", "pretrain/soft", "cls"),
+    ("DeiT - hard distillation", "pretrain/hard", "cls"),
+    ("DeiT-alembic: class embedding", "pretrain/deit", "cls"),
+    ("DeiT-alembic: distil. embedding", "pretrain/deit", "dist"),
+    ("DeiT-alembic: class+distillation", "pretrain/deit", "joint"),
+)
+
+
+def _method_label(method: str) -> str:
+    return method.replace("DeiT-alembic", "DeiT⚗")
+
+
+def _per_seed(s: Stat | Cell) -> Cell:
+    if isinstance(s, Cell):
+        return s
+    return Cell(" / ".join(num(v, 2) for v in s.values), s.sources)
+
+
+def table3(c: Context) -> Table:
+    """Distillation methods (paper Table 3), at the pretraining and the fine-tuned resolution."""
+    ref = "table3_distillation_methods"
+    v = paper_variant(c.params)
+    paper_cols = ([f"paper {v}"] if v != "DeiT-B" else []) + ["paper DeiT-B", "paper DeiT-B↑384"]
+    t = Table(
+        "table3_distillation",
+        "Table 3 analogue: distillation methods",
+        [
+            "method",
+            "teacher supervision",
+            "dist. token",
+            f"top-1 @{c.pre_px}px",
+            f"top-1 ↑{c.ft_px}px (fine-tuned)",
+            "per seed",
+            *paper_cols,
+            "paper source",
+        ],
+    )
+    t.notes = [
+        f"Headline model fine-tuned at {c.ft_px} px: metrics/finetune/bicubic.json.",
+        c.paper_note(ref),
+    ]
+    paper_col = {
+        f"paper {v}": f"top1_{v}_224",
+        "paper DeiT-B": "top1_DeiT-B_224",
+        "paper DeiT-B↑384": "top1_DeiT-B_384",
+    }
+    for method, name, head in TABLE3_ROWS:
+        s = c.m.top1(name, head)
+        kind = c.m.field(name, "distill", NOT_RUN)
+        token = c.m.field(name, "dist_token")
+        fine: Value = c.m.top1("finetune/bicubic", head) if name == "pretrain/deit" else DASH
+        prow = c.ref.row(ref, method=method)
+        t.add_row(
+            {
+                "method": _method_label(method),
+                "teacher supervision": kind,
+                "dist. token": DASH if token is None else ("yes" if token else "no"),
+                f"top-1 @{c.pre_px}px": s,
+                f"top-1 ↑{c.ft_px}px (fine-tuned)": fine,
+                "per seed": _per_seed(s),
+                **{col: c.ref.cell(ref, prow, paper_col[col]) for col in paper_cols},
+                "paper source": c.ref.source(ref, prow),
+            }
+        )
+    return t
+
+
+#: Table 4's classifiers: (label, evaluate.json names to try, paper row / column)
+TABLE4 = (
+    ("ground truth", ("ground_truth",), "groundtruth", "groundtruth"),
+    ("teacher", ("teacher",), "convnet (RegNetY)", "convnet_RegNetY"),
+    ("DeiT (no distillation)", ("none", "none/cls"), "DeiT (no distillation)", "DeiT_no_distill"),
+    ("DeiT⚗ class only", ("deit/cls",), "DeiT-alembic - class only", "DeiT-alembic_class_only"),
+    (
+        "DeiT⚗ distil. only",
+        ("deit/dist",),
+        "DeiT-alembic - distil. only",
+        "DeiT-alembic_distil_only",
+    ),
+    (
+        "DeiT⚗ class+distil.",
+        ("deit/joint", "deit"),
+        "DeiT-alembic - class+distil.",
+        "DeiT-alembic_class+distil",
+    ),
+)
+
+
+def classifier(c: Context, names: Sequence[str]) -> str | None:
+    if not c.m.has("evaluate"):
+        return None
+    have = c.m.get("evaluate")["disagreement"]
+    return next((n for n in names if n in have), None)
+
+
+def disagreement(c: Context, a: str | None, b: str | None) -> Stat | Cell:
+    """Fraction of test images on which two classifiers disagree (evaluate.json stores %)."""
+    if not c.m.has("evaluate"):
+        return Cell(NOT_RUN)
+    if a is None or b is None:
+        return Cell(DASH)
+    s = c.m.stat("evaluate", "disagreement", a, b)
+    return s.scaled(0.01) if isinstance(s, Stat) else s
+
+
+def table4(c: Context) -> Table:
+    """Disagreement between classifiers (paper Table 4), mean ± std over seeds, as a fraction."""
+    ref = "table4_disagreement"
+    ours = [label for label, *_ in TABLE4]
+    paper = [f"paper: {label}" for label in ours]
+    t = Table(
+        "table4_disagreement",
+        "Table 4 analogue: disagreement between classifiers",
+        ["classifier", *ours, *paper, "paper source"],
+    )
+    t.notes = [
+        "Fraction (0-1, as the paper) of test images on which the row and column "
+        "classifiers predict different classes, per seed from metrics/evaluate.json "
+        "(stored there in %), mean ± std over seeds.",
+        c.paper_note(ref),
+    ]
+    names = [classifier(c, n) for _, n, _, _ in TABLE4]
+    for (label, _, paper_row, _), a in zip(TABLE4, names):
+        prow = c.ref.row(ref, row_classifier=paper_row)
+        row: dict[str, Value] = {"classifier": label}
+        for (other, _, _, paper_col), b in zip(TABLE4, names):
+            row[other] = disagreement(c, a, b)
+            row[f"paper: {other}"] = c.ref.cell(ref, prow, paper_col)
+        row["paper source"] = c.ref.source(ref, prow)
+        t.add_row(row, digits=3)
+    return t
+
+
+def _curve(c: Context, name: str, label: str) -> tuple[figures.Curve, dict[int, Stat]] | None:
+    """Per evaluated epoch, top-1 over seeds of a pretraining history (joint head if present)."""
+    h = c.m.history(name)
+    if h is None:
+        return None
+    col = next((f"test_{hd}_top1" for hd in ("joint", "cls") if f"test_{hd}_top1" in h), None)
+    if col is None:
+        return None
+    h = h[h[col].notna()]
+    by_epoch: dict[int, Stat] = {}
+    for epoch, g in sorted(h.groupby("epoch"), key=lambda kv: kv[0]):
+        g = g.sort_values("seed")
+        by_epoch[int(epoch)] = Stat.over(
+            g[col].tolist(), [c.m.path(name, ".csv") + f"#column={col}&epoch={int(epoch)}"]
+        )
+    epochs = tuple(by_epoch)
+    return (
+        figures.Curve(
+            label,
+            epochs,
+            tuple(by_epoch[e].mean for e in epochs),
+            tuple(min(by_epoch[e].values) for e in epochs),
+            tuple(max(by_epoch[e].values) for e in epochs),
+        ),
+        by_epoch,
+    )
+
+
+def _range(s: Stat) -> Cell:
+    return Cell(f"{num(min(s.values), 2)}–{num(max(s.values), 2)}", s.sources)
+
+
+def figure3(c: Context) -> tuple[Table, list[figures.Curve], dict[str, dict[int, Stat]]]:
+    """Top-1 vs epochs with and without distillation (paper Figure 3) as a table and curves."""
+    ref = "figure3_epochs_anchors_from_tables_and_text"
+    t = Table(
+        "figure3_epochs",
+        "Figure 3 analogue: top-1 vs training epochs",
+        [
+            "epoch",
+            "DeiT (no distillation)",
+            "DeiT min–max",
+            "DeiT⚗ (class+distil.)",
+            "DeiT⚗ min–max",
+            "gap DeiT⚗ − DeiT",
+        ],
+        latex=False,
+        figure="figure3_epochs.png",
+    )
+    found = {
+        key: _curve(c, f"pretrain/{key}_history", label)
+        for key, label in (
+            ("none", "DeiT (no distillation)"),
+            ("deit", "DeiT⚗ (class+distillation)"),
+        )
+    }
+    curves = [v[0] for v in found.values() if v is not None]
+    by = {k: v[1] for k, v in found.items() if v is not None}
+    anchors = c.ref.table(ref)
+    said = "; ".join(
+        f"{r.series}: {f'{r.imagenet_top1} at {r.epochs} epochs' if r.imagenet_top1 else r.epochs}"
+        f" ({r.source})"
+        for r in anchors.itertuples()
+        if r.series.startswith(("DeiT-B (no", "DeiT-B alembic (distillation token)"))
+    )
+    t.notes = [
+        "Mean over seeds on the epochs where the test split was evaluated "
+        "(metrics/pretrain/{none,deit}_history.csv), min–max across seeds as the band. "
+        "Gap: mean of the per-seed differences.",
+        f"The paper's curve values are not printed; its anchors (DeiT-B, ImageNet, "
+        f"`reference/paper/{ref}.csv`): {said}. A different scale (hundreds of epochs), "
+        "so they are cited, not plotted.",
+    ]
+    for e in sorted(set(by.get("none", {})) | set(by.get("deit", {}))):
+        a, b = by.get("deit", {}).get(e), by.get("none", {}).get(e)
+        srcs = tuple(
+            c.m.path(f"pretrain/{k}_history", ".csv") + f"#column=epoch&epoch={e}"
+            for k in ("none", "deit")
+            if e in by.get(k, {})
+        )
+        t.add_row(
+            {
+                "epoch": Cell(str(e), srcs),
+                "DeiT (no distillation)": b or DASH,
+                "DeiT min–max": _range(b) if b else DASH,
+                "DeiT⚗ (class+distil.)": a or DASH,
+                "DeiT⚗ min–max": _range(a) if a else DASH,
+                "gap DeiT⚗ − DeiT": difference(a, b) if a and b else DASH,
+            }
+        )
+    return t, curves, by

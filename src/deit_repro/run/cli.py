@@ -1,0 +1,489 @@
+"""``deit-repro <stage> ...``: every stage of the DAG as a plain command.
+
+Parameters come from ``--params`` (default ``params.yaml``), loaded once; every path a stage reads
+or writes is an argument. This module only parses, dispatches and reports: what a stage computes,
+and every rule that changes a number, lives in :mod:`deit_repro.stages` (a DVC dep of the stage);
+where the runs happen is :mod:`deit_repro.run.launch` / :mod:`deit_repro.run.seeds`. Errors the
+user can fix print one line on stderr and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from deit_repro.config import LAUNCHED_STAGES, Params, load_params
+from deit_repro.errors import ConfigError, DeitReproError
+
+_logger = logging.getLogger("deit_repro")
+
+
+def _cmd_prepare(args, params: Params) -> None:
+    from deit_repro.stages.prepare import run_prepare
+
+    if args.dataset not in params.datasets:
+        raise ConfigError(
+            f"dataset '{args.dataset}' is not in params.yaml datasets "
+            f"({', '.join(sorted(params.datasets))})",
+            "add it under datasets:",
+        )
+    manifest = run_prepare(params.datasets[args.dataset], out=args.out, source_dir=args.source_dir)
+    counts = {s: v["count"] for s, v in manifest["splits"].items()}
+    print(
+        f"prepared {args.dataset} -> {args.out}: {counts}, content hash "
+        f"{manifest['content_hash'][:12]}"
+    )
+
+
+def _train(args, run) -> list[dict]:
+    """Run a training stage: one run (``--seed`` given, or the teacher) into ``--out``, or one
+    run per seed of the profile into ``--out/seed<k>/``; then the aggregate to ``--metrics``.
+
+    Where the runs happen is ``params.launch.launcher`` (or ``--launcher``): in this process (and
+    child processes for the seeds), or as submitit jobs on this machine or on SLURM.
+    """
+    from deit_repro.run import launch, seeds
+
+    specs = run.specs(args.out, args.run_dir, args.seed)
+    launcher = getattr(args, "launcher", None) or run.params.launch.launcher
+    if launcher != "in-process" and run.stage in LAUNCHED_STAGES:
+        if args.run_dir is None:
+            raise ConfigError(
+                f"launcher {launcher!r} needs --run-dir (the jobs checkpoint and requeue from it)",
+                "pass --run-dir DIR or use --launcher in-process",
+            )
+        runs = launch.submit_runs(
+            run, specs, run.params.launch, cluster=launcher, log_level=args.log_level
+        )
+    else:
+        run.use_threads()  # before forking: the children inherit it
+        jobs = args.jobs or seeds.default_jobs(len(specs), run.threads)
+        if jobs == 1:  # one at a time: no need for child processes
+            runs = [run(spec) for spec in specs]
+        else:
+            runs = seeds.fork_runs(run, specs, jobs)
+    run.summarise(runs, specs, metrics=args.metrics, history=args.history)
+    return runs
+
+
+def _summary(runs: list[dict]) -> str:
+    heads = runs[0]["heads"]
+    parts = []
+    for h in heads:
+        vals = [r["heads"][h]["top1"] for r in runs]
+        sd = f" ± {statistics.stdev(vals):.2f}" if len(vals) > 1 else ""
+        parts.append(f"{h} {statistics.fmean(vals):.2f}{sd}")
+    return f"top-1 ({len(runs)} seed{'s' if len(runs) > 1 else ''}): " + ", ".join(parts)
+
+
+def _cmd_teacher(args, params: Params) -> None:
+    from deit_repro.stages.training import teacher_run
+
+    run = teacher_run(params, data=args.data, weights=args.weights, arch=args.arch)
+    print(f"teacher -> {args.out}: {_summary(_train(args, run))}")
+
+
+def _cmd_pretrain(args, params: Params) -> None:
+    from deit_repro.stages.training import pretrain_run
+
+    run = pretrain_run(
+        params,
+        data=args.data,
+        teacher=args.teacher,
+        distill=args.distill,
+        dist_token=args.dist_token,
+    )
+    print(
+        f"pretrain {args.distill} token={run.options['dist_token']} -> {args.out}: "
+        f"{_summary(_train(args, run))}"
+    )
+
+
+def _cmd_finetune(args, params: Params) -> None:
+    from deit_repro.stages.training import finetune_run
+
+    run = finetune_run(
+        params,
+        data=args.data,
+        student=args.student,
+        teacher=args.teacher,
+        img_size=args.img_size,
+        interpolation=args.interpolation,
+    )
+    print(f"finetune -> {args.out}: {_summary(_train(args, run))}")
+
+
+def _cmd_transfer(args, params: Params) -> None:
+    from deit_repro.stages.training import transfer_run
+
+    run = transfer_run(params, data=args.data, init=args.init, student=args.student)
+    print(f"transfer ({args.init}) -> {args.out}: {_summary(_train(args, run))}")
+
+
+def _cmd_launch_plan(args, params: Params) -> None:
+    """Dry run: what the submitit launcher would submit for a training stage (no job is sent)."""
+    from deit_repro.core.datasets import per_rank_batch
+    from deit_repro.run import launch
+
+    res = getattr(params.launch, args.stage)
+    recipe = params.recipe(args.stage)
+    world = res.world_size
+    per_task = per_rank_batch(recipe.batch_size, world)
+    print(
+        f"# {args.stage} on launcher {params.launch.launcher}: {res.nodes} node(s) x "
+        f"{res.tasks_per_node} task(s) = world size {world}, {res.gpus_per_node} GPU(s)/node; "
+        f"global batch {recipe.batch_size} = {per_task} per task; effective lr "
+        f"{recipe.effective_lr():g}; one job per seed {list(params.seeds)}"
+    )
+    folder = (args.folder / f"seed{params.seeds[0]}" / "submitit").resolve()
+    print(
+        launch.sbatch_script(
+            params.launch, args.stage, folder, f"deit-repro-{args.stage}-seed{params.seeds[0]}"
+        )
+    )
+
+
+def _cmd_evaluate(args, params: Params) -> None:
+    from deit_repro.stages.evaluate import run_evaluate
+
+    models = {}
+    for item in args.model:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--model {item!r} is not NAME=DIR", "write e.g. --model deit=runs/x")
+        models[name] = Path(path)
+    res = run_evaluate(params, data=args.data, models=models, teacher=args.teacher, out=args.out)
+    for name, entry in res["models"].items():
+        print(
+            f"{name}: "
+            + ", ".join(
+                f"{h} {v['top1']['mean']:.2f} ± {v['top1']['std']:.2f}"
+                for h, v in entry["heads"].items()
+            )
+        )
+
+
+def _cmd_throughput(args, params: Params) -> None:
+    from deit_repro.stages.throughput import run_throughput
+
+    res = run_throughput(params, data=args.data, out=args.out)
+    for name, entry in res["models"].items():
+        print(
+            f"{name} ({entry['img_size']} px): {entry['images_per_s']:.0f} images/s "
+            f"(batch {entry['batch_size']})"
+        )
+
+
+def _cmd_import_weights(args, params: Params | None) -> None:
+    from deit_repro.stages.released import import_weights
+
+    meta = import_weights(
+        model=args.model,
+        weights=args.weights,
+        sha256=args.sha256,
+        data=args.data,
+        out=args.out,
+        img_size=args.img_size,
+    )
+    print(f"{args.model} ({meta['img_size']} px, sha256 {meta['sha256'][:12]}) -> {args.out}")
+
+
+def _cmd_tables(args, params: Params) -> None:
+    from deit_repro.reporting.report import run_tables
+
+    written = run_tables(params, metrics=args.metrics, out=args.out, reference=args.reference)
+    print("wrote " + ", ".join(str(p) for p in written))
+
+
+def _cmd_schema(args, params: Params | None) -> None:
+    import yaml
+
+    from deit_repro import atomic
+    from deit_repro.config import params_schema
+
+    text = yaml.safe_dump(params_schema(), sort_keys=False, width=100)
+    atomic.write_text(args.out, text)
+    print(f"wrote {args.out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="deit-repro", description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--log-level",
+        default=os.environ.get("DEIT_REPRO_LOG", "INFO"),
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+    )
+    sub = p.add_subparsers(dest="stage", required=True, metavar="STAGE")
+
+    def stage(name: str, func, help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.add_argument(
+            "--params",
+            type=Path,
+            default=Path("params.yaml"),
+            help="experiment parameters (default: params.yaml)",
+        )
+        sp.set_defaults(func=func)
+        return sp
+
+    def training(sp: argparse.ArgumentParser, launched: bool = True) -> None:
+        sp.add_argument("--data", type=Path, required=True, help="prepared dataset directory")
+        sp.add_argument("--out", type=Path, required=True, help="model directory to write")
+        sp.add_argument(
+            "--run-dir",
+            type=Path,
+            default=None,
+            help="the run's working directory: resumable checkpoint, live history, "
+            "run.json provenance (default: none; run.json goes to --out)",
+        )
+        sp.add_argument(
+            "--seed",
+            type=int,
+            default=None,
+            help="train this one seed into --out (default: every seed of params "
+            "seeds, into --out/seed<k>/)",
+        )
+        sp.add_argument(
+            "--metrics",
+            type=Path,
+            default=None,
+            help="JSON file for the metrics' mean ± std over the seeds",
+        )
+        sp.add_argument(
+            "--history",
+            type=Path,
+            default=None,
+            help="CSV file for the per-epoch metrics of every seed",
+        )
+        sp.add_argument(
+            "--jobs",
+            type=int,
+            default=None,
+            help="seeds trained at a time (default: cores / params threads)",
+        )
+        if launched:
+            sp.add_argument(
+                "--launcher",
+                choices=["in-process", "local", "slurm"],
+                default=None,
+                help="where the runs train (default: params launch.launcher): here, "
+                "or one submitit job per seed on this machine or on SLURM",
+            )
+
+    sp = stage("prepare", _cmd_prepare, "materialise a dataset of the profile (with manifest)")
+    sp.add_argument("--dataset", required=True, help="a key of datasets: in params.yaml")
+    sp.add_argument("--out", type=Path, required=True)
+    sp.add_argument(
+        "--source-dir",
+        type=Path,
+        default=None,
+        help="where the raw data is (default: the source's usual place)",
+    )
+
+    sp = stage("teacher", _cmd_teacher, "train the convnet teacher or load released weights")
+    training(sp, launched=False)
+    sp.add_argument(
+        "--weights",
+        type=Path,
+        default=None,
+        help="a local weights file instead of training / downloading",
+    )
+    sp.add_argument(
+        "--arch",
+        choices=["convnet", "vit"],
+        default="convnet",
+        help="the distillation teacher (convnet) or Table 2's transformer teacher",
+    )
+
+    sp = stage("pretrain", _cmd_pretrain, "train a DeiT student (none | soft | hard distillation)")
+    training(sp)
+    sp.add_argument("--teacher", type=Path, default=None, help="teacher model directory")
+    sp.add_argument("--distill", choices=["none", "soft", "hard"], required=True)
+    sp.add_argument(
+        "--dist-token",
+        choices=["yes", "no", "auto"],
+        default="auto",
+        help="add the distillation token (DeiT⚗); auto: yes unless --distill none",
+    )
+
+    sp = stage("finetune", _cmd_finetune, "fine-tune a student at a higher resolution")
+    training(sp)
+    sp.add_argument("--student", type=Path, required=True)
+    sp.add_argument("--teacher", type=Path, default=None)
+    sp.add_argument("--img-size", type=int, default=None, help="default: finetune.img_size")
+    sp.add_argument(
+        "--interpolation",
+        choices=["bicubic", "bilinear"],
+        default=None,
+        help="positional-embedding resampling (default: finetune.interpolation)",
+    )
+
+    sp = stage("transfer", _cmd_transfer, "fine-tune a pretrained student on another dataset")
+    training(sp)
+    sp.add_argument(
+        "--init",
+        choices=["pretrained", "scratch"],
+        default="pretrained",
+        help="start from --student, or train the same architecture from scratch",
+    )
+    sp.add_argument("--student", type=Path, default=None, help="pretrained student directory")
+
+    sp = stage("evaluate", _cmd_evaluate, "accuracy per head, disagreement, throughput")
+    sp.add_argument("--data", type=Path, required=True)
+    sp.add_argument("--model", action="append", default=[], metavar="NAME=DIR", required=True)
+    sp.add_argument("--teacher", type=Path, default=None)
+    sp.add_argument("--out", type=Path, required=True, help="JSON file to write")
+
+    sp = stage(
+        "throughput",
+        _cmd_throughput,
+        "inference throughput of the profile's models (largest batch that fits, mean of repeats)",
+    )
+    sp.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help="prepared dataset giving the class count and channels",
+    )
+    sp.add_argument("--out", type=Path, required=True, help="JSON file to write")
+
+    sp = stage(
+        "import-weights",
+        _cmd_import_weights,
+        "released weights (URL or file, pinned "
+        "sha256) as a model directory: the evaluate-only path",
+    )
+    sp.add_argument(
+        "--model", required=True, help="exact timm name, e.g. deit_base_distilled_patch16_224"
+    )
+    sp.add_argument("--weights", required=True, help="a local file or a URL")
+    sp.add_argument(
+        "--sha256",
+        required=True,
+        help="pinned digest (or the >= 8-digit prefix in a release's file name)",
+    )
+    sp.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help="prepared dataset it will be evaluated on (classes, channels)",
+    )
+    sp.add_argument(
+        "--img-size",
+        type=int,
+        default=None,
+        help="input resolution (default: from the name, else 224)",
+    )
+    sp.add_argument("--out", type=Path, required=True, help="model directory to write")
+
+    sp = stage(
+        "launch-plan",
+        _cmd_launch_plan,
+        "dry run: print the sbatch file the submitit "
+        "launcher would submit for a training stage (nothing is submitted)",
+    )
+    sp.add_argument("--stage", choices=LAUNCHED_STAGES, default="pretrain")
+    sp.add_argument(
+        "--folder",
+        type=Path,
+        default=Path("runs/pretrain/deit"),
+        help="the stage's run directory (submitit logs go below it)",
+    )
+
+    sp = sub.add_parser(
+        "schema",
+        help="write the JSON schema of params.yaml (Snakemake validates its config with it)",
+    )
+    sp.add_argument("--out", type=Path, default=Path("workflow/schemas/params.schema.yaml"))
+    sp.set_defaults(func=_cmd_schema)
+
+    sp = stage("tables", _cmd_tables, "regenerate the paper's tables from the metrics")
+    sp.add_argument(
+        "--metrics", type=Path, required=True, help="the metrics directory of the DAG (metrics/)"
+    )
+    sp.add_argument(
+        "--reference",
+        type=Path,
+        default=Path("reference/paper"),
+        help="the paper's numbers as CSV (default: reference/paper)",
+    )
+    sp.add_argument("--out", type=Path, required=True, help="results directory")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one ``deit-repro`` command; its exit status."""
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    logging.basicConfig(
+        level=args.log_level,
+        format="%(asctime)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    t0 = time.perf_counter()
+    try:
+        params = load_params(args.params) if hasattr(args, "params") else None
+        args.func(args, params)
+        _report_cost(args.stage, time.perf_counter() - t0)
+    except DeitReproError as err:
+        print(f"deit-repro {args.stage}: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            # A failed write() carries no file name: name the stage's outputs instead.
+            outputs = [
+                f"--{flag.replace('_', '-')} {getattr(args, flag)}"
+                for flag in ("out", "run_dir")
+                if getattr(args, flag, None)
+            ]
+            where = err.filename or ", ".join(outputs) or "an output"
+            print(
+                f"deit-repro {args.stage}: error: no space left on device writing {where}; "
+                "free disk space and re-run (outputs are written atomically: the last "
+                "complete checkpoint is kept)",
+                file=sys.stderr,
+            )
+            return 4
+        raise
+    except KeyboardInterrupt:
+        print(f"deit-repro {args.stage}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _report_cost(stage: str, seconds: float) -> None:
+    """One line per stage with its wall time and peak memory (this process and its children), so
+    `dvc repro` shows the per-stage breakdown."""
+    import resource
+
+    peak_kib = max(
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
+    )
+    print(
+        f"deit-repro {stage}: done in {seconds:.1f} s, peak RSS {peak_kib / 1024:.0f} MiB",
+        file=sys.stderr,
+    )
+
+
+def entry() -> None:
+    """The ``deit-repro`` command: :func:`main` in a child of the fork server when one runs (torch
+    and timm already imported; see :mod:`deit_repro.run.forkserver`), else in this process."""
+    from deit_repro.run import forkserver
+
+    try:
+        code = forkserver.call(sys.argv, target=f"{__name__}:main")
+    except DeitReproError as err:
+        print(f"deit-repro: error: {err}", file=sys.stderr)
+        code = err.exit_code
+    forkserver.finish(main() if code is None else code)
+
+
+if __name__ == "__main__":
+    entry()

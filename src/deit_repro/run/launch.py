@@ -1,0 +1,330 @@
+"""Training stages as submitit jobs, on this machine's processes or on SLURM.
+
+One scheme, whatever engine calls the stage: the stage command submits one job per seed (nodes x
+tasks_per_node processes, one per GPU, DDP over NCCL on GPUs and gloo on CPUs) and waits. Under
+Snakemake's SLURM profile such a stage is a *local* rule (Snakefile): it is never itself a SLURM
+job that submits SLURM jobs. On timeout or preemption (SLURM's USR2, ``signal_delay_s`` before
+the kill) submitit requeues the job and it resumes from the run's last complete checkpoint,
+written every epoch (``deit_repro.core.engine.fit``); ``scontrol requeue`` restarts it the same
+way. Each job runs a :class:`deit_repro.stages.training.TrainingRun`, the very object an
+in-process run calls: this module decides where runs happen, never what they compute.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import submitit
+
+from deit_repro import atomic
+from deit_repro.errors import DeitReproError, TrainingError
+
+_logger = logging.getLogger(__name__)
+
+#: where a stage's run directory keeps the job it submitted (to wait on it again after a restart)
+JOB_FILE = "submitit-job.json"
+
+
+def sbatch_parameters(launch, stage: str, name: str) -> dict[str, Any]:
+    """The sbatch options of one training job of ``stage`` (submitit SlurmExecutor keywords).
+
+    Everything comes from ``params.launch``: resources per stage and the user's site settings
+    (partition, account, qos, constraint, extra options); nothing about a cluster is in code.
+    """
+    res = getattr(launch, stage)
+    mem = (
+        f"{int(res.mem_gb)}GB" if float(res.mem_gb).is_integer() else f"{int(res.mem_gb * 1024)}MB"
+    )
+    slurm = launch.slurm
+    params: dict[str, Any] = {
+        "job_name": name,
+        "time": res.timeout_min,
+        "nodes": res.nodes,
+        "ntasks_per_node": res.tasks_per_node,
+        "cpus_per_task": res.cpus_per_task,
+        "gpus_per_node": res.gpus_per_node or None,
+        "mem": mem,
+        "signal_delay_s": launch.signal_delay_s,
+        "partition": slurm.partition,
+        "account": slurm.account,
+        "qos": slurm.qos,
+        "constraint": slurm.constraint,
+        "additional_parameters": dict(slurm.additional) or None,
+    }
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def sbatch_script(launch, stage: str, folder: Path, name: str) -> str:
+    """The sbatch file submitit would submit for ``stage`` (the dry run of ``launch-plan``)."""
+    import shlex
+
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    command = (
+        f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(str(folder))}"
+    )
+    return _make_sbatch_string(
+        command=command, folder=folder, **sbatch_parameters(launch, stage, name)
+    )
+
+
+def make_executor(cluster: str, folder: Path, launch, stage: str, name: str):
+    """A submitit executor for one training job of ``stage``: ``slurm`` or ``local``.
+
+    Always explicit: submitit's AutoExecutor silently picks SLURM wherever ``srun`` is on PATH.
+    """
+    res = getattr(launch, stage)
+    if cluster == "slurm":
+        ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=launch.max_requeues)
+        ex.update_parameters(**sbatch_parameters(launch, stage, name))
+        return ex
+    if cluster == "local":
+        ex = submitit.LocalExecutor(folder=folder, max_num_timeout=launch.max_requeues)
+        ex.update_parameters(
+            timeout_min=res.timeout_min,
+            tasks_per_node=res.tasks_per_node,
+            gpus_per_node=res.gpus_per_node,
+            nodes=1,
+            signal_delay_s=launch.signal_delay_s,
+        )
+        return ex
+    raise DeitReproError(
+        f"launcher {cluster!r} is not local or slurm",
+        "set launch.launcher to in-process, local or slurm",
+    )
+
+
+class TrainingJob(submitit.helpers.Checkpointable):
+    """One seed of a training stage as a submitit job: every task joins one DDP group.
+
+    Each task calls ``run(spec)``, the stage's own :class:`~deit_repro.stages.training.TrainingRun`
+    (pickled by submitit), so a job and an in-process run execute the same code. Requeued after
+    a timeout or preemption, it simply runs again: ``fit`` resumes from the run directory's
+    checkpoint.
+    """
+
+    def __init__(self, run, spec, log_level: str = "INFO"):
+        self.run, self.spec, self.log_level = run, spec, log_level
+
+    def __call__(self) -> dict[str, Any]:
+        import torch
+
+        logging.basicConfig(
+            level=self.log_level,
+            format="%(asctime)s %(name)s: %(message)s",
+            datefmt="%H:%M:%S",
+            stream=sys.stderr,
+        )
+        env = submitit.helpers.TorchDistributedEnvironment()
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+        if env.world_size > 1:
+            env.export(set_cuda_visible_devices=False, overwrite=True)
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            torch.distributed.init_process_group(backend=backend, init_method="env://")
+        try:
+            metrics = self.run(self.spec)
+        except DeitReproError as err:
+            return {"error": str(err), "exit_code": err.exit_code, "rank": env.rank}
+        finally:
+            if torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+        return {
+            "metrics": metrics if env.rank == 0 else None,
+            "rank": env.rank,
+            "world_size": env.world_size,
+            "restarts": restarts,
+        }
+
+    def checkpoint(self, *args: Any, **kwargs: Any):
+        """Called by submitit on USR2 (timeout / preemption): requeue the same job. The model
+        state is already on disk (a complete checkpoint every epoch, written atomically)."""
+        _logger.warning(
+            "training job interrupted: requeuing; it resumes from the last complete checkpoint"
+        )
+        return submitit.helpers.DelayedSubmission(TrainingJob(self.run, self.spec, self.log_level))
+
+
+def run_key(run, spec) -> str:
+    """What a job trains, as a digest: a re-run of the same command finds the job that an
+    earlier, killed invocation submitted for the same run (the dataclasses' repr is stable)."""
+    return hashlib.sha256(repr((run, spec)).encode()).hexdigest()
+
+
+def _reattach(cluster: str, job_file: Path, key: str):
+    """The SLURM job an earlier (killed) invocation submitted for the same command, if it is
+    still queued or running: wait for it instead of training the same run twice."""
+    if cluster != "slurm" or not job_file.is_file():
+        return None
+    try:
+        rec = json.loads(job_file.read_text())
+    except (OSError, ValueError):
+        return None
+    if rec.get("key") != key:
+        return None
+    job = submitit.SlurmJob(folder=rec["folder"], job_id=rec["job_id"])
+    return job if _live_state(job) in _ALIVE else None
+
+
+#: SLURM states of a job that is queued, running or will run again (a requeued job is PENDING
+#: again); any other state, UNKNOWN included (neither scontrol nor sacct knows the job), is over
+_ALIVE = (
+    "PENDING",
+    "RUNNING",
+    "REQUEUED",
+    "REQUEUE_HOLD",
+    "REQUEUE_FED",
+    "CONFIGURING",
+    "COMPLETING",
+    "RESIZING",
+    "SUSPENDED",
+    "STOPPED",
+    "SIGNALING",
+    "STAGE_OUT",
+)
+
+
+def _live_state(job) -> str:
+    """The job's state as the controller sees it now (``scontrol``), not as accounting last
+    recorded it: after a requeue, ``sacct`` may still report the first allocation's end
+    (COMPLETED) while the job is pending again. Falls back to submitit's (sacct) state; only the
+    state's name (``CANCELLED by 0`` -> ``CANCELLED``), UNKNOWN when neither knows the job."""
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "job", "-o", str(job.job_id)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout
+        state = dict(kv.split("=", 1) for kv in out.split() if "=" in kv).get("JobState")
+    except (OSError, subprocess.TimeoutExpired):
+        state = None
+    words = (state or job.state).split()
+    return words[0].upper() if words else "UNKNOWN"
+
+
+def _wait_through_requeues(job, poll_s: float = 5.0, grace_s: float = 120.0) -> None:
+    """Wait until the job has written its result or is over for good.
+
+    submitit alone gives up 15 s after ``sacct`` says the job ended without a result file, which
+    is what a requeued job looks like between its allocations (after USR2 or ``scontrol
+    requeue``). Here an ended job gets ``grace_s`` for its result to appear, and a job the
+    controller shows as queued or running again is waited for.
+    """
+    ended_at = None
+    while not job.paths.result_pickle.exists():
+        if _live_state(job) in _ALIVE:
+            ended_at = None
+        else:
+            ended_at = ended_at or time.time()
+            if time.time() - ended_at > grace_s:
+                return  # job.results() raises with submitit's own account of the failure
+        time.sleep(poll_s)
+
+
+def _interrupt(_signum, _frame) -> None:
+    """SIGTERM (an engine stopping the stage) handled as Ctrl-C: the waiting stage cancels its
+    jobs on the way out."""
+    raise KeyboardInterrupt
+
+
+def submit_runs(
+    run, specs: Sequence[Any], launch, *, cluster: str, log_level: str = "INFO"
+) -> list[dict[str, Any]]:
+    """Submit one job per spec (seed, model directory, run directory) and wait for all; their
+    ``metrics.json``.
+
+    Args:
+        run: the stage's :class:`~deit_repro.stages.training.TrainingRun`; ``run.stage``
+            selects the ``launch.<stage>`` resources.
+        specs: each run's seed, model directory and run directory (checkpoint, submitit logs).
+        launch: ``params.launch``.
+        cluster: ``local`` or ``slurm``.
+        log_level: the jobs' logging level.
+    """
+    import signal
+
+    from submitit.core.utils import FailedJobError, UncompletedJobError
+
+    stage = run.stage
+    res = getattr(launch, stage)
+    jobs = []
+    for spec in specs:
+        seed, out, run_dir = spec.seed, spec.out, spec.run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        job_file = run_dir / JOB_FILE
+        key = run_key(run, spec)
+        job = _reattach(cluster, job_file, key)
+        if job is not None:
+            print(
+                f"deit-repro {stage}: seed {seed}: waiting again for slurm job {job.job_id}, "
+                "submitted by an earlier invocation",
+                file=sys.stderr,
+                flush=True,
+            )
+        else:
+            folder = (run_dir / "submitit").resolve()
+            name = f"deit-repro-{stage}-seed{seed}"
+            # One flat folder that exists before sbatch returns: with a per-job "%j" folder,
+            # submitit creates it only after submission, and a job the scheduler starts at
+            # once fails to open its log there (slurmd: "Could not open stdout file").
+            folder.mkdir(parents=True, exist_ok=True)
+            ex = make_executor(cluster, folder, launch, stage, name)
+            job = ex.submit(TrainingJob(run, spec, log_level))
+            atomic.write_json(
+                job_file,
+                {"job_id": job.job_id, "cluster": cluster, "folder": str(folder), "key": key},
+            )
+            print(
+                f"deit-repro {stage}: seed {seed} submitted as {cluster} job {job.job_id} "
+                f"({res.nodes} node(s) x {res.tasks_per_node} task(s), "
+                f"{res.gpus_per_node} GPU(s)/node); logs in {folder}/{job.job_id}_*",
+                file=sys.stderr,
+                flush=True,
+            )
+        jobs.append((seed, out, job))
+
+    # The stage waits for its jobs; if it is stopped (Ctrl-C, SIGTERM from an engine) it cancels
+    # them, so no job keeps training into a run directory that a later invocation will use.
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, _interrupt)
+    results = []
+    try:
+        for seed, out, job in jobs:
+            try:
+                if cluster == "slurm":
+                    _wait_through_requeues(job)
+                result = job.results()[0]  # task 0 is global rank 0
+            except (FailedJobError, UncompletedJobError) as err:
+                first = " ".join(line.strip() for line in str(err).splitlines()[:2])
+                raise TrainingError(
+                    f"seed {seed}: {cluster} job {job.job_id} failed ({first[:200]}); its log: "
+                    f"{job.paths.stderr}",
+                    "fix the cause and re-run: the run resumes from its last checkpoint",
+                ) from None
+            if "error" in result:
+                err = DeitReproError(f"seed {seed}: {result['error']}")
+                err.exit_code = result.get("exit_code", 2)
+                raise err
+            print(
+                f"deit-repro {stage}: seed {seed} {cluster} job {job.job_id} finished (world "
+                f"size {result['world_size']}, {result['restarts']} restart(s))",
+                file=sys.stderr,
+                flush=True,
+            )
+            results.append(json.loads((out / "metrics.json").read_text()))
+    except BaseException:
+        for _, _, job in jobs:
+            if not job.done():
+                job.cancel(check=False)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return results

@@ -1,0 +1,211 @@
+"""The package's layout keeps its promises (docs/architecture.md):
+
+* no import circle, and no import from a lower floor up to a higher one;
+* each DVC stage's code deps cover everything its computation imports, and no stage depends on
+  orchestration (CLI, launchers, fork server);
+* a training checkpoint's fingerprint hashes the computing code only;
+* one style: ``ruff check`` and ``ruff format --check`` pass.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+from deit_repro import code_deps
+
+SRC = ROOT / "src" / "deit_repro"
+VENV_BIN = Path(sys.executable).parent
+
+
+def _cycles(graph: dict[str, tuple[str, ...]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan), and self-imports."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1 or v in graph.get(v, ()):
+                found.append(sorted(comp))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return found
+
+
+def _graph() -> dict[str, tuple[str, ...]]:
+    return {m: code_deps.imports_of(m) for m in code_deps.all_modules()}
+
+
+def test_the_import_graph_is_read_from_the_source():
+    # Function-level imports count: the CLI imports the stages inside its command functions.
+    assert "deit_repro.stages.training" in code_deps.imports_of("deit_repro.run.cli")
+    assert "deit_repro.core.records" in code_deps.imports_of("deit_repro.stages.evaluate")
+    closure = code_deps.closure("deit_repro.stages.evaluate")
+    assert "deit_repro.core.batches" in closure  # the eval crop, through core.datasets
+    assert "deit_repro.data.store" in closure  # the reader of the prepared data
+    assert not [m for m in closure if m.startswith(("deit_repro.run", "deit_repro.reporting"))]
+
+
+def test_no_import_circle():
+    graph = _graph()
+    assert len(graph) > 30
+    assert _cycles(graph) == []
+    # the check itself finds one
+    assert _cycles({**graph, "deit_repro.errors": ("deit_repro.run.cli",)})
+
+
+def test_no_import_from_a_lower_floor_to_a_higher_one():
+    upward = []
+    for module, imported in _graph().items():
+        floor, unit = code_deps.unit_of(module)
+        for dep in imported:
+            dep_floor, dep_unit = code_deps.unit_of(dep)
+            if dep_unit != unit and dep_floor >= floor:
+                upward.append(f"{module} (floor {floor}) imports {dep} (floor {dep_floor})")
+    assert upward == []
+
+
+def _dvc_stages(root: Path) -> list[tuple[str, list[str]]]:
+    """Every resolved stage of dvc.yaml with its dependency paths relative to ``root``."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        return [
+            (st.name, [Path(d.fs_path).relative_to(root).as_posix() for d in st.deps])
+            for st in repo.index.stages
+            if st.cmd
+        ]
+
+
+def uncovered_code_deps(root: Path) -> list[str]:
+    """Each stage's computing files that its dvc.yaml deps miss, and each orchestration dep."""
+    problems = []
+    for stage, deps in _dvc_stages(root):
+        family = stage.split("@")[0]
+        if family not in code_deps.COMPUTED_BY:
+            problems.append(f"{stage}: no module in deit_repro.code_deps.COMPUTED_BY")
+            continue
+        module = code_deps.COMPUTED_BY[family]
+        for path in code_deps.closure_files(module):
+            rel = path.relative_to(ROOT).as_posix()
+            if not any(rel == d or rel.startswith(d.rstrip("/") + "/") for d in deps):
+                problems.append(
+                    f"{stage}: {rel} is imported by its computation ({module}) but "
+                    "is not among its deps in dvc.yaml"
+                )
+        problems += [
+            f"{stage}: depends on orchestration code {d}"
+            for d in deps
+            if d == "src/deit_repro/run"
+            or d.startswith("src/deit_repro/run/")
+            or d == "src/deit_repro"
+        ]
+    return problems
+
+
+def test_each_stage_depends_on_the_code_it_computes_with_and_on_no_orchestration():
+    assert uncovered_code_deps(ROOT) == []
+    stages = {s.split("@")[0] for s, _ in _dvc_stages(ROOT)}
+    assert stages == set(code_deps.COMPUTED_BY)  # every stage is mapped, and only stages
+
+
+def test_the_deps_check_names_the_stage_and_the_missing_file(tmp_path):
+    """A dvc.yaml with one real dep removed fails the check above, naming stage and file."""
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    (tmp_path / ".dvc").mkdir()
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / "src").symlink_to(ROOT / "src")
+    (tmp_path / "reference").symlink_to(ROOT / "reference")
+    text = (tmp_path / "dvc.yaml").read_text()
+    evaluate = text.index("\n  evaluate:")
+    line = "      - src/deit_repro/core\n"
+    cut = text.index(line, evaluate)
+    (tmp_path / "dvc.yaml").write_text(text[:cut] + text[cut + len(line) :])
+    problems = [p for p in uncovered_code_deps(tmp_path) if p.startswith("evaluate:")]
+    assert (
+        "evaluate: src/deit_repro/core/batches.py is imported by its computation "
+        "(deit_repro.stages.evaluate) but is not among its deps in dvc.yaml" in problems
+    )
+    assert not [p for p in uncovered_code_deps(tmp_path) if not p.startswith("evaluate:")]
+
+
+def _hash_in_copy(tmp_path: Path, edit: str | None) -> str:
+    """``code_hash`` of the training stage in a copy of the package, after appending a comment
+    to the file ``edit`` (relative to the package)."""
+    copy = tmp_path / (edit or "none").replace("/", "_") / "deit_repro"
+    shutil.copytree(SRC, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    if edit:
+        with open(copy / edit, "a") as fh:
+            fh.write("# an edit\n")
+    code = (
+        "from deit_repro.code_deps import code_hash; print(code_hash('deit_repro.stages.training'))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=copy.parent,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(copy.parent)},
+        check=True,
+    )
+    return out.stdout.strip()
+
+
+def test_the_checkpoint_fingerprint_hashes_the_computing_code_only(tmp_path):
+    base = _hash_in_copy(tmp_path, None)
+    assert len(base) == 16
+    for orchestration_or_report in (
+        "run/launch.py",
+        "run/forkserver.py",
+        "run/cli.py",
+        "reporting/claims.py",
+        "stages/evaluate.py",
+    ):
+        assert _hash_in_copy(tmp_path, orchestration_or_report) == base, orchestration_or_report
+    for computing in (
+        "core/engine.py",
+        "core/batches.py",
+        "data/store.py",
+        "config.py",
+        "stages/training.py",
+    ):
+        assert _hash_in_copy(tmp_path, computing) != base, computing
+
+
+@pytest.mark.parametrize("command", [["check"], ["format", "--check"]])
+def test_one_style_ruff(command):
+    ruff = VENV_BIN / "ruff"
+    if not ruff.exists():
+        ruff = shutil.which("ruff")
+    assert ruff, "ruff is not installed: run scripts/setup.sh (it installs the test extras)"
+    out = subprocess.run(
+        [str(ruff), *command, "src", "tests", "bench"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
