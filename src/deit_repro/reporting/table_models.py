@@ -30,6 +30,15 @@ def throughput(c: Context, key: str) -> tuple[Cell, Cell, Any]:
     )
 
 
+def _resolution(c: Context, key: str, entry: Any) -> Cell:
+    """The resolution an architecture's throughput was measured at (a dash when not measured)."""
+    if not entry:
+        return Cell(DASH)
+    return Cell(
+        str(entry["img_size"]), (f"{c.m.path('throughput')}#{pointer('models', key, 'img_size')}",)
+    )
+
+
 def _throughput_note(c: Context) -> str:
     if not c.m.has("throughput"):
         return "Throughput: not run."
@@ -88,14 +97,7 @@ def table1(c: Context) -> Table:
         (f"DeiT⚗↑{c.ft_px} ({name})", f"deit_distilled_{c.ft_px}"),
     ):
         ips, npar, entry = throughput(c, key)
-        res = (
-            Cell(
-                str(entry["img_size"]),
-                (c.m.path("throughput") + "#" + pointer("models", key, "img_size"),),
-            )
-            if entry
-            else Cell(DASH)
-        )
+        res = _resolution(c, key, entry)
         t.add_row(
             {
                 "model": label,
@@ -191,14 +193,7 @@ def table5(c: Context) -> tuple[Table, list[figures.Point]]:
     points = []
     for label, family, key, _name, top1, paper_net, series in _table5_models(c):
         ips, npar, entry = throughput(c, key)
-        res = (
-            Cell(
-                str(entry["img_size"]),
-                (c.m.path("throughput") + "#" + pointer("models", key, "img_size"),),
-            )
-            if entry
-            else Cell(DASH)
-        )
+        res = _resolution(c, key, entry)
         prow = _table5_row(c, paper_net)
         if prow is None and "up384" in paper_net:  # only DeiT-B was fine-tuned at 384
             paper_net = "DeiT-B alembic up384"
