@@ -113,7 +113,7 @@ def uncovered_code_deps(root: Path) -> list[str]:
             continue
         module = code_deps.COMPUTED_BY[family]
         for path in code_deps.closure_files(module):
-            rel = path.relative_to(ROOT).as_posix()
+            rel = "src/deit_repro/" + path.relative_to(code_deps.ROOT).as_posix()
             if not any(rel == d or rel.startswith(d.rstrip("/") + "/") for d in deps):
                 problems.append(
                     f"{stage}: {rel} is imported by its computation ({module}) but "
@@ -130,7 +130,8 @@ def uncovered_code_deps(root: Path) -> list[str]:
 
 
 def test_each_stage_depends_on_the_code_it_computes_with_and_on_no_orchestration():
-    assert uncovered_code_deps(ROOT) == []
+    problems = uncovered_code_deps(ROOT)
+    assert not problems, "code deps missing from dvc.yaml:\n" + "\n".join(problems)
     stages = {s.split("@")[0] for s, _ in _dvc_stages(ROOT)}
     assert stages == set(code_deps.COMPUTED_BY)  # every stage is mapped, and only stages
 
