@@ -297,3 +297,79 @@ def test_the_timm_per_image_pipeline_trains_deterministically(
         assert m["epochs"] == 1 and 0.0 <= m["top1"] <= 100.0
         weights.append(torch.load(tmp_path / run / "model.pt", weights_only=True))
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_collectives_run_on_the_runtime_device(monkeypatch):
+    """A collective's tensor lives on the runtime's device: NCCL refuses CPU tensors, so a
+    CPU-built reduction killed every multi-GPU run after its first epoch."""
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def spy(tensor, *args, **kwargs):
+        seen.append(tensor.device)
+        raise Stop
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", spy)
+    rt = Runtime(torch.device("meta"), None, world_size=2, rank=0)
+    with pytest.raises(Stop):
+        rt.sum_over_ranks([1.5, 64])
+    assert seen == [torch.device("meta")]
+    assert Runtime(torch.device("cpu")).sum_over_ranks([1.5, 64]) == [1.5, 64.0]
+
+
+def test_every_collective_goes_through_the_runtime():
+    """No `torch.distributed.<collective>` call outside `Runtime`'s methods, where the device
+    rule above is tested."""
+    import ast
+
+    import deit_repro
+
+    collectives = {
+        "all_reduce",
+        "all_gather",
+        "broadcast",
+        "reduce",
+        "barrier",
+        "gather",
+        "scatter",
+        "all_gather_object",
+        "broadcast_object_list",
+        "reduce_scatter",
+    }
+    found = []
+    for path in Path(deit_repro.__file__).parent.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        allowed = {
+            id(n)
+            for c in ast.walk(tree)
+            if isinstance(c, ast.ClassDef) and c.name == "Runtime"
+            for n in ast.walk(c)
+        }
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in collectives
+                and id(node) not in allowed
+                and ast.unparse(node.func.value) in ("torch.distributed", "dist")
+            ):
+                found.append(f"{path.name}:{node.lineno} {ast.unparse(node.func)}")
+    assert found == []
+
+
+def test_amp_auto_is_fp16_where_bf16_is_only_emulated(monkeypatch):
+    """A V100 (pre-Ampere) runs bf16 only through emulation: `amp: auto` must pick fp16 there."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    # emulated bf16 only: "supported" when emulation counts
+    monkeypatch.setattr(
+        torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation
+    )
+    assert Runtime.detect("auto").amp_dtype == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert Runtime.detect("auto").amp_dtype == torch.bfloat16
+    assert Runtime.detect("off").amp_dtype is None

@@ -617,3 +617,19 @@ def test_base_criterion_is_the_official_label_smoothed_loss():
     assert torch.allclose(crit(logits, y).double(), formula, atol=1e-6)
     assert torch.allclose(crit(logits, y), LabelSmoothingCrossEntropy(0.1)(logits, y), atol=1e-6)
     assert isinstance(base_criterion(TrainCfg()), SoftTargetCrossEntropy)  # Mixup on
+
+
+def test_a_named_timm_teacher_keeps_stochastic_depth():
+    """Table 2's DeiT-B teacher trains with drop_path 0.1 (official main.py passes --drop-path to
+    every model); a timm name must not drop it on the way to timm.create_model."""
+    from deit_repro.config import ModelCfg
+    from deit_repro.core.model_dirs import teacher_kwargs
+
+    cfg = ModelCfg(name="deit_tiny_patch16_224", img_size=32)
+    kw = teacher_kwargs(cfg, num_classes=10, in_chans=3, drop_path=0.1)
+    assert kw["drop_path_rate"] == 0.1
+    model = create_teacher(**{**kw, "name": "vit_tiny_patch16_224"})
+    rates = [m.drop_prob for m in model.modules() if type(m).__name__ == "DropPath"]
+    assert rates and max(rates) == pytest.approx(0.1)  # linear decay to 0.1 in the last block
+    model0 = create_teacher(**teacher_kwargs(cfg, num_classes=10, in_chans=3, drop_path=0.0))
+    assert not [m for m in model0.modules() if type(m).__name__ == "DropPath"]

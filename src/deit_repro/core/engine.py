@@ -20,7 +20,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -69,9 +69,11 @@ class Runtime:
             local = int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count()))
             device = torch.device("cuda", local)
             torch.cuda.set_device(device)
+            # bf16 only where the GPU has it: before Ampere (V100) torch emulates it, slowly.
+            native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
             if amp == "off":
                 dtype = None
-            elif amp == "fp16" or (amp == "auto" and not torch.cuda.is_bf16_supported()):
+            elif amp == "fp16" or (amp == "auto" and not native_bf16):
                 dtype = torch.float16
             else:
                 dtype = torch.bfloat16
@@ -82,6 +84,24 @@ class Runtime:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    # Every collective goes through these methods, with its tensor on this runtime's device: NCCL
+    # has no CPU backend ("No backend type associated with device type cpu"), so a CPU tensor
+    # kills a multi-GPU run at its first reduction (the official utils.py builds it on cuda).
+
+    def sum_over_ranks(self, values: Sequence[float]) -> list[float]:
+        """``values`` summed over the DDP ranks (as they are in a one-process run)."""
+        if self.world_size == 1:
+            return [float(v) for v in values]
+        total = torch.tensor(list(values), dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(total)
+        return total.tolist()
+
+    def barrier(self) -> None:
+        """Wait for every rank (NCCL's barrier on this process's own GPU)."""
+        if self.world_size > 1:
+            on_gpu = self.device.type == "cuda"
+            torch.distributed.barrier(device_ids=[self.device.index] if on_gpu else None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -389,9 +409,8 @@ def fit(
             loss_sum += loss_value * x.shape[0]
             n_seen += x.shape[0]
         if rt.world_size > 1:  # the loss over the global batch, as one process would report it
-            tot = torch.tensor([loss_sum, float(n_seen)], dtype=torch.float64)
-            torch.distributed.all_reduce(tot)
-            loss_sum, n_seen = float(tot[0]), int(tot[1])
+            loss_sum, seen = rt.sum_over_ranks([loss_sum, n_seen])
+            n_seen = int(seen)
         row: dict[str, Any] = {
             "epoch": epoch + 1,
             "lr": optimizer.param_groups[0]["lr"],
@@ -434,8 +453,7 @@ def fit(
             last_good = checkpoint_path
         if on_epoch_end is not None and rt.is_main:
             on_epoch_end(result.history)
-        if rt.world_size > 1:
-            torch.distributed.barrier()
+        rt.barrier()
     result.seconds = time.perf_counter() - t0
     result.ema = ema.module if ema is not None else None
     return result

@@ -76,7 +76,9 @@ def teacher_kwargs(
     kw: dict[str, Any] = dict(
         name=m.name, arch=m.arch, num_classes=num_classes, in_chans=in_chans, img_size=m.img_size
     )
-    if m.name is None and m.arch == "vit":
+    if m.name is not None:
+        kw.update(drop_path_rate=drop_path)
+    elif m.arch == "vit":
         kw.update(
             patch_size=m.patch_size,
             embed_dim=m.embed_dim,
@@ -84,7 +86,7 @@ def teacher_kwargs(
             num_heads=m.num_heads,
             drop_path_rate=drop_path,
         )
-    elif m.name is None:
+    else:
         kw.update(channels=tuple(m.channels), depths=tuple(m.depths))
     return kw
 

@@ -322,7 +322,7 @@ def create_teacher(
         channels: output channels of each ``resnet_small`` stage (the stem has ``channels[0]``).
         depths: basic blocks per ``resnet_small`` stage.
         strides: stride of each ``resnet_small`` stage (the stem adds a factor 2).
-        drop_path_rate: stochastic depth of the small convnets and the ViT.
+        drop_path_rate: stochastic depth of a timm model, the small convnets and the ViT.
         patch_size: ``vit`` only.
         embed_dim: ``vit`` only.
         depth: ``vit`` only.
@@ -341,7 +341,15 @@ def create_teacher(
                 f"teacher model {name!r} is not a timm model",
                 "use an exact timm name such as regnety_160 (the DeiT paper's teacher)",
             )
-        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans)
+        # Stochastic depth too: the Table 2 DeiT-B teacher trains with drop_path 0.1 as the
+        # official main.py passes it to every model (`--drop-path`).
+        return timm.create_model(
+            name,
+            pretrained=False,
+            num_classes=num_classes,
+            in_chans=in_chans,
+            drop_path_rate=drop_path_rate,
+        )
 
     if arch == "vit":
         if img_size is None:
