@@ -97,3 +97,22 @@ def test_a_submitit_launcher_needs_a_run_dir(workdir):
     proc = subprocess.run(cmd, cwd=workdir, env=env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "launcher 'local' needs --run-dir" in proc.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the fault needs a torch without a GPU")
+def test_a_gpu_job_without_cuda_is_refused_not_run_on_cpu(tmp_path):
+    """`gpus_per_node > 0` and a torch that sees no GPU (a driver too old for the pinned wheel,
+    or a GPU it was not built for) is the job's one-line error, never a silent gloo run on CPUs."""
+    from deit_repro.config import params_from_dict
+    from deit_repro.run.launch import TrainingJob
+    from deit_repro.stages.training import RunSpec, pretrain_run
+
+    data = smoke_dict()
+    data["launch"]["pretrain"].update(gpus_per_node=1, tasks_per_node=1)
+    params = params_from_dict(data)
+    run = pretrain_run(params, data=tmp_path / "data", teacher=None, distill="none")
+    result = TrainingJob(run, RunSpec(0, tmp_path / "out", tmp_path / "run"))()
+    assert result["exit_code"] == 2
+    assert result["error"].startswith("launch.pretrain.gpus_per_node is 1 but torch ")
+    assert "sees no usable GPU" in result["error"] and "gpus_per_node: 0" in result["error"]
+    assert not (tmp_path / "out").exists()  # nothing trained

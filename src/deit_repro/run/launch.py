@@ -117,6 +117,14 @@ class TrainingJob(submitit.helpers.Checkpointable):
     def __call__(self) -> dict[str, Any]:
         import torch
 
+        gpus = getattr(self.run.params.launch, self.run.stage).gpus_per_node
+        if gpus > 0 and not torch.cuda.is_available():
+            # Never fall back to gloo on CPUs: DeiT-B would "train" for weeks without a word.
+            return {
+                "error": cuda_unavailable(self.run.stage, gpus),
+                "exit_code": 2,
+                "rank": int(os.environ.get("SLURM_PROCID", "0")),
+            }
         logging.basicConfig(
             level=self.log_level,
             format="%(asctime)s %(name)s: %(message)s",
@@ -150,6 +158,19 @@ class TrainingJob(submitit.helpers.Checkpointable):
             "training job interrupted: requeuing; it resumes from the last complete checkpoint"
         )
         return submitit.helpers.DelayedSubmission(TrainingJob(self.run, self.spec, self.log_level))
+
+
+def cuda_unavailable(stage: str, gpus: int) -> str:
+    """The one-line error of a GPU job whose torch sees no GPU."""
+    import torch
+
+    archs = " ".join(torch.cuda.get_arch_list()) or "none"
+    return (
+        f"launch.{stage}.gpus_per_node is {gpus} but torch {torch.__version__} sees no "
+        f"usable GPU in this job (built for CUDA {torch.version.cuda}, GPU architectures "
+        f"{archs}); install a torch wheel that matches the cluster's driver and GPUs (README "
+        f'"GPUs"), or set launch.{stage}.gpus_per_node: 0 for a CPU run'
+    )
 
 
 def run_key(run, spec) -> str:
