@@ -120,13 +120,8 @@ def imports_of(module: str) -> tuple[str, ...]:
             if base.split(".")[0] != PACKAGE:
                 continue
             found.append(base)
-            # `from pkg import name`: name may be a submodule
-            found += [
-                f"{base}.{a.name}"
-                for a in node.names
-                if module_file(f"{base}.{a.name}") is not None
-                and module_file(f"{base}.{a.name}") != module_file(base)
-            ]
+            # `from pkg import name`: name may be a submodule (the filter below keeps it if so)
+            found += [f"{base}.{a.name}" for a in node.names]
     out = [m for name in found for m in _with_parents(name) if module_file(m) is not None]
     return tuple(dict.fromkeys(m for m in out if m != module))
 

@@ -442,6 +442,12 @@ class Params:
     #: where the training stages run (not a DVC param: see LaunchCfg)
     launch: LaunchCfg = field(default_factory=LaunchCfg)
 
+    @property
+    def one_process_threads(self) -> int:
+        """torch threads of a stage that runs one process where a training stage runs one per
+        seed (the teacher, evaluate): the stage's whole budget, ``threads x len(seeds)``."""
+        return self.threads * len(self.seeds)
+
     def recipe(self, stage: str) -> TrainCfg:
         """The training recipe of a launched stage."""
         return {

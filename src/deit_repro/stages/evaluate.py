@@ -62,8 +62,7 @@ def run_evaluate(
         teacher: the teacher's model directory (its predictions enter the disagreement matrix).
         out: the JSON file to write.
     """
-    # One process evaluates every seed: it gets the stage's whole thread budget.
-    torch.set_num_threads(params.threads * len(params.seeds))
+    torch.set_num_threads(params.one_process_threads)  # one process evaluates every seed
     rt = rt or Runtime.detect()
     ds = open_dataset(data)
     labels = ds.test.labels

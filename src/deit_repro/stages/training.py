@@ -597,8 +597,8 @@ class TrainingRun:
     def threads(self) -> int:
         """torch threads of one run (results on CPU depend on it). The seeds of a student stage
         train side by side at ``params.threads`` each; the teacher, one process, gets the
-        stage's whole budget, ``threads x len(seeds)``."""
-        return self.params.threads * (1 if self.multi_seed else len(self.params.seeds))
+        stage's whole budget."""
+        return self.params.threads if self.multi_seed else self.params.one_process_threads
 
     def specs(self, out: Path, run_dir: Path | None, seed: int | None = None) -> list[RunSpec]:
         """The runs of the stage: ``seed`` alone (or the teacher's one run) into ``out``, else
