@@ -31,6 +31,12 @@ validate(config, os.path.join(ROOT, "workflow", "schemas", "params.schema.yaml")
 from deit_repro.config import LAUNCHED_STAGES  # noqa: E402  (declared once, with their resources)
 
 LAUNCHER = config.get("launch", {}).get("launcher", "in-process")
+# A GPU profile (its training jobs have GPUs: imagenet) evaluates and measures throughput on one
+# GPU as well; a CPU profile asks for none.
+GPU_PROFILE = any(
+    config.get("launch", {}).get(stage, {}).get("gpus_per_node", 0) > 0 for stage in LAUNCHED_STAGES
+)
+ON_ONE_GPU = ("evaluate", "throughput")
 
 
 def _rel(path):
@@ -94,7 +100,9 @@ for _s in DVC_STAGES:
 
     rule:
         name: _s["name"]
-        localrule: LAUNCHER != "in-process" and _s["family"] in LAUNCHED_STAGES
+        # `deit-repro <command> ...`: the command, not the stage's name, says whether it launches
+        # its own jobs (transfer_scratch runs `deit-repro transfer`).
+        localrule: LAUNCHER != "in-process" and _s["cmd"].split()[1] in LAUNCHED_STAGES
         input: _s["deps"]
         output: [_out(o) for o in _s["outs"]]
         params:
@@ -102,7 +110,9 @@ for _s in DVC_STAGES:
             stage=_s["stage"],
             dvc_params=_s["params"],
         threads: _s["threads"]
-        resources: **_s["resources"]
+        resources:
+            **_s["resources"],
+            **({"gpu": 1} if GPU_PROFILE and _s["family"] in ON_ONE_GPU else {}),
         log: f"logs/{_s['name']}.log"
         shell:
             # flock: DVC takes its repository lock without waiting; jobs finishing together

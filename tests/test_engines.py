@@ -211,7 +211,9 @@ def test_slurm_profile_has_resources_for_every_rule_of_every_profile(tmp_path):
         )
         with Repo(str(repo or ROOT)) as dvc_repo:
             rules = {_rule(s.name) for s in dvc_repo.index.stages}
-        launched = {r for r in rules if r.split("_")[0] in ("pretrain", "finetune", "transfer")}
+        launched = {
+            r for r in rules if r.split("_")[0] in ("teacher", "pretrain", "finetune", "transfer")
+        }
         missing = (
             rules - set(prof["set-resources"]) - (launched if profile == "imagenet" else set())
         )
@@ -231,3 +233,31 @@ def test_snakemake_refuses_params_that_break_the_schema(tmp_path):
     assert (
         "seeds" in proc.stdout + proc.stderr and "should be non-empty" in proc.stdout + proc.stderr
     )
+
+
+def test_on_the_imagenet_profile_evaluate_and_throughput_get_a_gpu(tmp_path):
+    """The GPU profile's one-process rules ask SLURM for a GPU; a CPU profile's never do."""
+    from workflow_helpers import make_repo
+
+    def resources(profile: str) -> dict[str, str]:
+        repo = make_repo(tmp_path / profile, f"profiles/{profile}.yaml")
+        out = subprocess.run(
+            [SNAKEMAKE, "-n", "--cores", "1", "--forceall", "evaluate", "throughput"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert out.returncode == 0, out.stderr
+        found = {}
+        for block in re.split(r"\n(?=(?:local)?rule )", out.stdout + out.stderr):
+            head = re.match(r"(?:local)?rule (\w+):", block)
+            res = re.search(r"resources: (.*)", block)
+            if head and res and head.group(1) in ("evaluate", "throughput"):
+                found[head.group(1)] = res.group(1)
+        return found
+
+    gpu = resources("imagenet")
+    assert set(gpu) == {"evaluate", "throughput"} and all("gpu=1" in r for r in gpu.values()), gpu
+    cpu = resources("smoke")
+    assert cpu and not any("gpu" in r for r in cpu.values()), cpu

@@ -265,7 +265,7 @@ def test_snakemake_slurm_profile_runs_the_smoke_dag(
         "throughput",
         "tables",
     } <= rules, rules
-    assert not rules & {"pretrain_deit", "finetune_bicubic", "transfer_digits_pretrained"}
+    assert not rules & {"pretrain_deit", "finetune_bicubic", "transfer_digits", "teacher_convnet"}
     names = {r["JobName"] for r in jobs}
     assert {
         "deit-repro-pretrain-seed0",

@@ -29,6 +29,7 @@ COMPUTED_BY = {
     "pretrain": f"{PACKAGE}.stages.training",
     "finetune": f"{PACKAGE}.stages.training",
     "transfer": f"{PACKAGE}.stages.training",
+    "transfer_scratch": f"{PACKAGE}.stages.training",
     "evaluate": f"{PACKAGE}.stages.evaluate",
     "throughput": f"{PACKAGE}.stages.throughput",
     "tables": f"{PACKAGE}.reporting.report",

@@ -233,7 +233,10 @@ class EvalCfg:
 
     crop_pct: float = _bounded(0.875, expect="in (0, 1]", exclusiveMinimum=0, maximum=1)
     interpolation: Literal["bicubic", "bilinear"] = "bicubic"
+    #: per process: a DDP job evaluates its shard of the test split on every rank
     batch_size: int = _bounded(256, **_POSITIVE)
+    #: dataloader workers decoding the test images of an image tree (in-memory splits need none)
+    num_workers: int = _bounded(0, expect=">= 0", minimum=0)
 
 
 @dataclass(frozen=True)
@@ -316,12 +319,38 @@ class FinetuneCfg:
 
 @dataclass(frozen=True)
 class TransferCfg:
-    """Fine-tuning a pretrained student on downstream datasets (paper §5.3, Table 7)."""
+    """Fine-tuning a pretrained student on downstream datasets (paper §5.3, Table 7).
+
+    The paper gives no transfer recipe; the authors' answers differ per dataset (CIFAR-10 and
+    Cars: SGD, facebookresearch/deit#45; iNaturalist: AdamW, 360 epochs, deit#105 and #141), so a
+    dataset may have its own recipe under ``recipes``.
+    """
 
     datasets: tuple[str, ...]
+    #: the recipe of every dataset without an entry in ``recipes``
     train: TrainCfg
-    #: the from-scratch baseline's recipe (same recipe when null)
+    #: per-dataset recipes, by dataset name (a subset of ``datasets``)
+    recipes: dict[str, TrainCfg] = field(default_factory=dict)
+    #: datasets that also get a from-scratch baseline (paper §5.4: CIFAR-10 only)
+    scratch: tuple[str, ...] = ()
+    #: the from-scratch baseline's recipe (the dataset's recipe when null)
     scratch_train: Optional[TrainCfg] = None
+
+    def __post_init__(self) -> None:
+        for key, names in (("recipes", sorted(self.recipes)), ("scratch", self.scratch)):
+            for name in names:
+                _check(
+                    name in self.datasets,
+                    key,
+                    name,
+                    f"one of transfer.datasets: {list(self.datasets)}",
+                )
+
+    def recipe(self, dataset: str, init: str = "pretrained") -> TrainCfg:
+        """The recipe of ``dataset``'s transfer run (``init``: pretrained | scratch)."""
+        if init == "scratch" and self.scratch_train is not None:
+            return self.scratch_train
+        return self.recipes.get(dataset, self.train)
 
 
 @dataclass(frozen=True)
@@ -381,7 +410,7 @@ class SlurmCfg:
 
 @dataclass(frozen=True)
 class LaunchCfg:
-    """How the training stages (pretrain, finetune, transfer) run: where, not what.
+    """How the training stages (teacher, pretrain, finetune, transfer) run: where, not what.
 
     Not a DVC param of any stage: where a run happens does not change what it computes (the global
     batch is ``train.batch_size`` whatever the process count). ``dvc repro`` and Snakemake call the
@@ -394,6 +423,8 @@ class LaunchCfg:
     signal_delay_s: int = _bounded(120, expect=">= 0", minimum=0)
     #: how many times a timed-out or preempted job is requeued (submitit max_num_timeout)
     max_requeues: int = _bounded(30, expect=">= 0", minimum=0)
+    #: both teachers: the download + evaluation of released weights, or a training
+    teacher: JobResources = field(default_factory=JobResources)
     pretrain: JobResources = field(default_factory=JobResources)
     finetune: JobResources = field(default_factory=JobResources)
     transfer: JobResources = field(default_factory=JobResources)
@@ -411,8 +442,8 @@ class LaunchCfg:
                 )
 
 
-#: the stages a submitit launcher runs, one job per seed: those with resources in LaunchCfg (the
-#: teacher trains in one process or is downloaded; evaluate, throughput and tables are cheap)
+#: the stages a submitit launcher runs, one job per seed (the teacher: one job): those with
+#: resources in LaunchCfg (evaluate, throughput and tables are one-process jobs of the engine)
 LAUNCHED_STAGES = tuple(
     f.name for f in dataclasses.fields(LaunchCfg) if f.type in (JobResources, "JobResources")
 )
@@ -449,8 +480,11 @@ class Params:
         return self.threads * len(self.seeds)
 
     def recipe(self, stage: str) -> TrainCfg:
-        """The training recipe of a launched stage."""
+        """The training recipe of a launched stage (the teacher's: the one trained here, Table
+        2's transformer when the convnet's weights are downloaded; transfer: the default)."""
+        teacher = self.teacher.train if self.teacher.weights is None else self.teacher.vit.train
         return {
+            "teacher": teacher,
             "pretrain": self.student.train,
             "finetune": self.finetune.train,
             "transfer": self.transfer.train,

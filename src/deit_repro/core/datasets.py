@@ -115,20 +115,36 @@ def train_batches(
 
 
 def eval_batches(
-    ds: Dataset, ev: EvalCfg, img_size: int, *, split: str = "test", num_workers: int = 0
+    ds: Dataset,
+    ev: EvalCfg,
+    img_size: int,
+    *,
+    split: str = "test",
+    world_size: int = 1,
+    rank: int = 0,
 ):
-    """Deterministic test batches at ``img_size`` (the official centre-crop evaluation)."""
+    """Deterministic test batches at ``img_size`` (the official centre-crop evaluation): this
+    rank's shard, images ``rank, rank + world_size, ...`` (no padding: every image is counted
+    once, whatever the process count). Image trees decode in ``ev.num_workers`` workers."""
     part = getattr(ds, split)
+    shard = torch.arange(rank, len(part.labels), world_size)
     if getattr(part, "images", None) is not None:
-        x = eval_tensor(part.images, img_size, ev)
-        y = part.labels
+        images = part.images if world_size == 1 else part.images[shard]
+        labels = part.labels if world_size == 1 else part.labels[shard]
+        x = eval_tensor(images, img_size, ev)
         return [
-            (x[i : i + ev.batch_size], y[i : i + ev.batch_size])
-            for i in range(0, len(y), ev.batch_size)
+            (x[i : i + ev.batch_size], labels[i : i + ev.batch_size])
+            for i in range(0, len(labels), ev.batch_size)
         ]
     data = ImageDataset(
         timm_eval_transform(ev, img_size, ds.in_chans), files=part.files, labels=part.labels
     )
+    if world_size > 1:
+        data = torch.utils.data.Subset(data, shard.tolist())
     return torch.utils.data.DataLoader(
-        data, batch_size=ev.batch_size, shuffle=False, num_workers=num_workers
+        data,
+        batch_size=ev.batch_size,
+        shuffle=False,
+        num_workers=ev.num_workers,
+        pin_memory=torch.cuda.is_available(),
     )

@@ -14,12 +14,16 @@ What this module adds on top of timm:
   Table 4) needs the heads applied by hand.
 - ``load_state_dict_checked``: a strict load whose error names the first bad key, both shapes and
   the fix.
+- ``classifiers_in_fp32``: every model these factories build computes its logits in float32 under
+  bf16/fp16 autocast (the teacher's argmax, top-k and the joint head's mean read them).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import types
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -29,6 +33,7 @@ from timm.models.byobnet import ByobNet, ByoBlockCfg, ByoModelCfg
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.regnet import RegNet, RegNetCfg
 from timm.models.vision_transformer import VisionTransformer
+import torch.nn.functional as F
 from torch import nn
 
 from deit_repro.errors import CheckpointError, ConfigError
@@ -39,6 +44,7 @@ __all__ = [
     "STUDENT_VARIANTS",
     "StudentVariant",
     "TEACHER_ARCHS",
+    "classifiers_in_fp32",
     "count_params",
     "create_student",
     "create_teacher",
@@ -87,12 +93,43 @@ STUDENT_VARIANTS: dict[str, StudentVariant] = {
 TEACHER_ARCHS = ("resnet_small", "regnety_small", "vit")
 
 
+def _fp32_linear(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    with torch.autocast(x.device.type, enabled=False):
+        bias = None if self.bias is None else self.bias.float()
+        return F.linear(x.float(), self.weight.float(), bias)
+
+
+def classifiers_in_fp32(model: nn.Module) -> nn.Module:
+    """Make the model's classifier layers (timm ``get_classifier()``: ``head`` and ``head_dist``
+    of a DeiT⚗, ``head.fc`` of a RegNet) compute in float32 even inside a bf16/fp16 autocast.
+
+    Under bf16 the logits carry 8 bits of mantissa: the hard-distillation label (the teacher's
+    argmax), top-k and the mean of the two heads would be taken on rounded values. The layer's
+    ``forward`` is replaced on the instance, so parameter names and the state dict are
+    unchanged, and without autocast the result is bit-identical to ``nn.Linear``.
+    """
+    heads = model.get_classifier() if hasattr(model, "get_classifier") else ()
+    for head in heads if isinstance(heads, tuple) else (heads,):
+        if isinstance(head, nn.Linear):
+            head.forward = types.MethodType(_fp32_linear, head)
+    return model
+
+
+def _with_fp32_classifiers(factory):
+    @functools.wraps(factory)
+    def build(*args: Any, **kwargs: Any) -> nn.Module:
+        return classifiers_in_fp32(factory(*args, **kwargs))
+
+    return build
+
+
 def _check_positive(**values: float) -> None:
     for key, value in values.items():
         if not value > 0:
             raise ConfigError(f"{key} = {value!r} must be positive", f"set {key} to a value > 0")
 
 
+@_with_fp32_classifiers
 def create_student(
     *,
     name: str | None = None,
@@ -280,6 +317,7 @@ _REGNETY_SMALL_CFG = RegNetCfg(
 )
 
 
+@_with_fp32_classifiers
 def create_teacher(
     *,
     name: str | None = None,

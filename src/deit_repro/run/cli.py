@@ -122,7 +122,9 @@ def _cmd_finetune(args, params: Params) -> None:
 def _cmd_transfer(args, params: Params) -> None:
     from deit_repro.stages.training import transfer_run
 
-    run = transfer_run(params, data=args.data, init=args.init, student=args.student)
+    run = transfer_run(
+        params, data=args.data, init=args.init, student=args.student, dataset=args.dataset
+    )
     print(f"transfer ({args.init}) -> {args.out}: {_summary(_train(args, run))}")
 
 
@@ -232,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(func=func)
         return sp
 
-    def training(sp: argparse.ArgumentParser, launched: bool = True) -> None:
+    def training(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--data", type=Path, required=True, help="prepared dataset directory")
         sp.add_argument("--out", type=Path, required=True, help="model directory to write")
         sp.add_argument(
@@ -267,14 +269,13 @@ def build_parser() -> argparse.ArgumentParser:
             default=None,
             help="seeds trained at a time (default: cores / params threads)",
         )
-        if launched:
-            sp.add_argument(
-                "--launcher",
-                choices=["in-process", "local", "slurm"],
-                default=None,
-                help="where the runs train (default: params launch.launcher): here, "
-                "or one submitit job per seed on this machine or on SLURM",
-            )
+        sp.add_argument(
+            "--launcher",
+            choices=["in-process", "local", "slurm"],
+            default=None,
+            help="where the runs train (default: params launch.launcher): here, "
+            "or one submitit job per seed on this machine or on SLURM",
+        )
 
     sp = stage("prepare", _cmd_prepare, "materialise a dataset of the profile (with manifest)")
     sp.add_argument("--dataset", required=True, help="a key of datasets: in params.yaml")
@@ -287,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     sp = stage("teacher", _cmd_teacher, "train the convnet teacher or load released weights")
-    training(sp, launched=False)
+    training(sp)
     sp.add_argument(
         "--weights",
         type=Path,
@@ -333,6 +334,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="start from --student, or train the same architecture from scratch",
     )
     sp.add_argument("--student", type=Path, default=None, help="pretrained student directory")
+    sp.add_argument(
+        "--dataset",
+        default=None,
+        help="the key of transfer.datasets whose recipe applies (default: the --data "
+        "directory's name)",
+    )
 
     sp = stage("evaluate", _cmd_evaluate, "accuracy per head, disagreement, throughput")
     sp.add_argument("--data", type=Path, required=True)

@@ -24,7 +24,7 @@ from deit_repro import atomic
 from deit_repro.code_deps import code_hash
 from deit_repro.config import Params, TrainCfg, config_hash, to_dict
 from deit_repro.core.datasets import Dataset, eval_batches, open_dataset, train_batches
-from deit_repro.core.engine import Runtime, accuracy_table, base_criterion, fit, predict
+from deit_repro.core.engine import Runtime, base_criterion, fit, shard_accuracy
 from deit_repro.core.losses import DistillationLoss
 from deit_repro.core.model_dirs import (
     build_model,
@@ -102,14 +102,14 @@ class _Where:
 
 
 def _heads_metrics(model: nn.Module, at: _Where, img_size: int) -> dict[str, Any]:
-    """Top-1/top-5 of every head on the test split (flat keys for the history rows)."""
+    """Top-1/top-5 of every head on the test split (flat keys for the history rows). In a DDP
+    job every rank evaluates its shard and every rank gets the totals (a collective)."""
     was_training = model.training
     model.eval()
-    table = accuracy_table(
-        predict(
-            lambda x: student_heads(model, x), eval_batches(at.ds, at.params.eval, img_size), at.rt
-        )
+    batches = eval_batches(
+        at.ds, at.params.eval, img_size, world_size=at.rt.world_size, rank=at.rt.rank
     )
+    table = shard_accuracy(lambda x: student_heads(model, x), batches, at.rt)
     model.train(was_training)
     return {f"test_{k}_{m}": v for k, d in table.items() for m, v in d.items()}
 
@@ -240,7 +240,12 @@ def _teacher_module(teacher_dir: Path, ds: Dataset, rt: Runtime) -> nn.Module:
             "use a teacher trained on this dataset",
         )
     teacher.eval().requires_grad_(False)
-    return ResizedInput(teacher, meta["img_size"]).to(rt.device).eval()
+    wrapped = ResizedInput(teacher, meta["img_size"]).to(rt.device).eval()
+    if rt.device.type == "cuda":
+        # The convnet teacher runs a forward per student step: channels_last is the layout its
+        # cuDNN convolutions are fastest in under autocast.
+        wrapped = wrapped.to(memory_format=torch.channels_last)
+    return wrapped
 
 
 # --------------------------------------------------------------------------------------------------
@@ -476,6 +481,7 @@ def run_transfer(
     params: Params,
     *,
     data: Path,
+    dataset: str,
     student: Path | None,
     out: Path,
     run_dir: Path | None,
@@ -483,11 +489,12 @@ def run_transfer(
     rt: Runtime | None = None,
 ) -> dict:
     """Fine-tune a pretrained student on a downstream dataset, or (``student=None``) train the
-    same architecture from scratch for the comparison (paper §5.3, Table 7)."""
+    same architecture from scratch for the comparison (paper §5.3, Table 7), with the dataset's
+    recipe (``transfer.recipes``, else ``transfer.train``)."""
     cfg = params.transfer
     ds = open_dataset(data)
     if student is not None:
-        recipe = cfg.train
+        recipe = cfg.recipe(dataset)
         student = resolve_model_dir(student, seed)
         old, meta = load_model(student)
         if meta["in_chans"] != ds.in_chans:
@@ -499,7 +506,7 @@ def run_transfer(
         kwargs = dict(meta["kwargs"], num_classes=ds.num_classes, drop_path_rate=recipe.drop_path)
         img_size = int(meta["img_size"])
     else:
-        recipe = cfg.scratch_train or cfg.train
+        recipe = cfg.recipe(dataset, "scratch")
         meta = None
         m = params.student.model
         kwargs = student_kwargs(
@@ -689,9 +696,19 @@ def finetune_run(
     )
 
 
-def transfer_run(params: Params, *, data: Path, init: str, student: Path | None) -> TrainingRun:
+def transfer_run(
+    params: Params, *, data: Path, init: str, student: Path | None, dataset: str | None = None
+) -> TrainingRun:
     """``init: pretrained`` fine-tunes ``student``; ``scratch`` trains the same architecture
-    from random weights (paper Table 7's comparison) and reads no student."""
+    from random weights (paper Table 7's comparison) and reads no student. ``dataset``, the key
+    of ``transfer.datasets`` whose recipe applies, defaults to the data directory's name
+    (``data/<name>`` in dvc.yaml)."""
+    dataset = dataset or Path(data).name
+    if dataset not in params.transfer.datasets:
+        raise ConfigError(
+            f"dataset {dataset!r} is not in transfer.datasets {list(params.transfer.datasets)}",
+            "pass --dataset NAME (a key of transfer.datasets) or add it there",
+        )
     if init not in ("pretrained", "scratch"):
         raise ConfigError(
             f"--init {init!r} is not pretrained or scratch", "pass --init pretrained|scratch"
@@ -699,5 +716,7 @@ def transfer_run(params: Params, *, data: Path, init: str, student: Path | None)
     if init == "pretrained" and student is None:
         raise ConfigError("--init pretrained needs --student DIR", "pass the pretrained student")
     return TrainingRun(
-        "transfer", params, dict(data=data, student=student if init == "pretrained" else None)
+        "transfer",
+        params,
+        dict(data=data, dataset=dataset, student=student if init == "pretrained" else None),
     )
