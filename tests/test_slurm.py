@@ -259,8 +259,6 @@ def test_snakemake_slurm_profile_runs_the_smoke_dag(
     assert {
         "prepare_fashion_mnist",
         "prepare_digits",
-        "teacher_convnet",
-        "teacher_vit",
         "evaluate",
         "throughput",
         "tables",
@@ -268,6 +266,7 @@ def test_snakemake_slurm_profile_runs_the_smoke_dag(
     assert not rules & {"pretrain_deit", "finetune_bicubic", "transfer_digits", "teacher_convnet"}
     names = {r["JobName"] for r in jobs}
     assert {
+        "deit-repro-teacher-seed0",
         "deit-repro-pretrain-seed0",
         "deit-repro-finetune-seed0",
         "deit-repro-transfer-seed0",

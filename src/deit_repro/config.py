@@ -806,6 +806,47 @@ def params_from_dict(data: dict) -> Params:
     return _build(Params, data)
 
 
+def overlay(base: Any, over: Any) -> Any:
+    """``base`` with ``over`` laid on it: mappings merge key by key, anything else (a number, a
+    list) is replaced. Neither argument is modified, and YAML aliases of ``base`` (one recipe
+    referenced by several sections) become independent copies, so an overlay of one section
+    never changes another."""
+    base = json.loads(json.dumps(base))
+    if not (isinstance(base, dict) and isinstance(over, dict)):
+        return json.loads(json.dumps(over))
+    for key, value in over.items():
+        base[key] = overlay(base[key], value) if key in base else json.loads(json.dumps(value))
+    return base
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"params file {path} not found", "pass an existing file") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(
+            f"params file {path} is not valid YAML ({err})", "fix its syntax"
+        ) from None
+
+
+def compose_params(base: Path, *overlays: Path) -> dict:
+    """A profile with overlays laid on it in order (e.g. profiles/imagenet.yaml +
+    profiles/rehearsal.yaml), validated as a whole; the plain dict to write as params.yaml."""
+    data = _read_yaml(Path(base))
+    for path in overlays:
+        over = _read_yaml(Path(path))
+        if not isinstance(over, dict):
+            raise ConfigError(f"overlay {path} is not a mapping", "see profiles/rehearsal.yaml")
+        data = overlay(data, over)
+    try:
+        params_from_dict(data)
+    except ConfigError as err:
+        names = " + ".join(str(p) for p in (base, *overlays))
+        raise ConfigError(f"{err.what} in {names}", err.fix) from None
+    return data
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Load params.yaml once into frozen typed objects (a ConfigError names any bad key)."""
     path = Path(path)

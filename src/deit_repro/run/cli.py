@@ -203,6 +203,22 @@ def _cmd_tables(args, params: Params) -> None:
     print("wrote " + ", ".join(str(p) for p in written))
 
 
+def _cmd_compose(args, params: Params | None) -> None:
+    import yaml
+
+    from deit_repro import atomic
+    from deit_repro.config import compose_params
+
+    data = compose_params(args.profile, *args.overlay)
+    names = " + ".join(str(p) for p in (args.profile, *args.overlay))
+    header = (
+        f"# Composed by `deit-repro compose` from {names}:\n"
+        "# edit those files and compose again rather than this one.\n"
+    )
+    atomic.write_text(args.out, header + yaml.safe_dump(data, sort_keys=False, width=100))
+    print(f"wrote {args.out} ({names})")
+
+
 def _cmd_schema(args, params: Params | None) -> None:
     import yaml
 
@@ -275,6 +291,13 @@ def build_parser() -> argparse.ArgumentParser:
             default=None,
             help="where the runs train (default: params launch.launcher): here, "
             "or one submitit job per seed on this machine or on SLURM",
+        )
+        sp.add_argument(
+            "--restart",
+            action="store_true",
+            help="when --run-dir holds an unfinished checkpoint of other params or code, "
+            "move it aside (<name>.replaced-<fingerprint>.pth) and start over instead of "
+            "stopping; a checkpoint of this run is still resumed from",
         )
 
     sp = stage("prepare", _cmd_prepare, "materialise a dataset of the profile (with manifest)")
@@ -403,6 +426,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="the stage's run directory (submitit logs go below it)",
     )
 
+    sp = sub.add_parser(
+        "compose",
+        help="write a profile with overlays laid on it (e.g. the imagenet profile + the "
+        "CPU rehearsal overlay) as a params file",
+    )
+    sp.add_argument("profile", type=Path, help="the base profile, e.g. profiles/imagenet.yaml")
+    sp.add_argument("overlay", type=Path, nargs="+", help="overlays, applied in order")
+    sp.add_argument("--out", type=Path, default=Path("params.yaml"))
+    sp.set_defaults(func=_cmd_compose)
     sp = sub.add_parser(
         "schema",
         help="write the JSON schema of params.yaml (Snakemake validates its config with it)",

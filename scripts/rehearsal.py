@@ -1,0 +1,142 @@
+"""Rehearse the paper's configuration on this machine: the imagenet profile, shrunk by the
+``profiles/rehearsal.yaml`` overlay, run end to end by DVC or by Snakemake on SLURM.
+
+    .venv/bin/python scripts/rehearsal.py WORKDIR --engine snakemake   # snakemake --profile slurm
+    .venv/bin/python scripts/rehearsal.py WORKDIR --engine dvc         # dvc repro
+
+In WORKDIR it writes the generated data (``data/``, scripts/rehearsal_data.py: an ImageNet-layout
+JPEG tree, the transfer datasets in their on-disk formats, a RegNetY-16GF state dict) and a fresh
+copy of the project (``repo/``, committed to its own git repository, so this checkout's params,
+lock file and results are left alone) whose params.yaml is the composed rehearsal profile. The
+teacher's weights are served on 127.0.0.1 while the DAG runs, so the teacher stage downloads them
+by URL and checks their full sha256 pin. Training stages run as submitit jobs on the SLURM cluster
+(``launch.launcher: slurm`` of the imagenet profile): start one first, e.g. the local
+scripts/slurm/start-local-slurm.sh. Prints the engine's wall time; exits with the engine's status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+#: what a fresh clone would not have: the DAG's outputs and this machine's state
+NOT_COPIED = ("data/", "models/", "metrics/", "results/", "runs/", "logs/", ".snakemake/")
+
+
+def copy_project(dst: Path) -> None:
+    """The project's files as a clone would have them (tracked and new, not ignored), without
+    the DAG's outputs, committed to a new git repository at ``dst``."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\0")
+    for rel in filter(None, listed):
+        src = ROOT / rel
+        if rel.startswith(NOT_COPIED) or rel == "dvc.lock":
+            continue
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        if src.is_symlink():
+            os.symlink(os.readlink(src), dst / rel)
+        elif src.is_file():
+            shutil.copy2(src, dst / rel)
+    git = ["git", "-c", "user.name=rehearsal", "-c", "user.email=rehearsal@deit-repro.invalid"]
+    for cmd in (["init", "-q", "-b", "main"], ["add", "-A"], ["commit", "-qm", "rehearsal"]):
+        subprocess.run(git + cmd, cwd=dst, check=True)
+
+
+@contextlib.contextmanager
+def serve(directory: Path, url: str):
+    """``python -m http.server`` on the host and port of ``url``, serving ``directory``."""
+    parsed = urllib.parse.urlparse(url)
+    if parsed.hostname not in ("127.0.0.1", "localhost") or parsed.port is None:
+        yield  # a real URL: nothing to serve
+        return
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(parsed.port), "--bind", parsed.hostname],
+        cwd=directory,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(100):  # up within a few seconds, or the port is taken
+            try:
+                urllib.request.urlopen(url.rsplit("/", 1)[0] + "/", timeout=1).close()
+                break
+            except OSError:
+                if proc.poll() is not None:
+                    sys.exit(f"rehearsal: cannot serve {directory} on port {parsed.port}")
+                time.sleep(0.1)
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("workdir", type=Path, help="where the data and the project copy go")
+    ap.add_argument("--engine", choices=["dvc", "snakemake"], default="snakemake")
+    ap.add_argument(
+        "--overlay", type=Path, default=ROOT / "profiles" / "rehearsal.yaml", help="the overlay"
+    )
+    args = ap.parse_args(argv)
+    work = args.workdir.resolve()
+    data, repo = work / "data", work / "repo"
+    if repo.exists():
+        print(f"rehearsal: {repo} exists; pass a new WORKDIR (or delete it)", file=sys.stderr)
+        return 2
+    work.mkdir(parents=True, exist_ok=True)
+    if not data.exists():
+        subprocess.run(
+            [sys.executable, str(ROOT / "scripts" / "rehearsal_data.py"), str(data)], check=True
+        )
+    copy_project(repo)
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", DVC_NO_ANALYTICS="1")
+    subprocess.run(
+        [
+            str(BIN / "deit-repro"),
+            "compose",
+            "profiles/imagenet.yaml",
+            str(args.overlay),
+            "--out",
+            "params.yaml",
+        ],
+        cwd=repo,
+        env=env,
+        check=True,
+    )
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    cmd = (
+        [str(BIN / "dvc"), "repro"]
+        if args.engine == "dvc"
+        else [str(BIN / "snakemake"), "--profile", "slurm"]
+    )
+    with serve(data / "weights", params["teacher"]["weights"]["url"]):
+        t0 = time.perf_counter()
+        status = subprocess.run(cmd, cwd=repo, env=env).returncode
+        seconds = time.perf_counter() - t0
+    print(
+        f"rehearsal: `{Path(cmd[0]).name} {' '.join(cmd[1:])}` "
+        f"{'finished' if status == 0 else f'failed (exit {status})'} in {seconds:.0f} s ({repo})",
+        flush=True,
+    )
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,288 @@
+"""What the paper's configuration needs on a GPU cluster, shown on CPU where the fault can be.
+
+* evaluation is sharded over the DDP ranks, exactly (real gloo processes);
+* logits are float32 under a bf16 autocast (the teacher's hard label, top-k, the joint head);
+* the 384 fine-tune without stochastic depth is the official eval-mode fine-tune;
+* each transfer dataset trains with its own recipe, and only CIFAR-10 from scratch;
+* the teacher is a launched stage with its own resources.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from PIL import Image
+
+from conftest import ROOT
+from deit_repro.config import LAUNCHED_STAGES, ConfigError, load_params, params_from_dict
+from deit_repro.core.datasets import eval_batches, open_dataset
+from deit_repro.core.engine import Runtime, accuracy_table, shard_accuracy
+from deit_repro.core.losses import DistillationLoss
+from deit_repro.core.models import create_student, create_teacher, student_heads
+from deit_repro.stages.prepare import run_prepare
+from deit_repro.stages.training import transfer_run
+
+PROFILES = ROOT / "profiles"
+
+
+# ----------------------------------------------------------------------------- sharded evaluation
+
+
+def _logits(n: int = 7, classes: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, classes, generator=g), torch.randint(0, classes, (n,), generator=g)
+
+
+def _shard_worker(rank: int, world: int, init: str, queue) -> None:
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        logits, labels = _logits()
+        mine = torch.arange(rank, len(labels), world)
+        batches = [
+            (logits[mine][i : i + 2], labels[mine][i : i + 2]) for i in range(0, len(mine), 2)
+        ]
+        rt = Runtime(torch.device("cpu"), None, world_size=world, rank=rank)
+        table = shard_accuracy(lambda x: {"cls": x, "joint": -x}, batches, rt)
+        queue.put((rank, len(mine), table))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_sharded_evaluation_is_exact_on_every_rank(tmp_path):
+    """7 images over 2 real gloo ranks (4 + 3, no padding): every rank gets the one-process
+    accuracy, to the last digit."""
+    logits, labels = _logits()
+    reference = accuracy_table({"cls": logits, "joint": -logits, "labels": labels})
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    init = f"file://{tmp_path / 'rendezvous'}"
+    procs = [ctx.Process(target=_shard_worker, args=(r, 2, init, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = sorted(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert [n for _, n, _ in results] == [4, 3]
+    for _, _, table in results:
+        assert table == reference
+
+
+def _image_tree(root: Path, classes: int = 3, train: int = 4, val: int = 5) -> None:
+    rng = np.random.default_rng(0)
+    for split, count in (("train", train), ("val", val)):
+        for c in range(classes):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                size = (40 + 7 * i, 30 + 5 * c)
+                pixels = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.jpg")
+
+
+def test_each_rank_decodes_only_its_shard_of_an_image_tree(tmp_path, smoke_params):
+    from deit_repro.config import DatasetCfg
+
+    _image_tree(tmp_path / "tree")
+    run_prepare(
+        DatasetCfg(source="imagefolder", root=str(tmp_path / "tree")), out=tmp_path / "prepared"
+    )
+    ds = open_dataset(tmp_path / "prepared")
+    ev = dataclasses.replace(smoke_params.eval, batch_size=4, num_workers=2)
+    one = eval_batches(ds, ev, 16)
+    assert one.num_workers == 2  # decoded by workers, not by the training process
+    whole = torch.cat([y for _, y in one])
+    shards = [
+        torch.cat([y for _, y in eval_batches(ds, ev, 16, world_size=2, rank=r)]) for r in (0, 1)
+    ]
+    assert [len(s) for s in shards] == [8, 7]  # 15 images: no padding, no image twice
+    assert torch.equal(shards[0], whole[0::2]) and torch.equal(shards[1], whole[1::2])
+    # The in-memory path shards the same way.
+    fake = dataclasses.replace(ds)
+    fake.test = dataclasses.replace(
+        ds.test, images=torch.zeros(15, 3, 16, 16, dtype=torch.uint8), files=None
+    )
+    mem = [
+        torch.cat([y for _, y in eval_batches(fake, ev, 16, world_size=2, rank=r)]) for r in (0, 1)
+    ]
+    assert torch.equal(mem[0], whole[0::2]) and torch.equal(mem[1], whole[1::2])
+
+
+# ----------------------------------------------------------------------------- fp32 logits
+
+
+def test_logits_are_float32_under_a_bf16_autocast():
+    """The heads, the joint mean and the teacher's logits (its argmax is the hard label) stay
+    float32 inside a bf16 autocast; without autocast nothing changes."""
+    torch.manual_seed(0)
+    student = create_student(
+        distilled=True,
+        num_classes=10,
+        img_size=16,
+        in_chans=3,
+        patch_size=4,
+        embed_dim=32,
+        depth=1,
+        num_heads=2,
+    ).eval()
+    teacher = create_teacher(arch="regnety_small", num_classes=10, in_chans=3, img_size=16).eval()
+    x = torch.randn(8, 3, 16, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        heads = student_heads(student, x)
+        tokens = student.forward_features(x)
+        teacher_logits = teacher(x)
+    assert {k: v.dtype for k, v in heads.items()} == dict.fromkeys(heads, torch.float32)
+    assert teacher_logits.dtype == torch.float32
+    # The head's product is the fp32 one of the (bf16) tokens: no rounding after it.
+    expected = torch.nn.functional.linear(
+        tokens[:, 0].float(), student.head.weight, student.head.bias
+    )
+    assert torch.equal(heads["cls"], expected)
+    # No autocast: bit-identical to a plain nn.Linear.
+    plain = torch.nn.Linear(32, 10)
+    plain.load_state_dict(student.head.state_dict())
+    feats = torch.randn(4, 32)
+    assert torch.equal(student.head(feats), plain(feats))
+    # The names of the weights are untouched (checkpoints and released weights still load).
+    assert "head.weight" in student.state_dict() and "head_dist.weight" in student.state_dict()
+
+
+def test_the_hard_label_comes_from_float32_teacher_logits():
+    t = create_teacher(arch="regnety_small", num_classes=4, in_chans=3, img_size=16).eval()
+    loss = DistillationLoss(torch.nn.CrossEntropyLoss(), t, distill="hard", alpha=0.5, tau=1.0)
+    x = torch.randn(4, 3, 16, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = torch.randn(4, 4, requires_grad=True)
+        total = loss(x, (logits, logits), torch.tensor([0, 1, 2, 3]))
+        assert t(x).dtype == torch.float32
+    assert total.dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------- 384 fine-tune
+
+
+def test_the_fine_tune_without_stochastic_depth_is_the_official_eval_mode_fine_tune():
+    """Official fine-tuning trains the model in eval mode (a8e9096, deit#177). For DeiT (no
+    BatchNorm, dropout 0) eval mode differs from train mode only by stochastic depth, so the
+    imagenet profile's drop_path 0 is that fine-tune: same outputs, same gradients."""
+    torch.manual_seed(0)
+    model = create_student(
+        name="deit_tiny_distilled_patch16_224",
+        distilled=True,
+        num_classes=5,
+        img_size=64,
+        in_chans=3,
+        drop_path_rate=0.0,
+    )
+    x = torch.randn(2, 3, 64, 64)
+    model.eval()
+    evaluated = student_heads(model, x)["joint"]
+    model.train()
+    trained = student_heads(model, x)["joint"]
+    assert torch.equal(evaluated, trained)
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    p = load_params(PROFILES / "imagenet.yaml")
+    ft = p.finetune.train
+    assert (ft.drop_path, ft.warmup_epochs, ft.warmup_lr) == (0.0, 5, 1e-6)
+    assert p.finetune.img_size == 384 and ft.lr_per_512 == 5e-6
+
+
+# ----------------------------------------------------------------------------- transfer recipes
+
+
+def test_each_transfer_dataset_has_its_recipe_and_only_cifar10_a_scratch_baseline():
+    p = load_params(PROFILES / "imagenet.yaml")
+    t = p.transfer
+    for name in ("cifar10", "stanford_cars"):  # facebookresearch/deit#45
+        r = t.recipe(name)
+        assert (r.opt, r.epochs, r.batch_size, r.effective_lr(), r.weight_decay) == (
+            "sgd",
+            1000,
+            768,
+            pytest.approx(0.01),
+            1e-4,
+        )
+        assert r.aug.reprob == 0.0 and r.drop_path == 0.0
+    for name in ("inat2018", "inat2019"):  # deit#105, #141
+        r = t.recipe(name)
+        assert (r.opt, r.epochs, r.effective_lr(), r.drop_path, r.aug.reprob) == (
+            "adamw",
+            360,
+            pytest.approx(7.5e-5),
+            0.1,
+            0.1,
+        )
+    assert t.scratch == ("cifar10",)
+    scratch = t.recipe("cifar10", "scratch")
+    assert scratch.opt == "adamw" and scratch.epochs == 7200
+    assert t.recipe("flowers102") is t.train
+
+
+def test_a_transfer_run_reads_its_datasets_recipe(tmp_path):
+    from deit_repro.config import to_dict
+
+    d = to_dict(load_params(PROFILES / "smoke.yaml"))
+    d["transfer"]["recipes"] = {"digits": {**d["transfer"]["train"], "epochs": 3}}
+    p = params_from_dict(d)
+    run = transfer_run(p, data=tmp_path / "digits", init="pretrained", student=tmp_path / "s")
+    assert run.options["dataset"] == "digits"
+    assert p.transfer.recipe("digits").epochs == 3 and p.transfer.train.epochs != 3
+    with pytest.raises(ConfigError, match="not in transfer.datasets"):
+        transfer_run(p, data=tmp_path / "cifar10", init="scratch", student=None)
+    d["transfer"]["recipes"] = {"cifar10": d["transfer"]["train"]}
+    with pytest.raises(ConfigError, match="transfer.recipes"):
+        params_from_dict(d)
+
+
+def test_the_imagenet_dag_trains_cifar10_alone_from_scratch(tmp_path):
+    from dvc.repo import Repo
+
+    from workflow_helpers import make_repo
+
+    repo = make_repo(tmp_path / "repo", "profiles/imagenet.yaml")
+    with Repo(str(repo)) as r:
+        names = {s.name for s in r.index.stages}
+    transfer = sorted(n for n in names if n.startswith("transfer"))
+    assert transfer == sorted(
+        [
+            f"transfer@{d}"
+            for d in ("cifar10", "cifar100", "flowers102", "stanford_cars", "inat2018", "inat2019")
+        ]
+        + ["transfer_scratch@cifar10"]
+    )
+
+
+# ----------------------------------------------------------------------------- the teacher
+
+
+def test_the_teacher_is_a_launched_stage_with_its_own_resources():
+    assert LAUNCHED_STAGES == ("teacher", "pretrain", "finetune", "transfer")
+    p = load_params(PROFILES / "imagenet.yaml")
+    assert p.launch.teacher.gpus_per_node == 8 and p.launch.teacher.world_size == 16
+    out = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "deit-repro"),
+            "launch-plan",
+            "--stage",
+            "teacher",
+            "--params",
+            "profiles/imagenet.yaml",
+            "--folder",
+            "/tmp/x/runs/teacher",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "#SBATCH --gpus-per-node=8" in out and "#SBATCH --nodes=2" in out
+    assert "deit-repro-teacher" in out
+    # The teacher trained here (Table 2's DeiT-B) is the recipe the plan scales.
+    assert "global batch 1024 = 64 per task" in out
