@@ -12,6 +12,7 @@ import errno
 import functools
 import gzip
 import hashlib
+import io
 import os
 import shutil
 import struct
@@ -685,22 +686,32 @@ def test_disk_full_while_checkpointing_keeps_the_last_complete_checkpoint(
     still whole and loadable, no temporary file left, no model directory written."""
     params = params_file(tmp_path / "two_epochs.yaml", **{"teacher.train.epochs": 2})
     ckdir, out = tmp_path / "ck", tmp_path / "teacher"
-    real = atomic.write_bytes
-    written: list[bytes] = []
+    written: list[bytes] = []  # the checkpoint on disk when the second one starts
 
-    def filling_disk(path, data):
-        if Path(path).name != "checkpoint.pth":
-            return real(path, data)
-        if written:  # the second checkpoint: the disk fills half-way through the write
-            with atomic.atomic_path(path) as tmp:
-                with open(tmp, "wb") as fh:
-                    fh.write(data[: len(data) // 2])
+    class FillingDisk(io.FileIO):
+        """The temporary file of the epoch-2 checkpoint: the disk fills half-way through."""
+
+        def __init__(self, path, mode, room: int):
+            super().__init__(path, mode)
+            self.room = room
+
+        def write(self, b):
+            n = memoryview(b).nbytes
+            if n > self.room:
                 # what write(2) gives: errno 28 and no file name
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        real(path, data)
-        written.append(Path(path).read_bytes())
+            self.room -= n
+            return super().write(b)
 
-    monkeypatch.setattr(atomic, "write_bytes", filling_disk)
+    def filling_disk(file, mode="r", *args, **kwargs):
+        target = Path(file).parent / "checkpoint.pth"
+        if "w" in mode and Path(file).name.startswith(".checkpoint.pth.") and target.exists():
+            written.append(target.read_bytes())
+            return FillingDisk(file, mode, room=len(written[0]) // 2)
+        return open(file, mode, *args, **kwargs)
+
+    # atomic.torch_save serialises straight into its temporary file, opened in atomic.py.
+    monkeypatch.setattr(atomic, "open", filling_disk, raising=False)
     rc, err = run_in_process(
         capsys,
         "teacher",
@@ -763,6 +774,33 @@ def test_a_torn_checkpoint_is_never_loaded(capsys, tmp_path, fashion_small, torn
         "delete it to restart the run from scratch",
     )
     assert not out.exists() and (ckdir / "checkpoint.pth").read_bytes() == torn
+
+
+def test_a_checkpoint_of_other_params_stops_the_requeued_run(capsys, tmp_path, fashion_small):
+    """Params changed between two requeues of an unfinished run: exit 2, one line naming the
+    checkpoint, both fingerprints and the fix; the checkpoint is untouched, nothing is written."""
+    ckdir = tmp_path / "ck"
+    ckpt_file = ckdir / "checkpoint.pth"
+    argv = ["--data", fashion_small, "--run-dir", ckdir]
+    assert (
+        run_in_process(capsys, "teacher", "--params", SMOKE, "--out", tmp_path / "a", *argv)[0] == 0
+    )
+    # As if killed after its first epoch of two.
+    ckpt = load_checkpoint(ckpt_file)
+    ckpt["num_epochs"] = 2
+    atomic.torch_save(ckpt, ckpt_file)
+    before = ckpt_file.read_bytes()
+    changed = params_file(tmp_path / "lr.yaml", **{"teacher.train.lr_per_512": 1e-3})
+    out = tmp_path / "b"
+    rc, err = run_in_process(capsys, "teacher", "--params", changed, "--out", out, *argv)
+    assert_one_line_error(
+        rc,
+        err,
+        "teacher",
+        f"checkpoint {ckpt_file} (epoch 1, fingerprint {ckpt['fingerprint']})",
+        "delete it or move it away to start over, or pass --restart",
+    )
+    assert ckpt_file.read_bytes() == before and not out.exists()
 
 
 def test_a_crash_while_writing_the_model_directory_keeps_the_previous_one(

@@ -286,3 +286,32 @@ def test_the_teacher_is_a_launched_stage_with_its_own_resources():
     assert "deit-repro-teacher" in out
     # The teacher trained here (Table 2's DeiT-B) is the recipe the plan scales.
     assert "global batch 1024 = 64 per task" in out
+
+
+# ----------------------------------------------------------------------------- RandAugment
+
+
+def test_rand_augment_at_magnitude_10_does_not_crash_a_worker():
+    """rand-m9-mstd0.5 reaches magnitude 10 (clipped) a few % of the time; timm then posterizes to
+    0 bits, which the pinned Pillow refuses: the paper's training crashed at a random step (found
+    by the rehearsal). The old Pillow's answer, a black image, is what the op gives now."""
+    import random
+
+    from timm.data.auto_augment import rand_augment_transform
+
+    from deit_repro.config import AugCfg
+    from deit_repro.core.batches import timm_train_transform
+
+    timm_train_transform(AugCfg(), 32, 3)  # installs the op
+    img = Image.fromarray(np.full((32, 32, 3), 200, dtype=np.uint8))
+    op = rand_augment_transform("rand-m10-n1-inc1", {"img_mean": (124, 116, 104)})
+    posterize = next(o for o in op.ops if o.name == "PosterizeIncreasing")
+    posterize.prob = 1.0
+    random.seed(0)
+    out = posterize(img)
+    assert np.asarray(out).max() == 0  # 0 bits kept: black, as Pillow < 13 gave
+    # Fewer bits than 8 otherwise: the usual posterize.
+    op4 = rand_augment_transform("rand-m5-n1-inc1", {"img_mean": (124, 116, 104)})
+    p4 = next(o for o in op4.ops if o.name == "PosterizeIncreasing")
+    p4.prob = 1.0
+    assert np.asarray(p4(img)).max() == 200 & ~(2 ** (8 - 2) - 1)

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from deit_repro import atomic
 from deit_repro.core.batches import epoch_indices
 from deit_repro.config import TrainCfg
 from deit_repro.core.engine import Runtime, base_criterion, fit, load_checkpoint
-from deit_repro.errors import TrainingError
+from deit_repro.errors import CheckpointError, TrainingError
 from deit_repro.core.losses import DistillationLoss
 from deit_repro.core.models import create_student, set_training_outputs
 from deit_repro.core.datasets import open_dataset, train_batches
@@ -44,7 +45,16 @@ class _Stop(Exception):
     pass
 
 
-def _fit(ds, recipe, ckpt: Path | None, *, stop_after: int | None = None, distilled=False):
+def _fit(
+    ds,
+    recipe,
+    ckpt: Path | None,
+    *,
+    stop_after: int | None = None,
+    distilled=False,
+    fingerprint: str = "test",
+    **fit_kw,
+):
     model = _tiny_student(distilled=distilled)
     set_training_outputs(model, distilled)
 
@@ -62,8 +72,9 @@ def _fit(ds, recipe, ckpt: Path | None, *, stop_after: int | None = None, distil
         seed=3,
         rt=CPU,
         checkpoint_path=ckpt,
-        fingerprint="test",
+        fingerprint=fingerprint,
         on_epoch_end=on_epoch_end,
+        **fit_kw,
     )
     return model, res
 
@@ -96,26 +107,96 @@ def test_resume_from_epoch_k_ends_with_the_same_weights(fashion_small, smoke_par
     assert ckpt["ema"] is not None and ckpt["epoch"] == 2
 
 
-def test_a_checkpoint_of_another_configuration_is_not_resumed(
+def test_an_unfinished_checkpoint_of_another_configuration_stops_the_run(
     fashion_small, smoke_params, tmp_path
 ):
+    """Params or computing code changed between two requeues: the checkpoint (possibly days of
+    a run) is kept untouched and the run stops, naming both fingerprints and the way out."""
+    ds = open_dataset(fashion_small)
+    recipe = _recipe(smoke_params, epochs=2)
+    ckpt = tmp_path / "c.pth"
+    with pytest.raises(_Stop):
+        _fit(ds, recipe, ckpt, stop_after=1)  # killed after epoch 1 of 2
+    before = ckpt.read_bytes()
+    with pytest.raises(CheckpointError) as err:
+        _fit(ds, recipe, ckpt, fingerprint="other")
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert f"checkpoint {ckpt} (epoch 1, fingerprint test)" in msg
+    assert "this run (fingerprint other" in msg
+    assert "delete it or move it away to start over, or pass --restart" in msg
+    assert "c.replaced-test.pth" in msg
+    assert ckpt.read_bytes() == before and sorted(tmp_path.iterdir()) == [ckpt]
+
+    # --restart: the old checkpoint is moved aside whole, and the run starts over.
+    _, res = _fit(ds, recipe, ckpt, fingerprint="other", restart=True)
+    assert res.resumed_from_epoch is None and [r["epoch"] for r in res.history] == [1, 2]
+    assert (tmp_path / "c.replaced-test.pth").read_bytes() == before
+    assert load_checkpoint(ckpt)["fingerprint"] == "other"
+    # A requeued job that keeps the flag resumes its own checkpoint.
+    _, res = _fit(ds, recipe, ckpt, fingerprint="other", restart=True)
+    assert res.resumed_from_epoch == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pth", "c.replaced-test.pth"]
+
+
+def test_a_finished_checkpoint_of_another_configuration_is_moved_aside(
+    fashion_small, smoke_params, tmp_path
+):
+    """A complete run's checkpoint (``dvc exp run -S ...`` after a finished run): its results
+    were written, so the new configuration starts over without a flag; the old file is kept."""
     ds = open_dataset(fashion_small)
     recipe = _recipe(smoke_params, epochs=1)
-    _fit(ds, recipe, tmp_path / "c.pth")
-    model = _tiny_student()
-    loss = DistillationLoss(base_criterion(recipe), None, distill="none", alpha=0.0, tau=1.0)
-    res = fit(
-        model=model,
-        loss_fn=loss,
-        train_batches=train_batches(ds, recipe, img_size=28, seed=3),
-        recipe=recipe,
-        num_classes=10,
-        seed=3,
-        rt=CPU,
-        checkpoint_path=tmp_path / "c.pth",
-        fingerprint="other",
-    )
+    ckpt = tmp_path / "c.pth"
+    _fit(ds, recipe, ckpt)
+    before = ckpt.read_bytes()
+    _, res = _fit(ds, recipe, ckpt, fingerprint="other")
     assert res.resumed_from_epoch is None and len(res.history) == 1
+    assert (tmp_path / "c.replaced-test.pth").read_bytes() == before
+    assert load_checkpoint(ckpt)["fingerprint"] == "other"
+    # A checkpoint written before `num_epochs` was recorded: its cosine schedule's length.
+    legacy = load_checkpoint(ckpt)
+    del legacy["num_epochs"]
+    atomic.torch_save(legacy, ckpt)
+    _, res = _fit(ds, recipe, ckpt, fingerprint="third")
+    assert res.resumed_from_epoch is None
+    assert load_checkpoint(tmp_path / "c.replaced-other.pth")["fingerprint"] == "other"
+
+
+def test_progress_is_logged_without_a_terminal(
+    fashion_small, smoke_params, tmp_path, caplog, monkeypatch
+):
+    """tqdm is silent without a tty (a SLURM log): the main rank logs step, throughput, loss
+    and the epoch's and run's ETA instead."""
+    import io
+    import logging
+    import re
+    import sys
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # no terminal, even under `pytest -s`
+    caplog.set_level(logging.INFO, logger="deit_repro.core.engine")
+    ds = open_dataset(fashion_small)
+    # 6 steps an epoch: by default a line every step (about 10 lines an epoch at most)
+    _fit(ds, _recipe(smoke_params, epochs=2), None)
+    line = re.compile(
+        r"train epoch (\d)/2 step (\d)/6: (\S+) images/s, loss (\S+), "
+        r"ETA epoch (\d+):(\d\d):(\d\d), run (\d+):(\d\d):(\d\d)$"
+    )
+    found = [m for r in caplog.records if (m := line.match(r.getMessage()))]
+    assert [(int(m[1]), int(m[2])) for m in found] == [(e, k) for e in (1, 2) for k in range(1, 7)]
+    for m in found:
+        assert float(m[3]) > 0 and 0 < float(m[4]) < 10
+        epoch_eta = int(m[5]) * 3600 + int(m[6]) * 60 + int(m[7])
+        run_eta = int(m[8]) * 3600 + int(m[9]) * 60 + int(m[10])
+        assert run_eta >= epoch_eta >= 0
+    assert found[-1].group(5, 6, 7, 8, 9, 10) == ("0", "00", "00", "0", "00", "00")
+    # About 10 lines an epoch, at least one every 50 steps; or every `log_every` steps.
+    from deit_repro.core.engine import _log_interval
+
+    assert [_log_interval(n) for n in (6, 95, 300, 1251)] == [1, 10, 30, 50]
+    caplog.clear()
+    _fit(ds, _recipe(smoke_params, epochs=1), None, log_every=4)
+    one = re.compile(r"train epoch 1/1 step (\d)/6: ")
+    assert [m[1] for r in caplog.records if (m := one.match(r.getMessage()))] == ["4"]
 
 
 def test_one_epoch_on_real_fashion_mnist_is_far_above_chance(fashion_5k, smoke_params, tmp_path):
@@ -373,3 +454,220 @@ def test_amp_auto_is_fp16_where_bf16_is_only_emulated(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     assert Runtime.detect("auto").amp_dtype == torch.bfloat16
     assert Runtime.detect("off").amp_dtype is None
+
+
+# ------------------------------------------------------------------------------ checkpoint writes
+
+
+class _Unpicklable:
+    def __reduce__(self):
+        raise RuntimeError("cannot pickle this")
+
+
+def test_torch_save_serialises_straight_into_the_temporary_file(tmp_path, monkeypatch):
+    """No in-memory copy of the archive (a DeiT-B checkpoint is about a gigabyte): torch.save
+    writes into the temporary sibling, which is then renamed onto the target."""
+    from deit_repro import atomic
+
+    real = torch.save
+    targets = []
+
+    def spy(obj, f, *args, **kwargs):
+        targets.append(f)
+        return real(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", spy)
+    path = tmp_path / "ck.pth"
+    state = {"w": torch.arange(1000.0), "epoch": 3, "nested": {"b": torch.ones(2, 3)}}
+    atomic.torch_save(state, path)
+    assert len(targets) == 1
+    name = Path(getattr(targets[0], "name", "")).name
+    assert name.startswith(".ck.pth.") and name.endswith(".tmp"), targets[0]
+    back = torch.load(path, weights_only=True)
+    assert back["epoch"] == 3 and torch.equal(back["w"], state["w"])
+    assert torch.equal(back["nested"]["b"], state["nested"]["b"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.pth"]
+
+
+def test_a_failed_torch_save_keeps_the_previous_file(tmp_path, monkeypatch):
+    """Pickling fails half-way, or the disk fills: the previous file stays byte-identical, no
+    temporary file is left, and a full disk surfaces as ENOSPC (torch's zip writer would say
+    "unexpected pos"), which the CLI reports as such."""
+    import errno
+    import io
+    import os
+
+    from deit_repro import atomic
+
+    path = tmp_path / "ck.pth"
+    atomic.torch_save({"w": torch.arange(10.0)}, path)
+    before = path.read_bytes()
+    with pytest.raises(RuntimeError, match="cannot pickle"):
+        atomic.torch_save({"w": torch.zeros(1000), "bad": _Unpicklable()}, path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.pth"]
+
+    class FullDisk(io.FileIO):
+        room = 700  # bytes left on the device
+
+        def write(self, b):
+            n = memoryview(b).nbytes
+            if n > FullDisk.room:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            FullDisk.room -= n
+            return super().write(b)
+
+    monkeypatch.setattr(
+        atomic,
+        "open",
+        lambda f, mode="r": FullDisk(f, mode) if "w" in mode else open(f, mode),
+        raising=False,
+    )
+    with pytest.raises(OSError) as err:
+        atomic.torch_save({"w": torch.zeros(10_000)}, path)
+    assert err.value.errno == errno.ENOSPC
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.pth"]
+
+
+# ------------------------------------------------------------------------- per-image DataLoader
+
+
+class _Pids(torch.utils.data.Dataset):
+    """Which process produced each sample."""
+
+    def __len__(self) -> int:
+        return 16
+
+    def __getitem__(self, i):
+        import os
+
+        return torch.tensor(os.getpid()), i
+
+
+def _image_batches(num_workers: int):
+    from deit_repro.config import AugCfg
+    from deit_repro.core.batches import ImageDataset, LoaderBatches, timm_train_transform
+
+    images = torch.randint(0, 256, (16, 1, 12, 12), generator=torch.Generator().manual_seed(0))
+    aug = AugCfg(pipeline="timm", scale=(0.3, 1.0), reprob=0.25)
+    # The label is the image's index: each sample's augmentation can be compared across runs.
+    data = ImageDataset(
+        timm_train_transform(aug, 8, 1), images=images.to(torch.uint8), labels=torch.arange(16)
+    )
+    batches = LoaderBatches(data, batch_size=4, seed=5, num_workers=num_workers)
+    return data, batches
+
+
+def _epoch(batches, epoch: int) -> dict[int, torch.Tensor]:
+    batches.set_epoch(epoch)
+    return {int(i): x for xb, yb in batches for x, i in zip(xb, yb)}
+
+
+def test_the_loader_pipeline_reseeds_its_persistent_workers_per_epoch():
+    """With workers, epoch k's augmentations are those of a loader built for epoch k alone (as
+    every epoch had before workers persisted): resuming at epoch k gives the same batches, and
+    another epoch gives other augmentations."""
+    data, straight = _image_batches(num_workers=2)
+    _epoch(straight, 0)
+    after_epoch_0 = _epoch(straight, 1)
+    _, resumed = _image_batches(num_workers=2)
+    alone = _epoch(resumed, 1)
+    assert after_epoch_0.keys() == alone.keys() == set(range(16))
+    assert all(torch.equal(after_epoch_0[i], alone[i]) for i in range(16))
+    # ...and exactly what a fresh, non-persistent DataLoader seeded by the epoch gives.
+    fresh = torch.utils.data.DataLoader(
+        data,
+        batch_size=4,
+        sampler=resumed.indices().tolist(),
+        drop_last=True,
+        num_workers=2,
+        generator=resumed._generator(),
+    )
+    reference = {int(i): x for xb, yb in fresh for x, i in zip(xb, yb)}
+    assert all(torch.equal(reference[i], alone[i]) for i in range(16))
+    epoch_2 = _epoch(straight, 2)
+    assert sum(torch.equal(epoch_2[i], alone[i]) for i in range(16)) <= 2
+    # Without workers the main process's generators, seeded per epoch by fit, draw as before.
+    from deit_repro.core.batches import seed_everything
+
+    _, inline = _image_batches(num_workers=0)
+    seed_everything(1)
+    first = _epoch(inline, 1)
+    seed_everything(1)
+    assert all(torch.equal(first[i], x) for i, x in _epoch(inline, 1).items())
+
+
+def test_the_loader_pipeline_keeps_its_workers_across_epochs():
+    from deit_repro.core.batches import LoaderBatches
+
+    batches = LoaderBatches(_Pids(), batch_size=4, seed=0, num_workers=2)
+    pids = []
+    for epoch in range(3):
+        batches.set_epoch(epoch)
+        pids.append({int(p) for xb, _ in batches for p in xb})
+    assert len(pids[0]) == 2 and pids[0] == pids[1] == pids[2]
+
+
+# ------------------------------------------------------------------------------------ GPU speed
+
+
+def test_a_cuda_runtime_turns_cudnn_benchmark_on(monkeypatch):
+    """As the official main.py (`cudnn.benchmark = True`): cuDNN picks its fastest kernels."""
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    assert Runtime.detect("auto").device.type == "cpu" and not torch.backends.cudnn.benchmark
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert Runtime.detect("auto").device.type == "cuda"
+    assert torch.backends.cudnn.benchmark is True
+
+
+def test_throughput_is_measured_in_fp32(fashion_small, smoke_params, tmp_path, monkeypatch):
+    """The paper's throughput column is fp32: no autocast during the measurement, even when the
+    runtime trains in bf16, and the output says so; the AMP figure is a separate field."""
+    import json
+
+    from deit_repro.stages.throughput import measure_throughput, run_throughput
+
+    class Spy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4 * 4, 3)
+            self.autocast = []
+
+        def forward(self, x):
+            self.autocast.append(torch.is_autocast_enabled("cpu"))
+            return self.lin(x.flatten(1))
+
+    bf16 = Runtime(torch.device("cpu"), torch.bfloat16)  # a runtime that trains in bf16
+    cfg = dataclasses.replace(smoke_params.throughput, batch_sizes=(8,), warmup=1, repeats=2)
+    real_autocast = torch.autocast
+
+    def no_autocast(*args, enabled=True, **kwargs):
+        # (the classifiers turn autocast off around themselves, see classifiers_in_fp32)
+        if enabled:
+            raise AssertionError("autocast entered during the fp32 measurement")
+        return real_autocast(*args, enabled=False, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "autocast", no_autocast)
+        model = Spy()
+        fp32 = measure_throughput(model, img_size=4, in_chans=1, cfg=cfg, rt=bf16)
+        assert fp32["precision"] == "fp32" and fp32["dtype"] == "float32"
+        assert fp32["images_per_s"] > 0 and model.autocast == [False] * 3
+
+        params = dataclasses.replace(smoke_params, throughput=cfg)
+        run_throughput(params, data=fashion_small, out=tmp_path / "throughput.json", rt=bf16)
+        models = json.loads((tmp_path / "throughput.json").read_text())["models"]
+        assert len(models) == 4
+        for entry in models.values():
+            assert entry["precision"] == "fp32" and entry["dtype"] == "float32"
+            assert "amp" not in entry  # AMP is measured on CUDA only
+
+    model = Spy()
+    amp = measure_throughput(
+        model, img_size=4, in_chans=1, cfg=cfg, rt=bf16, amp_dtype=bf16.amp_dtype
+    )
+    assert amp["precision"] == "bf16" and model.autocast == [True] * 3

@@ -293,6 +293,11 @@ def test_weights_are_pinned_and_load_strictly(gen):
     result = model.load_state_dict(state, strict=True)
     assert not result.missing_keys and not result.unexpected_keys
     assert state["head.fc.weight"].shape == (4, 3024)
+    # The rehearsal overlay pins exactly this file, by URL name and full digest.
+    import yaml
+
+    pin = yaml.safe_load((ROOT / "profiles" / "rehearsal.yaml").read_text())["teacher"]["weights"]
+    assert pin["sha256"] == digest and pin["url"].endswith("/" + path.name)
 
 
 def test_second_run_with_force_writes_the_same_bytes(gen, tmp_path):

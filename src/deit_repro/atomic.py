@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -63,12 +62,24 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` through a temporary file (a torn checkpoint is never left under ``path``)."""
+    """``torch.save`` through a temporary file (a torn checkpoint is never left under ``path``).
+
+    Serialised straight into the temporary sibling: no in-memory copy of the archive, which for a
+    DeiT-B checkpoint (model, optimizer, EMA) is about a gigabyte, held while every rank waits.
+    """
     import torch
 
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    write_bytes(path, buf.getvalue())
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            try:
+                torch.save(obj, fh)
+            except RuntimeError as err:
+                # torch's zip writer reports a failed write() as "unexpected pos ...", the
+                # OSError (ENOSPC on a full disk) being its context: raise that one, which
+                # names the cause (the CLI turns ENOSPC into its own exit status).
+                if isinstance(err.__context__, OSError):
+                    raise err.__context__ from None
+                raise
 
 
 @contextlib.contextmanager

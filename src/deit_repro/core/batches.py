@@ -259,10 +259,34 @@ class ImageDataset(torch.utils.data.Dataset):
         return self.transform(img), self.labels[i]
 
 
+def _posterize(img, bits_to_keep, **__):
+    """timm's ``posterize`` for every bit count its RandAugment asks for, 0 included.
+
+    At magnitude 10, which ``rand-m9-mstd0.5`` reaches whenever its Gaussian draw exceeds 10 (it
+    is clipped there), timm's ``PosterizeIncreasing`` keeps 0 bits. Pillow 13 (pinned here)
+    refuses that ("bits must be between or equal to 1 and 8"): a crash of a data-loader worker at
+    a random step of an ImageNet run. The Pillow of the official runs returned a black image
+    (``v & ~255``); so does this.
+    """
+    from timm.data.auto_augment import posterize
+
+    if bits_to_keep <= 0:
+        return img.point(lambda _: 0)
+    return posterize(img, bits_to_keep)
+
+
+def _timm_posterize_any_bits() -> None:
+    from timm.data import auto_augment
+
+    for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
+        auto_augment.NAME_TO_OP[name] = _posterize
+
+
 def timm_train_transform(aug: AugCfg, img_size: int, in_chans: int):
     """The paper's training transform through timm's create_transform (Table 9)."""
     from timm.data import create_transform
 
+    _timm_posterize_any_bits()  # before the RandAugment ops are built: they look their op up
     mean, std = norm_stats(in_chans)
     return create_transform(
         img_size,
@@ -294,20 +318,61 @@ def timm_eval_transform(ev: EvalCfg, img_size: int, in_chans: int):
     )
 
 
-class _IndexList(torch.utils.data.Sampler):
+class _EpochIndices(torch.utils.data.Sampler):
+    """The owner's sample order of its current epoch, each index paired with the epoch's worker
+    seed (what the dataset's workers reseed from, see :class:`_EpochSeeded`)."""
+
     def __init__(self, owner: "LoaderBatches"):
         self.owner = owner
 
     def __iter__(self):
-        return iter(self.owner.indices().tolist())
+        token = (self.owner.epoch, self.owner.worker_base_seed())
+        return ((i, token) for i in self.owner.indices().tolist())
 
     def __len__(self) -> int:
         return len(self.owner.indices())
 
 
+class _EpochSeeded(torch.utils.data.Dataset):
+    """A dataset read with ``(index, (epoch, base seed))`` keys.
+
+    A persistent worker is seeded once, when it starts; so at the first sample of each epoch it
+    reseeds ``random``, torch and numpy exactly as a DataLoader seeds a fresh worker from that
+    base seed (``torch.utils.data._utils.worker._worker_loop``): an epoch's augmentations are
+    those of a loader built for that epoch alone, so resuming at epoch k gives the batches of
+    an uninterrupted run. In the main process (no workers) nothing is reseeded: there the
+    epoch's randomness comes from the global generators :func:`seed_everything` seeded.
+    """
+
+    def __init__(self, dataset: torch.utils.data.Dataset):
+        self.dataset = dataset
+        self._token: tuple[int, int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, tuple[int, int]]):
+        i, token = key
+        info = torch.utils.data.get_worker_info()
+        if info is not None and token != self._token:
+            from torch.utils.data._utils.worker import _generate_state
+
+            base = token[1]
+            random.seed(base + info.id)
+            torch.manual_seed(base + info.id)
+            np.random.seed(_generate_state(base, info.id))
+            self._token = token
+        return self.dataset[i]
+
+
 class LoaderBatches(_EpochBatches):
     """An epoch of training batches through a DataLoader (timm pipeline), same contract as
-    :class:`TrainBatches`."""
+    :class:`TrainBatches`.
+
+    One DataLoader serves every epoch; with workers they are persistent (starting them every
+    epoch costs seconds, a large share of an epoch of a few steps), and
+    :class:`_EpochSeeded` reseeds them per epoch from (seed, epoch, rank).
+    """
 
     def __init__(
         self,
@@ -324,20 +389,32 @@ class LoaderBatches(_EpochBatches):
         self.repeats, self.world_size, self.rank = repeats, world_size, rank
         self.num_workers = num_workers
         self.epoch = 0
+        self._loader: torch.utils.data.DataLoader | None = None
 
     def _num_samples(self) -> int:
         return len(self.dataset)
 
+    def worker_base_seed(self) -> int:
+        """The base seed of this epoch's workers: what a DataLoader given this epoch's generator
+        draws for them."""
+        return int(torch.empty((), dtype=torch.int64).random_(generator=self._generator()).item())
+
+    @property
+    def loader(self) -> torch.utils.data.DataLoader:
+        if self._loader is None:
+            self._loader = torch.utils.data.DataLoader(
+                _EpochSeeded(self.dataset),
+                batch_size=self.batch_size,
+                sampler=_EpochIndices(self),
+                drop_last=True,
+                num_workers=self.num_workers,
+                # Its own generator: the loader's draw of a base seed must not consume the
+                # global torch RNG (the main-process pipeline's augmentations draw from it).
+                generator=torch.Generator().manual_seed(self.seed),
+                pin_memory=torch.cuda.is_available(),
+                persistent_workers=self.num_workers > 0,
+            )
+        return self._loader
+
     def __iter__(self):
-        g = self._generator()
-        loader = torch.utils.data.DataLoader(
-            self.dataset,
-            batch_size=self.batch_size,
-            sampler=_IndexList(self),
-            drop_last=True,
-            num_workers=self.num_workers,
-            generator=g,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=False,
-        )
-        return iter(loader)
+        return iter(self.loader)

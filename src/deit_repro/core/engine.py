@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import random
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +70,10 @@ class Runtime:
             local = int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count()))
             device = torch.device("cuda", local)
             torch.cuda.set_device(device)
+            # As the official main.py: cuDNN times its convolution algorithms once per input
+            # shape and keeps the fastest (the teachers' convs, the patch embedding). The choice
+            # is timed, so two GPU runs may pick different kernels and differ in the last bits.
+            torch.backends.cudnn.benchmark = True
             # bf16 only where the GPU has it: before Ampere (V100) torch emulates it, slowly.
             native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
             if amp == "off":
@@ -215,6 +220,50 @@ def accuracy_table(pred: dict[str, Any]) -> dict[str, dict[str, float]]:
     }
 
 
+@torch.no_grad()
+def shard_accuracy(
+    heads_fn: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    rt: Runtime,
+) -> dict[str, dict[str, float]]:
+    """``{head: {"top1", "top5"}}`` over the whole test split when every rank passes its own
+    shard: each rank counts its hits and the counts are summed over the ranks.
+
+    Every rank evaluates (official main.py, ``--dist-eval``), so a DDP job spends 1/world of the
+    time on it and no rank idles in a barrier; summing counts instead of gathering padded
+    predictions keeps the figure exact whatever the process count (the official sampler pads the
+    last shard, facebookresearch/deit#24). On one process this equals
+    ``accuracy_table(predict(...))``. A collective: every rank must call it, with the same heads.
+    """
+    hits: dict[str, list[int]] = {}
+    seen = 0
+    for x, y in batches:
+        x = x.to(rt.device, non_blocking=True)
+        y = y.to(rt.device, non_blocking=True)
+        with rt.autocast():
+            heads = heads_fn(x)
+        for name, logits in heads.items():
+            logits = logits.float()
+            k = min(5, logits.shape[1])
+            top1 = logits.topk(1, dim=1).indices[:, 0] == y
+            topk = (logits.topk(k, dim=1).indices == y[:, None]).any(dim=1)
+            count = hits.setdefault(name, [0, 0])
+            count[0] += int(top1.sum())
+            count[1] += int(topk.sum())
+        seen += len(y)
+    names = sorted(hits)
+    totals = rt.sum_over_ranks([seen, *(c for name in names for c in hits[name])])
+    n = int(totals[0])
+    # Integer counts, then one float64 division, as topk_accuracy.
+    return {
+        name: {
+            "top1": 100.0 * int(totals[1 + 2 * i]) / n,
+            "top5": 100.0 * int(totals[2 + 2 * i]) / n,
+        }
+        for i, name in enumerate(names)
+    }
+
+
 def disagreement(a: torch.Tensor, b: torch.Tensor) -> float:
     """Percentage of samples on which two classifiers' predicted classes differ (Table 4)."""
     return 100.0 * int((a != b).sum()) / len(a)
@@ -253,6 +302,77 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             "delete it, or pass another --run-dir",
         )
     return ckpt
+
+
+def _finished(ckpt: dict[str, Any]) -> bool:
+    """Whether a checkpoint is its run's last epoch; unknown counts as unfinished.
+
+    Checkpoints written before ``num_epochs`` was recorded have their cosine schedule's length:
+    one cycle of ``t_initial`` epochs (:func:`optimizer_and_scheduler` sets no cooldown).
+    """
+    total = ckpt.get("num_epochs")
+    if total is None:
+        sched = ckpt.get("scheduler") or {}
+        if sched.get("cycle_limit") == 1 and isinstance(sched.get("t_initial"), int):
+            total = sched["t_initial"]
+    return total is not None and ckpt["epoch"] + 1 >= total
+
+
+def _aside(path: Path, fingerprint: str) -> Path:
+    """``<name>.replaced-<fingerprint>.pth`` beside ``path``, numbered if that exists."""
+    stem, suffix = path.name.rsplit(".", 1) if "." in path.name else (path.name, "")
+    suffix = f".{suffix}" if suffix else ""
+    candidate = path.with_name(f"{stem}.replaced-{fingerprint}{suffix}")
+    n = 1
+    while candidate.exists():
+        candidate = path.with_name(f"{stem}.replaced-{fingerprint}-{n}{suffix}")
+        n += 1
+    return candidate
+
+
+def _replace_checkpoint(
+    path: Path, ckpt: dict[str, Any], fingerprint: str, *, restart: bool, rt: Runtime
+) -> None:
+    """Deal with a checkpoint of another fingerprint before a run starts over.
+
+    An unfinished one may be days of a run whose params or code changed between two requeues:
+    it is kept untouched and the run stops, unless ``restart``. Otherwise it is moved aside, not
+    deleted, so nothing trained is lost.
+    """
+    old = ckpt["fingerprint"]
+    if not restart and not _finished(ckpt):
+        raise CheckpointError(
+            f"checkpoint {path} (epoch {ckpt['epoch'] + 1}, fingerprint {old}) is of another "
+            f"configuration than this run (fingerprint {fingerprint}: params, data or "
+            "computing code changed) and was left untouched",
+            "resume it with the params and code that wrote it, or delete it or move it away "
+            "to start over, or pass --restart (it is then kept as "
+            f"{_aside(path, old).name})",
+        )
+    # Every rank has read it (the same file) before the main rank moves it.
+    rt.barrier()
+    if rt.is_main:
+        aside = _aside(path, old)
+        os.replace(path, aside)
+        _logger.warning(
+            "checkpoint %s (epoch %d, fingerprint %s) is of another configuration than this "
+            "run (%s): moved to %s, starting over",
+            path,
+            ckpt["epoch"] + 1,
+            old,
+            fingerprint,
+            aside,
+        )
+
+
+def _hms(seconds: float) -> str:
+    s = max(int(round(seconds)), 0)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def _log_interval(steps: int) -> int:
+    """About 10 progress lines an epoch, at least one every 50 steps."""
+    return max(1, min(50, math.ceil(steps / 10)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -299,6 +419,8 @@ def fit(
     evaluate: Callable[[nn.Module], dict[str, Any]] | None = None,
     on_epoch_end: Callable[[list[dict[str, Any]]], None] | None = None,
     desc: str = "train",
+    restart: bool = False,
+    log_every: int | None = None,
 ) -> FitResult:
     """Train ``model`` for ``recipe.epochs`` epochs, checkpointing and resuming.
 
@@ -311,12 +433,23 @@ def fit(
         seed: the run seed; with the epoch it seeds each epoch's randomness.
         rt: the runtime (device, precision, rank).
         checkpoint_path: where the complete checkpoint lives; ``None`` disables checkpointing.
-        fingerprint: what the run is (params hash, variant); a checkpoint with another
-            fingerprint is not resumed from (the run starts over and says so).
-        evaluate: called with the raw model every ``recipe.eval_every`` epochs and after the last
-            epoch; returns metrics merged into the epoch's history row.
+        fingerprint: what the run is (params hash, variant, computing code). A checkpoint with
+            another fingerprint is never resumed from. An unfinished one (a run interrupted,
+            then requeued after its params or code changed) stops the run with a
+            CheckpointError and is left untouched, unless ``restart``; a finished one (its
+            outputs were written, e.g. ``dvc exp run -S`` after a complete run) is moved aside
+            to ``<name>.replaced-<its fingerprint>.pth`` and the run starts over.
+        evaluate: called on every rank with the raw model every ``recipe.eval_every`` epochs and
+            after the last epoch (a collective: each rank evaluates its shard); returns metrics
+            merged into the epoch's history row.
         on_epoch_end: called with the history after each epoch (e.g. to write it to a file).
         desc: progress-bar label.
+        restart: replace a checkpoint of another fingerprint, unfinished or not: it is moved
+            aside (never deleted) and the run starts over. A checkpoint of this fingerprint is
+            resumed from all the same, so a requeued job that keeps the flag resumes its own.
+        log_every: without a terminal (a SLURM log) the progress bar is silent; the main rank
+            then logs a line every ``log_every`` steps (default: about 10 lines an epoch, at
+            least one every 50 steps) with throughput, loss and the epoch's and run's ETA.
     """
     from timm.utils import ModelEmaV3
 
@@ -339,12 +472,7 @@ def fit(
     if checkpoint_path is not None and checkpoint_path.exists():
         ckpt = load_checkpoint(checkpoint_path)
         if ckpt["fingerprint"] != fingerprint:
-            _logger.warning(
-                "checkpoint %s belongs to another configuration (%s != %s): starting over",
-                checkpoint_path,
-                ckpt["fingerprint"],
-                fingerprint,
-            )
+            _replace_checkpoint(checkpoint_path, ckpt, fingerprint, restart=restart, rt=rt)
         else:
             raw.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
@@ -361,6 +489,7 @@ def fit(
             )
 
     last_good = checkpoint_path if start > 0 else None
+    epoch_seconds: list[float] = []  # whole epochs of this process (training, eval, checkpoint)
     for epoch in range(start, num_epochs):
         # Every random draw of this epoch derives from (seed, epoch, rank): resuming is exact.
         seed_everything(epoch_seed(seed, epoch, rt.rank))
@@ -369,6 +498,9 @@ def fit(
         scheduler.step(epoch)
         loss_sum, n_seen, t_epoch = 0.0, 0, time.perf_counter()
         bar = _tqdm(train_batches, steps, f"{desc} {epoch + 1}/{num_epochs}", rt.is_main)
+        # Without a terminal (a SLURM log) tqdm is silent: the main rank logs lines instead.
+        every = (log_every or _log_interval(steps)) if rt.is_main and bar.disable else 0
+        mark = (t_epoch, 0, 0.0)  # time, images and loss sum at the last progress line
         for step, (x, y) in enumerate(bar):
             x = x.to(rt.device, non_blocking=True)
             y = y.to(rt.device, non_blocking=True)
@@ -408,6 +540,27 @@ def fit(
                 ema.update(raw)
             loss_sum += loss_value * x.shape[0]
             n_seen += x.shape[0]
+            if every and (step + 1) % every == 0:
+                now = time.perf_counter()
+                per_epoch = (now - t_epoch) / (step + 1) * steps
+                eta_epoch = per_epoch - (now - t_epoch)
+                later = (statistics.fmean(epoch_seconds) if epoch_seconds else per_epoch) * (
+                    num_epochs - epoch - 1
+                )
+                _logger.info(
+                    "%s epoch %d/%d step %d/%d: %.1f images/s, loss %.4f, ETA epoch %s, run %s",
+                    desc,
+                    epoch + 1,
+                    num_epochs,
+                    step + 1,
+                    steps,
+                    # every rank trains the same per-rank batch: the job's rate is world x ours
+                    (n_seen - mark[1]) * rt.world_size / max(now - mark[0], 1e-9),
+                    (loss_sum - mark[2]) / max(n_seen - mark[1], 1),
+                    _hms(eta_epoch),
+                    _hms(eta_epoch + later),
+                )
+                mark = (now, n_seen, loss_sum)
         if rt.world_size > 1:  # the loss over the global batch, as one process would report it
             loss_sum, seen = rt.sum_over_ranks([loss_sum, n_seen])
             n_seen = int(seen)
@@ -418,10 +571,9 @@ def fit(
             "train_images_per_s": n_seen / (time.perf_counter() - t_epoch),
         }
         last = epoch == num_epochs - 1
-        if (
-            evaluate is not None
-            and rt.is_main
-            and (last or (recipe.eval_every and (epoch + 1) % recipe.eval_every == 0))
+        # Every rank evaluates its shard (``evaluate`` is a collective, see shard_accuracy).
+        if evaluate is not None and (
+            last or (recipe.eval_every and (epoch + 1) % recipe.eval_every == 0)
         ):
             row.update(evaluate(raw))
             if ema is not None:
@@ -440,6 +592,7 @@ def fit(
                     "format": CHECKPOINT_FORMAT,
                     "fingerprint": fingerprint,
                     "epoch": epoch,
+                    "num_epochs": num_epochs,
                     "model": raw.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
@@ -454,6 +607,7 @@ def fit(
         if on_epoch_end is not None and rt.is_main:
             on_epoch_end(result.history)
         rt.barrier()
+        epoch_seconds.append(time.perf_counter() - t_epoch)
     result.seconds = time.perf_counter() - t0
     result.ema = ema.module if ema is not None else None
     return result

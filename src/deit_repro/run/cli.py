@@ -48,8 +48,12 @@ def _train(args, run) -> list[dict]:
     Where the runs happen is ``params.launch.launcher`` (or ``--launcher``): in this process (and
     child processes for the seeds), or as submitit jobs on this machine or on SLURM.
     """
+    import dataclasses
+
     from deit_repro.run import launch, seeds
 
+    if args.restart:  # how to treat a stale checkpoint, not what is computed
+        run = dataclasses.replace(run, options={**run.options, "restart": True})
     specs = run.specs(args.out, args.run_dir, args.seed)
     launcher = getattr(args, "launcher", None) or run.params.launch.launcher
     if launcher != "in-process" and run.stage in LAUNCHED_STAGES:

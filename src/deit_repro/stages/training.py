@@ -179,7 +179,14 @@ def _write_outputs(
 
 
 def _train_and_save(
-    t: _Trainee, at: _Where, *, loss_fn, recipe: TrainCfg, identity: dict[str, Any], desc: str
+    t: _Trainee,
+    at: _Where,
+    *,
+    loss_fn,
+    recipe: TrainCfg,
+    identity: dict[str, Any],
+    desc: str,
+    restart: bool = False,
 ) -> dict[str, Any]:
     """Train ``t.model`` with ``recipe`` (resuming from the run directory's checkpoint when its
     fingerprint, ``identity`` and the computing code, matches) and write the outputs."""
@@ -211,6 +218,7 @@ def _train_and_save(
         if run_dir is not None
         else None,
         desc=desc,
+        restart=restart,
     )
     if not rt.is_main:
         return {}  # rank 0 evaluates and writes; the others only trained their share
@@ -263,6 +271,7 @@ def run_teacher(
     weights: Path | None = None,
     arch: str = "convnet",
     rt: Runtime | None = None,
+    restart: bool = False,
 ) -> dict:
     """Train a teacher, or load released weights (pinned sha256); record its accuracy.
 
@@ -323,6 +332,7 @@ def run_teacher(
         loss_fn=loss,
         recipe=recipe,
         desc=f"teacher {arch}",
+        restart=restart,
         identity={
             "stage": "teacher",
             "model": to_dict(model_cfg),
@@ -344,6 +354,7 @@ def run_pretrain(
     dist_token: bool,
     seed: int,
     rt: Runtime | None = None,
+    restart: bool = False,
 ) -> dict:
     """Train a DeiT student: no distillation, soft or hard, with or without the distillation
     token (paper §4, Table 3)."""
@@ -388,6 +399,7 @@ def run_pretrain(
         loss_fn=loss,
         recipe=cfg.train,
         desc=f"pretrain {distill}",
+        restart=restart,
         identity={
             "stage": "pretrain",
             "cfg": to_dict(cfg),
@@ -411,6 +423,7 @@ def run_finetune(
     img_size: int | None = None,
     interpolation: str | None = None,
     rt: Runtime | None = None,
+    restart: bool = False,
 ) -> dict:
     """Fine-tune a student at another resolution (paper §6: 224 -> 384), positional embeddings
     resampled bicubic (bilinear for the ablation), with the true label and the teacher's
@@ -464,6 +477,7 @@ def run_finetune(
         loss_fn=loss,
         recipe=cfg.train,
         desc=f"finetune {img_size}px",
+        restart=restart,
         identity={
             "stage": "finetune",
             "cfg": to_dict(cfg),
@@ -487,6 +501,7 @@ def run_transfer(
     run_dir: Path | None,
     seed: int,
     rt: Runtime | None = None,
+    restart: bool = False,
 ) -> dict:
     """Fine-tune a pretrained student on a downstream dataset, or (``student=None``) train the
     same architecture from scratch for the comparison (paper §5.3, Table 7), with the dataset's
@@ -538,6 +553,7 @@ def run_transfer(
         loss_fn=loss,
         recipe=recipe,
         desc=f"transfer {extra['init']}",
+        restart=restart,
         identity={
             "stage": "transfer",
             "cfg": to_dict(recipe),
