@@ -3,6 +3,7 @@
 
     .venv/bin/python scripts/rehearsal.py WORKDIR --engine snakemake   # snakemake --profile slurm
     .venv/bin/python scripts/rehearsal.py WORKDIR --engine dvc         # dvc repro
+    .venv/bin/python scripts/rehearsal.py WORKDIR --engine snakemake --again   # same copy, anew
 
 In WORKDIR it writes the generated data (``data/``, scripts/rehearsal_data.py: an ImageNet-layout
 JPEG tree, the transfer datasets in their on-disk formats, a RegNetY-16GF state dict) and a fresh
@@ -94,11 +95,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--overlay", type=Path, default=ROOT / "profiles" / "rehearsal.yaml", help="the overlay"
     )
+    ap.add_argument(
+        "--again",
+        action="store_true",
+        help="run in WORKDIR's existing project copy, after deleting everything the DAG made "
+        "there (prepared data, models, runs, metrics, results): e.g. the other engine",
+    )
     args = ap.parse_args(argv)
     work = args.workdir.resolve()
     data, repo = work / "data", work / "repo"
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", DVC_NO_ANALYTICS="1")
+    if args.again:
+        if not (repo / "params.yaml").is_file():
+            print(
+                f"rehearsal: no earlier rehearsal in {repo}; run without --again", file=sys.stderr
+            )
+            return 2
+        for made in NOT_COPIED:
+            shutil.rmtree(repo / made, ignore_errors=True)
+        return run_engine(args.engine, repo, data, env)
     if repo.exists():
-        print(f"rehearsal: {repo} exists; pass a new WORKDIR (or delete it)", file=sys.stderr)
+        print(f"rehearsal: {repo} exists; pass a new WORKDIR (or --again)", file=sys.stderr)
         return 2
     work.mkdir(parents=True, exist_ok=True)
     if not data.exists():
@@ -106,7 +123,6 @@ def main(argv: list[str] | None = None) -> int:
             [sys.executable, str(ROOT / "scripts" / "rehearsal_data.py"), str(data)], check=True
         )
     copy_project(repo)
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", DVC_NO_ANALYTICS="1")
     subprocess.run(
         [
             str(BIN / "deit-repro"),
@@ -120,10 +136,15 @@ def main(argv: list[str] | None = None) -> int:
         env=env,
         check=True,
     )
+    return run_engine(args.engine, repo, data, env)
+
+
+def run_engine(engine: str, repo: Path, data: Path, env: dict[str, str]) -> int:
+    """Run the DAG in ``repo`` with ``engine`` while the teacher's weights are served."""
     params = yaml.safe_load((repo / "params.yaml").read_text())
     cmd = (
         [str(BIN / "dvc"), "repro"]
-        if args.engine == "dvc"
+        if engine == "dvc"
         else [str(BIN / "snakemake"), "--profile", "slurm"]
     )
     with serve(data / "weights", params["teacher"]["weights"]["url"]):

@@ -64,3 +64,23 @@ def test_gpu_bench_runs_in_smoke_mode_on_cpu(tmp_path):
         assert res["training"][k]["images_per_s"] > 0
     assert {r["precision"] for r in res["inference"]} == {"fp32", "amp"}
     assert res["decode"]["cpu_pil_images_per_s_per_core"] > 0
+
+
+def test_the_gpu_check_runs_its_code_on_a_cpu(tmp_path):
+    """`bench/gpu_check.py --smoke`: the NCCL step is skipped without CUDA; the rehearsal step
+    distils DeiT-Ti⚗ from the generated RegNetY-16GF, is interrupted after one epoch and resumes;
+    the benchmark goes through engine.fit."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--smoke", "--out", str(tmp_path)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert res["nccl"] == {"skipped": "no CUDA"}
+    assert res["rehearsal"]["resumed_from_epoch"] == 0
+    assert set(res["rehearsal"]["student_heads"]) == {"cls", "dist", "joint"}
+    (bench,) = res["fit_benchmark"].values()
+    assert bench["images_per_s"] > 0 and len(bench["per_epoch"]) == 2

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -127,3 +128,93 @@ def test_compose_writes_the_params_and_refuses_a_bad_overlay(tmp_path):
     with pytest.raises(ConfigError, match="not a mapping"):
         (tmp_path / "list.yaml").write_text("- 1\n")
         compose_params(PROFILES / "imagenet.yaml", tmp_path / "list.yaml")
+
+
+def _sacct_since(since: str) -> list[dict[str, str]]:
+    import slurm_cluster as sc
+
+    return sc.sacct(since=since)
+
+
+@pytest.mark.slow
+def test_the_rehearsal_runs_under_dvc_and_under_snakemake_on_slurm(slurm, tmp_path):
+    """The whole rehearsal DAG: `dvc repro`, then, in the same copy with everything it made
+    deleted, `snakemake --profile slurm`. Every training stage (the teachers included) trains as
+    submitit jobs on the local SLURM cluster, pretraining as 2 DDP tasks over gloo; both engines
+    write the same metrics and the tables regenerate."""
+    import time
+
+    import slurm_cluster as sc
+
+    script = [sys.executable, str(ROOT / "scripts" / "rehearsal.py"), str(tmp_path)]
+    repo = tmp_path / "repo"
+
+    def rehearse(*extra: str) -> str:
+        proc = subprocess.run(script + list(extra), capture_output=True, text=True, timeout=3000)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0, out[-6000:]
+        print(re.findall(r"rehearsal: .*", out)[-1])  # the engine's wall time, in the test log
+        return out
+
+    rehearse("--engine", "dvc")
+    metrics = {
+        p.relative_to(repo).as_posix(): p.read_bytes()
+        for p in sorted((repo / "metrics").rglob("*.json"))
+        if p.name != "throughput.json"
+    }
+    transfer = {f"metrics/transfer/{d}-pretrained.json" for d in SIX} | {
+        "metrics/transfer/cifar10-scratch.json"
+    }
+    assert transfer <= set(metrics) and "metrics/finetune/bicubic.json" in metrics
+    teacher = json.loads(metrics["metrics/teacher.json"])
+    assert teacher["heads"]["cls"]["top1"]["mean"] >= 0  # RegNetY-16GF evaluated on the val tree
+    ft = json.loads(metrics["metrics/finetune/bicubic.json"])
+    assert ft["eval"]["img_size"] == 384 and ft["eval"]["crop_pct"] == 0.875
+    deit = json.loads((repo / "models/pretrain/deit/seed0/metrics.json").read_text())
+    assert deit["dist_token"] is True and set(deit["heads"]) == {"cls", "dist", "joint"}
+    run_info = json.loads((repo / "runs/pretrain/deit/seed0/run.json").read_text())
+    assert run_info["world_size"] == 2
+    table7 = (repo / "results" / "table7_transfer.csv").read_text()
+    assert "inat2019" in table7.lower() or "iNat" in table7
+
+    since = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(time.time() - 5))
+    out = rehearse("--engine", "snakemake", "--again")
+    assert "Nothing to be done" not in out
+    jobs = sc.wait_for(
+        "the rehearsal's jobs in sacct",
+        lambda: [r for r in _sacct_since(since) if r["State"] == "COMPLETED"],
+        timeout=60,
+    )
+    names = [r["JobName"] for r in jobs]
+    assert names.count("deit-repro-teacher-seed0") == 2, names  # RegNetY download + DeiT teacher
+    assert names.count("deit-repro-pretrain-seed0") == 5, names
+    assert names.count("deit-repro-finetune-seed0") == 3, names
+    assert names.count("deit-repro-transfer-seed0") == 7, names  # 6 datasets + CIFAR-10 scratch
+    assert all(r["NTasks"] == "2" for r in jobs if r["JobName"] == "deit-repro-pretrain-seed0")
+    rules = {
+        m.group(1)
+        for r in jobs
+        for m in [re.fullmatch(r"rule_(\w+?)(_wildcards_.*)?", r["Comment"])]
+        if m
+    }
+    assert {f"prepare_{d}" for d in ("imagenet", *SIX)} | {
+        "evaluate",
+        "throughput",
+        "tables",
+    } <= rules
+    again = {
+        p.relative_to(repo).as_posix(): p.read_bytes()
+        for p in sorted((repo / "metrics").rglob("*.json"))
+        if p.name != "throughput.json"
+    }
+    assert again == metrics  # the same numbers, whichever engine ran the jobs
+    status = subprocess.run(
+        [str(Path(sys.executable).parent / "dvc"), "status"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+    )
+    assert "Data and pipelines are up to date" in status.stdout, status.stdout
+
+
+SIX = ("cifar10", "cifar100", "flowers102", "stanford_cars", "inat2018", "inat2019")

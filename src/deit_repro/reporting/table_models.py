@@ -53,7 +53,7 @@ def _throughput_note(c: Context) -> str:
         f"{any_entry.get('dtype')}, batch {any_entry.get('batch_size')}, "
         f"{any_entry.get('threads')} thread(s), mean of {any_entry.get('repeats')} timed "
         "passes on synthetic input; params counted from the built models. The paper's: one "
-        "V100-16GB, largest batch that fits, AMP."
+        "V100-16GB, largest batch that fits, float32 (facebookresearch/deit#38)."
     )
 
 
