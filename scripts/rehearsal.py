@@ -142,17 +142,26 @@ def main(argv: list[str] | None = None) -> int:
 def run_engine(engine: str, repo: Path, data: Path, env: dict[str, str]) -> int:
     """Run the DAG in ``repo`` with ``engine`` while the teacher's weights are served."""
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    cmd = (
-        [str(BIN / "dvc"), "repro"]
-        if engine == "dvc"
-        else [str(BIN / "snakemake"), "--profile", "slurm"]
-    )
+    if engine == "dvc":
+        cmd = [str(BIN / "dvc"), "repro"]
+    else:
+        # The slurm profile sizes the imagenet rules for a cluster (prepare_imagenet: 32 CPUs,
+        # 64 GB); on this machine's one-node cluster they would pend for ever. Shrink them here,
+        # as the overlay shrinks the training jobs (launch.*); everything else is the profile's.
+        rules = [f"prepare_{name}" for name in params["datasets"]]
+        small = [
+            f"{r}:{k}={v}"
+            for r in (*rules, "evaluate", "throughput", "tables")
+            for k, v in (("cpus_per_task", 1), ("mem_mb", 6000), ("runtime", 60))
+        ]
+        cmd = [str(BIN / "snakemake"), "--profile", "slurm", "--set-resources", *small]
     with serve(data / "weights", params["teacher"]["weights"]["url"]):
         t0 = time.perf_counter()
         status = subprocess.run(cmd, cwd=repo, env=env).returncode
         seconds = time.perf_counter() - t0
+    shown = " ".join(cmd[1:4] if engine != "dvc" else cmd[1:])
     print(
-        f"rehearsal: `{Path(cmd[0]).name} {' '.join(cmd[1:])}` "
+        f"rehearsal: `{Path(cmd[0]).name} {shown}` "
         f"{'finished' if status == 0 else f'failed (exit {status})'} in {seconds:.0f} s ({repo})",
         flush=True,
     )

@@ -315,3 +315,15 @@ def test_rand_augment_at_magnitude_10_does_not_crash_a_worker():
     p4 = next(o for o in op4.ops if o.name == "PosterizeIncreasing")
     p4.prob = 1.0
     assert np.asarray(p4(img)).max() == 200 & ~(2 ** (8 - 2) - 1)
+
+
+def test_the_transfer_plan_scales_the_datasets_recipe():
+    deit = str(Path(sys.executable).parent / "deit-repro")
+    base = [deit, "launch-plan", "--params", "profiles/imagenet.yaml", "--stage", "transfer"]
+    inat = subprocess.run(
+        [*base, "--dataset", "inat2018"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    assert "global batch 768 = 96 per task; effective lr 7.5e-05" in inat
+    bad = subprocess.run([*base, "--dataset", "mnist"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert bad.stderr.startswith("deit-repro launch-plan: error: --dataset 'mnist'")

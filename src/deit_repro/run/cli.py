@@ -137,12 +137,20 @@ def _cmd_launch_plan(args, params: Params) -> None:
     from deit_repro.core.datasets import per_rank_batch
     from deit_repro.run import launch
 
-    res = getattr(params.launch, args.stage)
-    recipe = params.recipe(args.stage)
+    res = getattr(params.launch, args.launch_stage)
+    recipe = params.recipe(args.launch_stage)
+    if args.launch_stage == "transfer" and args.dataset is not None:
+        if args.dataset not in params.transfer.datasets:
+            raise ConfigError(
+                f"--dataset {args.dataset!r} is not in transfer.datasets "
+                f"{list(params.transfer.datasets)}",
+                "pass one of them",
+            )
+        recipe = params.transfer.recipe(args.dataset)
     world = res.world_size
     per_task = per_rank_batch(recipe.batch_size, world)
     print(
-        f"# {args.stage} on launcher {params.launch.launcher}: {res.nodes} node(s) x "
+        f"# {args.launch_stage} on launcher {params.launch.launcher}: {res.nodes} node(s) x "
         f"{res.tasks_per_node} task(s) = world size {world}, {res.gpus_per_node} GPU(s)/node; "
         f"global batch {recipe.batch_size} = {per_task} per task; effective lr "
         f"{recipe.effective_lr():g}; one job per seed {list(params.seeds)}"
@@ -150,7 +158,10 @@ def _cmd_launch_plan(args, params: Params) -> None:
     folder = (args.folder / f"seed{params.seeds[0]}" / "submitit").resolve()
     print(
         launch.sbatch_script(
-            params.launch, args.stage, folder, f"deit-repro-{args.stage}-seed{params.seeds[0]}"
+            params.launch,
+            args.launch_stage,
+            folder,
+            f"deit-repro-{args.launch_stage}-seed{params.seeds[0]}",
         )
     )
 
@@ -422,7 +433,14 @@ def build_parser() -> argparse.ArgumentParser:
         "dry run: print the sbatch file the submitit "
         "launcher would submit for a training stage (nothing is submitted)",
     )
-    sp.add_argument("--stage", choices=LAUNCHED_STAGES, default="pretrain")
+    # dest: `stage` is the subcommand's own name (the error prefix, the cost line)
+    sp.add_argument("--stage", dest="launch_stage", choices=LAUNCHED_STAGES, default="pretrain")
+    sp.add_argument(
+        "--dataset",
+        default=None,
+        help="with --stage transfer: the dataset whose recipe the plan scales "
+        "(default: transfer.train)",
+    )
     sp.add_argument(
         "--folder",
         type=Path,
