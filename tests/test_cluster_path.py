@@ -27,7 +27,7 @@ from deit_repro.core.engine import Runtime, accuracy_table, shard_accuracy
 from deit_repro.core.losses import DistillationLoss
 from deit_repro.core.models import create_student, create_teacher, student_heads
 from deit_repro.stages.prepare import run_prepare
-from deit_repro.stages.training import transfer_run
+from deit_repro.stages.training import run_teacher, transfer_run
 
 PROFILES = ROOT / "profiles"
 
@@ -327,3 +327,99 @@ def test_the_transfer_plan_scales_the_datasets_recipe():
     bad = subprocess.run([*base, "--dataset", "mnist"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2
     assert bad.stderr.startswith("deit-repro launch-plan: error: --dataset 'mnist'")
+
+
+def test_a_test_split_smaller_than_the_process_count_is_refused(tmp_path, smoke_params):
+    """Every rank must hold images (the sharded counts are one collective of one shape)."""
+    from deit_repro.config import DatasetCfg
+
+    _image_tree(tmp_path / "tree", classes=1, train=2, val=1)
+    run_prepare(
+        DatasetCfg(source="imagefolder", root=str(tmp_path / "tree")), out=tmp_path / "prepared"
+    )
+    ds = open_dataset(tmp_path / "prepared")
+    with pytest.raises(ConfigError, match="has 1 images, fewer than the 2 processes"):
+        eval_batches(ds, smoke_params.eval, 16, world_size=2, rank=1)
+
+
+def _buffers_worker(rank: int, init: str, queue) -> None:
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        bn = torch.nn.BatchNorm1d(3)
+        bn.running_mean.fill_(float(rank + 1))
+        Runtime(torch.device("cpu"), None, world_size=2, rank=rank).same_buffers(bn)
+        queue.put((rank, bn.running_mean.tolist()))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_every_rank_evaluates_with_rank_0s_batchnorm_statistics(tmp_path):
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    init = f"file://{tmp_path / 'rendezvous'}"
+    procs = [ctx.Process(target=_buffers_worker, args=(r, init, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = dict(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    assert got == {0: [1.0, 1.0, 1.0], 1: [1.0, 1.0, 1.0]}
+
+
+def _teacher_worker(rank: int, init: str, params, data, weights, out, queue) -> None:
+    from deit_repro.stages.training import run_teacher
+
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        rt = Runtime(torch.device("cpu"), None, world_size=2, rank=rank)
+        res = run_teacher(params, data=data, out=out, run_dir=None, seed=0, weights=weights, rt=rt)
+        queue.put((rank, res))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_released_teacher_weights_in_a_ddp_job_are_written_by_rank_0_alone(
+    tmp_path, fashion_small, smoke_params
+):
+    """The teacher stage is launched like the others (16 ranks on the imagenet profile): every
+    rank evaluates its shard of the released weights, rank 0 alone writes the model directory
+    (16 ranks swapping one directory in collide)."""
+    import hashlib
+
+    from deit_repro.config import WeightsCfg
+    from deit_repro.core.model_dirs import teacher_kwargs
+
+    ds = open_dataset(fashion_small)
+    p = smoke_params
+    kwargs = teacher_kwargs(p.teacher.model, num_classes=10, in_chans=ds.in_chans, drop_path=0.0)
+    torch.manual_seed(0)
+    weights = tmp_path / "teacher.pth"
+    torch.save(create_teacher(**kwargs).state_dict(), weights)
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    p = dataclasses.replace(
+        p, teacher=dataclasses.replace(p.teacher, weights=WeightsCfg("file:///absent.pth", digest))
+    )
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    init = f"file://{tmp_path / 'rendezvous'}"
+    args = (p, fashion_small, weights, tmp_path / "teacher")
+    procs = [ctx.Process(target=_teacher_worker, args=(r, init, *args, queue)) for r in range(2)]
+    for proc in procs:
+        proc.start()
+    got = dict(queue.get(timeout=300) for _ in procs)
+    for proc in procs:
+        proc.join(timeout=60)
+        assert proc.exitcode == 0
+    assert got[1] == {}
+    one = run_teacher(
+        p,
+        data=fashion_small,
+        out=tmp_path / "single",
+        run_dir=None,
+        seed=0,
+        weights=weights,
+        rt=Runtime(torch.device("cpu")),
+    )
+    assert got[0]["heads"] == one["heads"]  # the shards' counts add up to the whole split
+    assert (tmp_path / "teacher" / "model.pt").is_file()
+    assert not [q for q in tmp_path.iterdir() if q.name.startswith(".teacher")]

@@ -137,7 +137,7 @@ def _sacct_since(since: str) -> list[dict[str, str]]:
 
 
 @pytest.mark.slow
-def test_the_rehearsal_runs_under_dvc_and_under_snakemake_on_slurm(slurm, tmp_path):
+def test_the_rehearsal_runs_under_dvc_and_under_snakemake_on_slurm(slurm, tmp_path, capsys):
     """The whole rehearsal DAG: `dvc repro`, then, in the same copy with everything it made
     deleted, `snakemake --profile slurm`. Every training stage (the teachers included) trains as
     submitit jobs on the local SLURM cluster, pretraining as 2 DDP tasks over gloo; both engines
@@ -153,7 +153,8 @@ def test_the_rehearsal_runs_under_dvc_and_under_snakemake_on_slurm(slurm, tmp_pa
         proc = subprocess.run(script + list(extra), capture_output=True, text=True, timeout=3000)
         out = proc.stdout + proc.stderr
         assert proc.returncode == 0, out[-6000:]
-        print(re.findall(r"rehearsal: .*", out)[-1])  # the engine's wall time, in the test log
+        with capsys.disabled():  # each engine's wall time, in the CI log
+            print("\n" + re.findall(r"rehearsal: .*", out)[-1], flush=True)
         return out
 
     rehearse("--engine", "dvc")

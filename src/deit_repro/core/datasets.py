@@ -127,6 +127,13 @@ def eval_batches(
     rank's shard, images ``rank, rank + world_size, ...`` (no padding: every image is counted
     once, whatever the process count). Image trees decode in ``ev.num_workers`` workers."""
     part = getattr(ds, split)
+    if len(part.labels) < world_size:
+        # Every rank must hold images: the sharded counts are one collective with one shape.
+        raise ConfigError(
+            f"the {split} split of {ds.path} has {len(part.labels)} images, fewer than the "
+            f"{world_size} processes evaluating it",
+            "prepare more test images or train with fewer processes",
+        )
     shard = torch.arange(rank, len(part.labels), world_size)
     if getattr(part, "images", None) is not None:
         images = part.images if world_size == 1 else part.images[shard]

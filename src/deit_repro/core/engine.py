@@ -102,6 +102,14 @@ class Runtime:
         torch.distributed.all_reduce(total)
         return total.tolist()
 
+    def same_buffers(self, module: nn.Module) -> None:
+        """Rank 0's buffers (BatchNorm statistics) on every rank. DDP broadcasts them at the
+        start of each forward, so after the last step each rank holds its own batch's update;
+        a sharded evaluation must score every shard with the model rank 0 saves."""
+        if self.world_size > 1:
+            for buf in module.buffers():
+                torch.distributed.broadcast(buf, src=0)
+
     def barrier(self) -> None:
         """Wait for every rank (NCCL's barrier on this process's own GPU)."""
         if self.world_size > 1:
@@ -575,8 +583,10 @@ def fit(
         if evaluate is not None and (
             last or (recipe.eval_every and (epoch + 1) % recipe.eval_every == 0)
         ):
+            rt.same_buffers(raw)
             row.update(evaluate(raw))
             if ema is not None:
+                rt.same_buffers(ema.module)
                 row.update({f"ema_{k}": v for k, v in evaluate(ema.module).items()})
         result.history.append(row)
         _logger.info(

@@ -240,7 +240,8 @@ def claim_list(c: Context, by_epoch: dict[str, dict[int, Stat]]) -> list[Claim]:
             paper_note="no number printed (§6 text)",
         ),
     ]
-    for ds in c.params.transfer.datasets:
+    # Pretrained vs from scratch where the profile trains the baseline (transfer.scratch).
+    for ds in c.params.transfer.scratch:
         t7, s54 = "table7_transfer_learning", "sec5_4_cifar10_from_scratch"
         col = TABLE7_COLUMNS.get(ds, "cifar10")
         out.append(

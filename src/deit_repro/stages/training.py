@@ -304,13 +304,20 @@ def run_teacher(
                 if run_dir is not None
                 else Path.home() / ".cache" / "deit-repro" / "downloads"
             )
+            # In a DDP job rank 0 downloads; the others read its verified file (one download, no
+            # two ranks writing the same path).
+            if rt.is_main:
+                fetch_weights(cfg.weights, weights, downloads)
+            rt.barrier()
             path = fetch_weights(cfg.weights, weights, downloads)
         else:
             path = weights
         model = build_model("teacher", kwargs)
         load_state_dict_checked(model, load_weights_file(path), what=f"teacher weights {path}")
         model.to(rt.device).eval()
-        metrics = _heads_metrics(model, at, img_size)
+        metrics = _heads_metrics(model, at, img_size)  # every rank: its shard of the test split
+        if not rt.is_main:
+            return {}  # rank 0 writes the model directory
         t = _Trainee(model, "teacher", kwargs, img_size, {"role": "teacher", "source": str(path)})
         history = [{"epoch": 0, "train_loss": None, **metrics}]
         final = _final_metrics(history, params, img_size, t.extra)
