@@ -75,13 +75,19 @@ def serve(directory: Path, url: str):
     )
     try:
         for _ in range(100):  # up within a few seconds, or the port is taken
+            if proc.poll() is not None:
+                sys.exit(
+                    f"rehearsal: cannot serve {directory} on port {parsed.port} (in use?); "
+                    "stop what listens there"
+                )
             try:
                 urllib.request.urlopen(url.rsplit("/", 1)[0] + "/", timeout=1).close()
-                break
             except OSError:
-                if proc.poll() is not None:
-                    sys.exit(f"rehearsal: cannot serve {directory} on port {parsed.port}")
                 time.sleep(0.1)
+                continue
+            time.sleep(0.5)  # a server of ours that failed to bind has exited by now
+            if proc.poll() is None:
+                break
         yield
     finally:
         proc.terminate()
