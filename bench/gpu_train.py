@@ -166,8 +166,11 @@ def bench_inference(args, device: torch.device) -> list[dict[str, Any]]:
                 else (torch.float16 if device.type == "cuda" else torch.bfloat16)
             )
             rt = Runtime(device, dtype)
-            res = measure_throughput(model, img_size=size, in_chans=3, cfg=cfg, rt=rt)
-            rows.append({"model": name, "img_size": size, "precision": amp, **res})
+            # fp32 unless amp_dtype is given (the paper's column is fp32, deit#38)
+            res = measure_throughput(
+                model, img_size=size, in_chans=3, cfg=cfg, rt=rt, amp_dtype=dtype
+            )
+            rows.append({"model": name, "img_size": size, **res, "precision": amp})
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
