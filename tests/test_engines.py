@@ -110,11 +110,10 @@ def test_snakemake_plans_the_full_paper_dag_on_the_imagenet_profile(imagenet_rep
         "throughput",
         "tables",
     } <= planned
-    assert {
-        f"transfer_{d}_{i}"
-        for d in ("cifar10", "cifar100", "flowers102", "stanford_cars", "inat2018", "inat2019")
-        for i in ("pretrained", "scratch")
-    } <= planned
+    six = ("cifar10", "cifar100", "flowers102", "stanford_cars", "inat2018", "inat2019")
+    transfer = {r for r in planned if r.startswith("transfer")}
+    # Every dataset fine-tuned; from scratch only CIFAR-10, as the paper (§5.4).
+    assert transfer == {f"transfer_{d}" for d in six} | {"transfer_scratch_cifar10"}
     for rule, cmd in stages.items():
         assert cmd in out, f"{rule}: {cmd!r} is not what Snakemake would run"
     # (That its training stages are local rules submitting their own jobs is shown for real by
