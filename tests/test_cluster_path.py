@@ -40,19 +40,34 @@ def _logits(n: int = 7, classes: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(n, classes, generator=g), torch.randint(0, classes, (n,), generator=g)
 
 
-def _shard_worker(rank: int, world: int, init: str, queue) -> None:
-    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+def _gloo_rank(rank: int, init: str, fn, args: tuple, queue) -> None:
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     try:
-        logits, labels = _logits()
-        mine = torch.arange(rank, len(labels), world)
-        batches = [
-            (logits[mine][i : i + 2], labels[mine][i : i + 2]) for i in range(0, len(mine), 2)
-        ]
-        rt = Runtime(torch.device("cpu"), None, world_size=world, rank=rank)
-        table = shard_accuracy(lambda x: {"cls": x, "joint": -x}, batches, rt)
-        queue.put((rank, len(mine), table))
+        queue.put((rank, fn(Runtime(torch.device("cpu"), None, world_size=2, rank=rank), *args)))
     finally:
         torch.distributed.destroy_process_group()
+
+
+def _on_two_gloo_ranks(tmp_path: Path, fn, *args, timeout: float = 120) -> dict:
+    """``fn(rt, *args)`` in 2 spawned processes of one real gloo group: ``{rank: result}``."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    init = f"file://{tmp_path / 'rendezvous'}"
+    procs = [ctx.Process(target=_gloo_rank, args=(r, init, fn, args, queue)) for r in range(2)]
+    for proc in procs:
+        proc.start()
+    got = dict(queue.get(timeout=timeout) for _ in procs)
+    for proc in procs:
+        proc.join(timeout=60)
+        assert proc.exitcode == 0
+    return got
+
+
+def _shard_counts(rt: Runtime) -> tuple[int, dict]:
+    logits, labels = _logits()
+    mine = torch.arange(rt.rank, len(labels), rt.world_size)
+    batches = [(logits[mine][i : i + 2], labels[mine][i : i + 2]) for i in range(0, len(mine), 2)]
+    return len(mine), shard_accuracy(lambda x: {"cls": x, "joint": -x}, batches, rt)
 
 
 def test_sharded_evaluation_is_exact_on_every_rank(tmp_path):
@@ -60,18 +75,9 @@ def test_sharded_evaluation_is_exact_on_every_rank(tmp_path):
     accuracy, to the last digit."""
     logits, labels = _logits()
     reference = accuracy_table({"cls": logits, "joint": -logits, "labels": labels})
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    init = f"file://{tmp_path / 'rendezvous'}"
-    procs = [ctx.Process(target=_shard_worker, args=(r, 2, init, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = sorted(queue.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
-    assert [n for _, n, _ in results] == [4, 3]
-    for _, _, table in results:
+    results = _on_two_gloo_ranks(tmp_path, _shard_counts)
+    assert [results[r][0] for r in (0, 1)] == [4, 3]
+    for _, table in results.values():
         assert table == reference
 
 
@@ -342,40 +348,20 @@ def test_a_test_split_smaller_than_the_process_count_is_refused(tmp_path, smoke_
         eval_batches(ds, smoke_params.eval, 16, world_size=2, rank=1)
 
 
-def _buffers_worker(rank: int, init: str, queue) -> None:
-    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
-    try:
-        bn = torch.nn.BatchNorm1d(3)
-        bn.running_mean.fill_(float(rank + 1))
-        Runtime(torch.device("cpu"), None, world_size=2, rank=rank).same_buffers(bn)
-        queue.put((rank, bn.running_mean.tolist()))
-    finally:
-        torch.distributed.destroy_process_group()
+def _rank_0s_buffers(rt: Runtime) -> list[float]:
+    bn = torch.nn.BatchNorm1d(3)
+    bn.running_mean.fill_(float(rt.rank + 1))
+    rt.same_buffers(bn)
+    return bn.running_mean.tolist()
 
 
 def test_every_rank_evaluates_with_rank_0s_batchnorm_statistics(tmp_path):
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    init = f"file://{tmp_path / 'rendezvous'}"
-    procs = [ctx.Process(target=_buffers_worker, args=(r, init, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    got = dict(queue.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
+    got = _on_two_gloo_ranks(tmp_path, _rank_0s_buffers)
     assert got == {0: [1.0, 1.0, 1.0], 1: [1.0, 1.0, 1.0]}
 
 
-def _teacher_worker(rank: int, init: str, params, data, weights, out, queue) -> None:
-    from deit_repro.stages.training import run_teacher
-
-    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
-    try:
-        rt = Runtime(torch.device("cpu"), None, world_size=2, rank=rank)
-        res = run_teacher(params, data=data, out=out, run_dir=None, seed=0, weights=weights, rt=rt)
-        queue.put((rank, res))
-    finally:
-        torch.distributed.destroy_process_group()
+def _teacher_on_rank(rt: Runtime, params, data, weights, out) -> dict:
+    return run_teacher(params, data=data, out=out, run_dir=None, seed=0, weights=weights, rt=rt)
 
 
 def test_released_teacher_weights_in_a_ddp_job_are_written_by_rank_0_alone(
@@ -399,17 +385,9 @@ def test_released_teacher_weights_in_a_ddp_job_are_written_by_rank_0_alone(
     p = dataclasses.replace(
         p, teacher=dataclasses.replace(p.teacher, weights=WeightsCfg("file:///absent.pth", digest))
     )
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    init = f"file://{tmp_path / 'rendezvous'}"
-    args = (p, fashion_small, weights, tmp_path / "teacher")
-    procs = [ctx.Process(target=_teacher_worker, args=(r, init, *args, queue)) for r in range(2)]
-    for proc in procs:
-        proc.start()
-    got = dict(queue.get(timeout=300) for _ in procs)
-    for proc in procs:
-        proc.join(timeout=60)
-        assert proc.exitcode == 0
+    got = _on_two_gloo_ranks(
+        tmp_path, _teacher_on_rank, p, fashion_small, weights, tmp_path / "teacher", timeout=300
+    )
     assert got[1] == {}
     one = run_teacher(
         p,
