@@ -835,3 +835,46 @@ def test_a_crash_while_writing_the_model_directory_keeps_the_previous_one(
         cli.main(["--log-level", "WARNING", *map(str, argv)])
     assert snapshot(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "teacher"]
+
+
+def test_repeated_seeds_are_refused_before_anything_is_written(capsys, tmp_path, fashion_small):
+    params = params_file(tmp_path / "params.yaml", seeds=[0, 0])
+    refused_everywhere(
+        capsys,
+        tmp_path,
+        "pretrain",
+        lambda out: [
+            "pretrain",
+            "--params",
+            params,
+            "--data",
+            fashion_small,
+            "--out",
+            out,
+            "--distill",
+            "none",
+        ],
+        "params key 'seeds' = [0, 0] repeats 0",
+        str(params),
+        "give each run its own seed",
+    )
+
+
+def test_swapped_labels_stop_the_stage_naming_the_file(capsys, tmp_path, fashion_small):
+    data = tmp_path / "data"
+    shutil.copytree(fashion_small, data)
+    labels = np.load(data / "train_labels.npy")
+    j = int(np.flatnonzero(labels != labels[0])[0])
+    swapped = labels.copy()
+    swapped[[0, j]] = labels[[j, 0]]
+    np.save(data / "train_labels.npy", swapped, allow_pickle=False)
+    # Class counts unchanged: only the manifest's sha256 can tell.
+    assert np.bincount(swapped).tolist() == np.bincount(labels).tolist()
+    refused_everywhere(
+        capsys,
+        tmp_path,
+        "teacher",
+        lambda out: ["teacher", "--params", SMOKE, "--data", data, "--out", out],
+        f"corrupt prepared dataset {data}: train_labels.npy does not match its sha256",
+        "re-run `deit-repro prepare`",
+    )

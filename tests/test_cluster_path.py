@@ -23,7 +23,7 @@ from PIL import Image
 from conftest import ROOT
 from deit_repro.config import LAUNCHED_STAGES, ConfigError, load_params, params_from_dict
 from deit_repro.core.datasets import eval_batches, open_dataset
-from deit_repro.core.engine import Runtime, accuracy_table, shard_accuracy
+from deit_repro.core.engine import Runtime, accuracy_table, shard_evaluate
 from deit_repro.core.losses import DistillationLoss
 from deit_repro.core.models import create_student, create_teacher, student_heads
 from deit_repro.stages.prepare import run_prepare
@@ -67,18 +67,23 @@ def _shard_counts(rt: Runtime) -> tuple[int, dict]:
     logits, labels = _logits()
     mine = torch.arange(rt.rank, len(labels), rt.world_size)
     batches = [(logits[mine][i : i + 2], labels[mine][i : i + 2]) for i in range(0, len(mine), 2)]
-    return len(mine), shard_accuracy(lambda x: {"cls": x, "joint": -x}, batches, rt)
+    res = shard_evaluate(lambda x: {"cls": x, "joint": -x}, batches, rt)
+    return len(mine), res.table, {h: c.tolist() for h, c in res.classes.items()}
 
 
 def test_sharded_evaluation_is_exact_on_every_rank(tmp_path):
     """7 images over 2 real gloo ranks (4 + 3, no padding): every rank gets the one-process
-    accuracy, to the last digit."""
+    accuracy, to the last digit, and every image's top-1 class in its place in the split (the
+    per-image paired tests of the claims table read them)."""
     logits, labels = _logits()
     reference = accuracy_table({"cls": logits, "joint": -logits, "labels": labels})
+    classes = {"cls": logits.argmax(1).tolist(), "joint": (-logits).argmax(1).tolist()}
+    assert classes["cls"] != classes["joint"]
     results = _on_two_gloo_ranks(tmp_path, _shard_counts)
     assert [results[r][0] for r in (0, 1)] == [4, 3]
-    for _, table in results.values():
+    for _, table, per_image in results.values():
         assert table == reference
+        assert per_image == classes
 
 
 def _image_tree(root: Path, classes: int = 3, train: int = 4, val: int = 5) -> None:

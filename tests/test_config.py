@@ -284,3 +284,25 @@ def test_missing_params_file_mentions_the_flag(tmp_path):
 def test_top_level_must_be_a_mapping():
     with pytest.raises(ConfigError, match="must be a mapping at the top level"):
         params_from_dict(["profile", "smoke"])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("seeds, repeated", [([0, 0], "repeats 0"), ([3, 1, 3], "repeats 3")])
+def test_repeated_seed_is_refused_naming_the_value(seeds, repeated):
+    # One run counted twice would shrink the reported ± std: refused when params load.
+    message = error_of(set_key(smoke_dict(), "seeds", seeds))
+    assert f"params key 'seeds' = {seeds} {repeated}" in message, message
+    assert "give each run its own seed" in message and "\n" not in message
+
+
+def test_repeated_seed_in_a_params_file_names_the_file(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(set_key(smoke_dict(), "seeds", [0, 0])))
+    with pytest.raises(ConfigError) as info:
+        load_params(path)
+    assert str(info.value) == (
+        f"params key 'seeds' = [0, 0] repeats 0 in {path}; give each run its own seed"
+    )
+
+
+def test_distinct_seeds_are_accepted():
+    assert params_from_dict(set_key(smoke_dict(), "seeds", [0, 1, 2])).seeds == (0, 1, 2)

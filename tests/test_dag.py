@@ -30,6 +30,8 @@ STAGES = {
     "pretrain@hard",
     "pretrain@deit",
     "pretrain@deit_vit_teacher",
+    "figure3_none@2",
+    "figure3_deit@2",
     "finetune@bicubic",
     "finetune@bilinear",
     "finetune@control",
@@ -66,6 +68,7 @@ def test_dvc_repro_then_exp_run_distill_soft(dvc_reference):
     assert ran_stages(out) == {
         "pretrain@deit",
         "pretrain@deit_vit_teacher",
+        "figure3_deit@2",
         "finetune@bicubic",
         "finetune@bilinear",
         "finetune@control",

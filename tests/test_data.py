@@ -572,3 +572,90 @@ def test_inaturalist_official_split(tmp_path):
         "per_class"
     ] == [1, 0]
     assert load_prepared(tmp_path / "out", "test").files == [str(tmp_path / val[0][0])]
+
+
+# ----------------------------------------------------------------------------- every stage verifies
+
+
+def _swap_two_labels(path: Path) -> None:
+    """Swap two labels of different classes and rewrite the file with np.save: shape, dtype and
+    per-class counts stay what the manifest says, so only the sha256 can tell."""
+    labels = np.load(path)
+    i = 0
+    j = int(np.flatnonzero(labels != labels[i])[0])
+    swapped = labels.copy()
+    swapped[[i, j]] = labels[[j, i]]
+    np.save(path, swapped, allow_pickle=False)
+    assert (swapped != labels).sum() == 2
+    assert np.bincount(swapped).tolist() == np.bincount(labels).tolist()
+
+
+def test_open_dataset_refuses_swapped_labels_with_unchanged_class_counts(tmp_path):
+    from deit_repro.core.datasets import open_dataset
+
+    out = tmp_path / "d"
+    manifest = _prepare(source="digits", out=out, train_per_class=3, test_per_class=2)
+    _swap_two_labels(out / "train_labels.npy")
+    per_class = np.bincount(np.load(out / "train_labels.npy"), minlength=10).tolist()
+    assert per_class == manifest["splits"]["train"]["per_class"]
+    with pytest.raises(DataError) as info:
+        open_dataset(out)
+    assert str(info.value) == (
+        f"corrupt prepared dataset {out}: train_labels.npy does not match its sha256 in "
+        "manifest.json; re-run `deit-repro prepare` for this dataset"
+    )
+
+
+def test_open_dataset_refuses_one_changed_pixel(tmp_path):
+    from deit_repro.core.datasets import open_dataset
+
+    out = tmp_path / "d"
+    _prepare(source="digits", out=out, train_per_class=3, test_per_class=2)
+    images = np.load(out / "test_images.npy")
+    images[1, 0, 4, 4] ^= 0x01
+    np.save(out / "test_images.npy", images, allow_pickle=False)
+    with pytest.raises(DataError, match=r"test_images\.npy does not match its sha256.*re-run"):
+        open_dataset(out)
+
+
+def test_open_dataset_refuses_an_edited_file_list(tmp_path):
+    from deit_repro.core.datasets import open_dataset
+
+    root = _imagefolder(tmp_path / "in")
+    out = tmp_path / "out"
+    _prepare(source="imagefolder", out=out, source_dir=root)
+    listing = out / "train_files.csv"
+    text = listing.read_text()
+    # Another image of the same class: paths, labels and class counts all still look right.
+    edited = text.replace("/cat/0.png,", "/cat/1.png,", 1)
+    assert edited != text
+    listing.write_text(edited)
+    assert load_prepared(out, "train").labels.tolist() == [0, 0, 0, 1, 1, 1]
+    with pytest.raises(DataError, match=r"train_files\.csv does not match its sha256"):
+        open_dataset(out)
+
+
+def test_open_dataset_returns_the_arrays_that_were_written(tmp_path):
+    from deit_repro.core.datasets import open_dataset
+    from deit_repro.data.sources import RawDataset, Split
+
+    rng = np.random.default_rng(0)
+    splits = {
+        name: Split(
+            labels=np.arange(n, dtype=np.int64) % 3,
+            images=rng.integers(0, 256, (n, 5, 4, 2), dtype=np.uint8),
+        )
+        for name, n in (("train", 12), ("test", 6))
+    }
+    raw = RawDataset(name="tiny", source="imagefolder", classes=["a", "b", "c"], splits=splits)
+    manifest = store.write_prepared(tmp_path / "d", raw, {})
+    ds = open_dataset(tmp_path / "d")
+    assert ds.content_hash == manifest["content_hash"] and ds.classes == ["a", "b", "c"]
+    for name in ("train", "test"):
+        part = getattr(ds, name)
+        # Stored channels-first ([N, H, W, C] -> [N, C, H, W]).
+        expected = splits[name].images.transpose(0, 3, 1, 2)
+        assert part.images.dtype == torch.uint8 and part.images.is_contiguous()
+        assert np.array_equal(part.images.numpy(), expected)
+        assert part.labels.tolist() == splits[name].labels.tolist()
+        assert part.images.numpy().flags.writeable  # torch.from_numpy warns on read-only memory

@@ -28,8 +28,8 @@ PROFILES = ROOT / "profiles"
 
 #: what the overlay may change (dotted paths, regular expressions): dataset roots (generated data;
 #: CIFAR and Flowers as ImageFolder stand-ins, see the overlay), epochs, batch sizes, loader
-#: workers and threads, evaluation/throughput sizes, the transformers' size (same timm classes),
-#: the served weights, where jobs run, the profile's label
+#: workers and threads, Figure 3's budgets, evaluation/throughput sizes, the transformers' size
+#: (same timm classes), the served weights, where jobs run, the profile's label
 ALLOWED = [
     r"profile",
     r"threads",
@@ -39,6 +39,7 @@ ALLOWED = [
     r"(teacher|teacher\.vit|student|finetune|transfer)\.train\.num_workers",
     r"transfer\.(recipes\.\w+|scratch_train)\.(epochs|warmup_epochs|batch_size|num_workers)",
     r"eval\.(batch_size|num_workers)",
+    r"figure3\.budgets",
     r"throughput\.(batch_sizes|warmup|repeats)",
     r"(student|teacher\.vit)\.model\.name",
     r"teacher\.weights\.(url|sha256)",

@@ -318,6 +318,20 @@ class FinetuneCfg:
 
 
 @dataclass(frozen=True)
+class Figure3Cfg:
+    """Paper Figure 3, top-1 against the number of training epochs, measured as the paper did:
+    one run per budget with its own whole schedule (warmup, then the cosine decay ending at the
+    budget's last epoch), for no distillation and for DeiT⚗. Intermediate evaluations of one long
+    schedule would read models whose learning rate is still high."""
+
+    #: epoch budgets trained besides ``student.train.epochs`` (that budget is the pretrain
+    #: stage's own runs, pretrain@none and pretrain@deit)
+    budgets: tuple[int, ...] = _bounded(
+        (), expect="a list of positive epoch counts", items={"minimum": 1}
+    )
+
+
+@dataclass(frozen=True)
 class TransferCfg:
     """Fine-tuning a pretrained student on downstream datasets (paper §5.3, Table 7).
 
@@ -470,14 +484,24 @@ class Params:
     distillation: DistillationCfg = field(default_factory=DistillationCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
     throughput: ThroughputCfg = field(default_factory=ThroughputCfg)
+    #: torch threads of a stage that runs one process where a training stage runs one per seed
+    #: (the teacher, evaluate); null: threads x len(seeds)
+    process_threads: Optional[int] = _bounded(None, **_POSITIVE_OR_NULL)
+    figure3: Figure3Cfg = field(default_factory=Figure3Cfg)
     #: where the training stages run (not a DVC param: see LaunchCfg)
     launch: LaunchCfg = field(default_factory=LaunchCfg)
 
     @property
     def one_process_threads(self) -> int:
         """torch threads of a stage that runs one process where a training stage runs one per
-        seed (the teacher, evaluate): the stage's whole budget, ``threads x len(seeds)``."""
-        return self.threads * len(self.seeds)
+        seed (the teacher, evaluate): ``process_threads``, else the stage's whole budget,
+        ``threads x len(seeds)``. Results on a CPU depend on it, so it is a param, never the
+        machine's core count."""
+        return self.process_threads or self.threads * len(self.seeds)
+
+    def budget_epochs(self) -> list[int]:
+        """Figure 3's budgets, the pretrain stage's own schedule among them, ascending."""
+        return sorted({*self.figure3.budgets, self.student.train.epochs})
 
     def recipe(self, stage: str) -> TrainCfg:
         """The training recipe of a launched stage (the teacher's: the one trained here, Table
@@ -491,12 +515,34 @@ class Params:
         }[stage]
 
     def __post_init__(self) -> None:
+        repeated = sorted({s for s in self.seeds if self.seeds.count(s) > 1})
+        if repeated:
+            # One run counted twice shrinks the reported ± std without any new evidence.
+            raise ConfigError(
+                f"params key 'seeds' = {list(self.seeds)} repeats {', '.join(map(str, repeated))}",
+                "give each run its own seed",
+            )
         for where, name in (
             ("teacher.dataset", self.teacher.dataset),
             ("student.dataset", self.student.dataset),
             *(("transfer.datasets", d) for d in self.transfer.datasets),
         ):
             _check(name in self.datasets, where, name, f"one of datasets: {sorted(self.datasets)}")
+        budgets, warmup = self.figure3.budgets, self.student.train.warmup_epochs
+        for b in budgets:
+            _check(
+                b > warmup,
+                "figure3.budgets",
+                list(budgets),
+                f"budgets longer than student.train.warmup_epochs={warmup}",
+            )
+        _check(
+            len(set(budgets)) == len(budgets) and self.student.train.epochs not in budgets,
+            "figure3.budgets",
+            list(budgets),
+            f"distinct budgets other than student.train.epochs={self.student.train.epochs} "
+            "(the pretrain stage's runs are that budget)",
+        )
 
 
 # --------------------------------------------------------------------------------------------------

@@ -53,9 +53,12 @@ class Dataset:
 
 
 def open_dataset(path: Path) -> Dataset:
-    """Load a prepared dataset (both splits); errors name the path and the prepare command."""
-    train = load_prepared(path, "train")
-    test = load_prepared(path, "test")
+    """Load a prepared dataset (both splits), each data file checked against the sha256 of its
+    manifest; errors name the path, the file and the prepare command."""
+    # Shape and class-count checks cannot see two swapped labels or one changed pixel; the hash
+    # is computed on the bytes being loaded, so it costs no second read.
+    train = load_prepared(path, "train", verify=True)
+    test = load_prepared(path, "test", verify=True)
     return Dataset(
         path=Path(path),
         train=train,

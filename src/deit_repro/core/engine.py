@@ -102,6 +102,19 @@ class Runtime:
         torch.distributed.all_reduce(total)
         return total.tolist()
 
+    def gather_strided(self, local: torch.Tensor, total: int) -> torch.Tensor:
+        """``[H, total]`` from every rank's ``[H, n_rank]`` shard of columns ``rank::world``
+        (:func:`deit_repro.core.datasets.eval_batches`' sharding), in the split's order.
+
+        Integer values, summed into place: each column is filled by exactly one rank, so one
+        all_reduce of a zero-filled buffer puts every rank's values where they belong."""
+        if self.world_size == 1:
+            return local
+        full = torch.zeros((local.shape[0], total), dtype=torch.int64, device=self.device)
+        full[:, self.rank :: self.world_size] = local.to(self.device, torch.int64)
+        torch.distributed.all_reduce(full)
+        return full
+
     def same_buffers(self, module: nn.Module) -> None:
         """Rank 0's buffers (BatchNorm statistics) on every rank. DDP broadcasts them at the
         start of each forward, so after the last step each rank holds its own batch's update;
@@ -228,22 +241,35 @@ def accuracy_table(pred: dict[str, Any]) -> dict[str, dict[str, float]]:
     }
 
 
+@dataclass(frozen=True)
+class ShardEval:
+    """The sharded evaluation of a model: accuracies over the whole test split, and each head's
+    top-1 class of every test image, in the split's order (the per-image paired tests of
+    results/claims.md compare two models image by image)."""
+
+    table: dict[str, dict[str, float]]  # {head: {"top1", "top5"}}
+    classes: dict[str, torch.Tensor]  # {head: int64 [N]}, on the CPU
+
+
 @torch.no_grad()
-def shard_accuracy(
+def shard_evaluate(
     heads_fn: Callable[[torch.Tensor], dict[str, torch.Tensor]],
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     rt: Runtime,
-) -> dict[str, dict[str, float]]:
-    """``{head: {"top1", "top5"}}`` over the whole test split when every rank passes its own
-    shard: each rank counts its hits and the counts are summed over the ranks.
+) -> ShardEval:
+    """Accuracy of every head over the whole test split when every rank passes its own shard
+    (images ``rank::world``, :func:`deit_repro.core.datasets.eval_batches`): each rank counts
+    its hits and the counts are summed over the ranks; each image's top-1 class is gathered
+    into its place in the split.
 
     Every rank evaluates (official main.py, ``--dist-eval``), so a DDP job spends 1/world of the
     time on it and no rank idles in a barrier; summing counts instead of gathering padded
     predictions keeps the figure exact whatever the process count (the official sampler pads the
-    last shard, facebookresearch/deit#24). On one process this equals
+    last shard, facebookresearch/deit#24). On one process the table equals
     ``accuracy_table(predict(...))``. A collective: every rank must call it, with the same heads.
     """
     hits: dict[str, list[int]] = {}
+    mine: dict[str, list[torch.Tensor]] = {}
     seen = 0
     for x, y in batches:
         x = x.to(rt.device, non_blocking=True)
@@ -253,23 +279,38 @@ def shard_accuracy(
         for name, logits in heads.items():
             logits = logits.float()
             k = min(5, logits.shape[1])
-            top1 = logits.topk(1, dim=1).indices[:, 0] == y
+            top1 = logits.topk(1, dim=1).indices[:, 0]
             topk = (logits.topk(k, dim=1).indices == y[:, None]).any(dim=1)
             count = hits.setdefault(name, [0, 0])
-            count[0] += int(top1.sum())
+            count[0] += int((top1 == y).sum())
             count[1] += int(topk.sum())
+            mine.setdefault(name, []).append(top1)
         seen += len(y)
     names = sorted(hits)
     totals = rt.sum_over_ranks([seen, *(c for name in names for c in hits[name])])
     n = int(totals[0])
+    local = torch.stack([torch.cat(mine[name]) for name in names])
+    classes = rt.gather_strided(local, n).cpu()
     # Integer counts, then one float64 division, as topk_accuracy.
-    return {
-        name: {
-            "top1": 100.0 * int(totals[1 + 2 * i]) / n,
-            "top5": 100.0 * int(totals[2 + 2 * i]) / n,
-        }
-        for i, name in enumerate(names)
-    }
+    return ShardEval(
+        table={
+            name: {
+                "top1": 100.0 * int(totals[1 + 2 * i]) / n,
+                "top5": 100.0 * int(totals[2 + 2 * i]) / n,
+            }
+            for i, name in enumerate(names)
+        },
+        classes={name: classes[i] for i, name in enumerate(names)},
+    )
+
+
+def shard_accuracy(
+    heads_fn: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    rt: Runtime,
+) -> dict[str, dict[str, float]]:
+    """``{head: {"top1", "top5"}}`` of :func:`shard_evaluate` (a collective too)."""
+    return shard_evaluate(heads_fn, batches, rt).table
 
 
 def disagreement(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -6,12 +6,17 @@ A trained model is a directory::
     model.pt      plain state dict (tensors only: loads with torch.load(weights_only=True))
     model.json    how to rebuild it: role, factory kwargs, classes, the dataset's content hash
     metrics.json  final-epoch metrics (never best-on-test) + eval settings
+    predictions.npy  the final evaluation per test image: a structured array, one record per
+                  image of the test split in its order, field ``label`` (the true class) and one
+                  field per head (``cls``, ``dist``, ``joint``; ``before_finetune/<head>`` for a
+                  fine-tune) holding that head's top-1 class
     history.csv   per-epoch metrics (paper Figure 3)
     run.json      provenance: resolved params, git commit, versions, hardware, command line
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -20,6 +25,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -122,6 +128,29 @@ def save_model(
             **(extra or {}),
         },
     )
+
+
+PREDICTIONS = "predictions.npy"
+
+
+def save_predictions(
+    path: Path, labels: torch.Tensor, classes: dict[str, torch.Tensor], num_classes: int
+) -> None:
+    """Write the per-image top-1 classes of every head beside the true labels (``.npy``, a
+    structured array: plain bytes, so a rerun writes the same file, and ``np.load`` reads it
+    without pickle)."""
+    n = len(labels)
+    dtype = np.int16 if num_classes <= 2**15 else np.int32
+    fields = [("label", dtype)] + [(name, dtype) for name in classes]
+    table = np.empty(n, dtype=fields)
+    table["label"] = np.asarray(labels).astype(dtype)
+    for name, cls in classes.items():
+        if len(cls) != n:
+            raise ValueError(f"head {name}: {len(cls)} predictions for {n} test images")
+        table[name] = cls.numpy().astype(dtype)
+    buf = io.BytesIO()
+    np.save(buf, table, allow_pickle=False)
+    atomic.write_bytes(path, buf.getvalue())
 
 
 def resolve_model_dir(path: Path, seed: int) -> Path:

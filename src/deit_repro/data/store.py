@@ -1,7 +1,9 @@
 """The on-disk format of a prepared dataset (output of the prepare stage).
 
-Every later stage reads datasets only through ``load_prepared``; this docstring is the format's
-documentation.
+Every later stage reads datasets only through ``load_prepared``, with ``verify=True`` (see
+``deit_repro.core.datasets.open_dataset``): each data file is checked against its sha256 below, so
+an edit that keeps shapes and class counts (two swapped labels) is refused. This docstring is the
+format's documentation.
 
 Layout of ``<out>/`` for ``kind = "arrays"`` (decoded images)::
 
@@ -46,6 +48,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import os
@@ -75,6 +78,12 @@ _REQUIRED_KEYS = (
     "content_hash",
 )
 _RERUN = "re-run `deit-repro prepare` for this dataset"
+# Bytes per read, hashed right after they are read, while they are still in the CPU cache.
+_CHUNK = 1 << 20
+_NPY_HEADER_READERS = {
+    (1, 0): np.lib.format.read_array_header_1_0,
+    (2, 0): np.lib.format.read_array_header_2_0,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,23 +241,74 @@ def _corrupt(path: Path, why: str) -> DataError:
     return DataError(f"corrupt prepared dataset {path}: {why}", _RERUN)
 
 
-def _load_npy(path: Path) -> np.ndarray:
+def _mismatch(path: Path) -> str:
+    return f"{path.name} does not match its sha256 in {MANIFEST}"
+
+
+def _read_npy(fh, hasher) -> np.ndarray:
+    """The array of an open ``.npy`` file, read once, straight into the array's memory (no second
+    copy, no zero-filled buffer); every byte of the file also goes through ``hasher`` if given."""
+    version = np.lib.format.read_magic(fh)
+    if version not in _NPY_HEADER_READERS:
+        raise ValueError(f"npy format version {version} (np.save writes 1.0 or 2.0)")
+    shape, fortran, dtype = _NPY_HEADER_READERS[version](fh)
+    if dtype.hasobject:
+        raise ValueError("it holds Python objects (pickles are refused)")
+    offset = fh.tell()
+    fh.seek(0)  # the header is hashed too
+    if hasher is not None:
+        hasher.update(fh.read(offset))
+    else:
+        fh.seek(offset)
+    arr = np.empty(shape, dtype, order="F" if fortran else "C")
+    data = memoryview(arr.ravel(order="A").view(np.uint8))  # a view: arr is contiguous
+    pos = 0
+    while pos < len(data):
+        n = fh.readinto(data[pos : pos + _CHUNK])
+        if not n:
+            raise ValueError(f"it ends {len(data) - pos} bytes short of its {list(shape)} array")
+        if hasher is not None:
+            hasher.update(data[pos : pos + n])
+        pos += n
+    if hasher is not None:
+        while rest := fh.read(_CHUNK):  # bytes after the array are part of the file's sha256
+            hasher.update(rest)
+    return arr
+
+
+def _load_npy(path: Path, digest: str | None) -> np.ndarray:
+    hasher = None if digest is None else hashlib.sha256()
     try:
-        arr = np.load(path, allow_pickle=False)
+        with open(path, "rb") as fh:
+            arr = _read_npy(fh, hasher)
     except (OSError, ValueError, EOFError) as exc:
-        raise _corrupt(path.parent, f"cannot read {path.name} ({exc})") from exc
-    # np.load normally returns a writable array; copy otherwise (torch warns on read-only memory).
-    return arr if arr.flags.writeable else arr.copy()
+        why = f"cannot read {path.name} ({exc})"
+        if digest is not None and not isinstance(exc, OSError):
+            # A broken header of a file that also fails its sha256 is reported as the mismatch:
+            # the file was changed after prepare, not written wrong by it.
+            try:
+                why = _mismatch(path) if sha256_file(path) != digest else why
+            except OSError:
+                pass
+        raise _corrupt(path.parent, why) from exc
+    if hasher is not None and hasher.hexdigest() != digest:
+        raise _corrupt(path.parent, _mismatch(path))
+    return arr
 
 
-def _load_csv(path: Path) -> tuple[list[str], np.ndarray]:
+def _load_csv(path: Path, digest: str | None) -> tuple[list[str], np.ndarray]:
     try:
-        with open(path, encoding="utf-8", newline="") as fh:
-            rows = list(csv.reader(fh))
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise _corrupt(path.parent, f"cannot read {path.name} ({exc})") from exc
+    if digest is not None and hashlib.sha256(raw).hexdigest() != digest:
+        raise _corrupt(path.parent, _mismatch(path))
+    try:
+        rows = list(csv.reader(io.StringIO(raw.decode("utf-8"), newline="")))
         if not rows or rows[0] != ["path", "label"]:
             raise ValueError("header is not 'path,label'")
         return [r[0] for r in rows[1:]], np.asarray([int(r[1]) for r in rows[1:]], dtype=np.int64)
-    except (OSError, ValueError, IndexError) as exc:
+    except (ValueError, IndexError) as exc:  # UnicodeDecodeError is a ValueError
         raise _corrupt(path.parent, f"cannot read {path.name} ({exc})") from exc
 
 
@@ -265,18 +325,29 @@ def _check_labels(path: Path, labels: np.ndarray, entry: dict[str, Any], num_cla
         raise _corrupt(path, "per-class counts differ from the manifest")
 
 
+def _data_files(kind: str, split: str) -> list[str]:
+    """The files of one split, as ``write_prepared`` names them."""
+    if kind == "arrays":
+        return [f"{split}_images.npy", f"{split}_labels.npy"]
+    return [f"{split}_files.csv"]
+
+
 def load_prepared(path: str | os.PathLike, split: str, *, verify: bool = False) -> PreparedSplit:
     """Load one split of a prepared dataset, checking it against its manifest.
 
     Args:
         path: the dataset directory written by ``write_prepared``.
         split: ``"train"`` or ``"test"``.
-        verify: also check every data file's sha256 (reads each file twice; worth it before a long
-            run).
+        verify: check each data file's sha256 against the manifest, on the bytes that are loaded
+            (no second read). For ``kind = "files"`` that is the path/label list, not every image
+            (decoding the images is the loader's job). Every stage verifies, through
+            ``open_dataset``; ``verify=False`` skips only the hash (shape, dtype and per-class
+            checks stay) and remains for tests that load a tampered file to show that only the
+            hash catches it.
 
     Raises:
-        DataError: not a prepared dataset, an unknown split, a missing file, a sha256 mismatch
-            (with ``verify``), or shapes/dtypes/counts that disagree with the manifest.
+        DataError: not a prepared dataset, an unknown split, a missing file, a sha256 mismatch,
+            or shapes/dtypes/counts that disagree with the manifest.
     """
     path = Path(path)
     manifest = read_manifest(path)
@@ -286,18 +357,21 @@ def load_prepared(path: str | os.PathLike, split: str, *, verify: bool = False) 
             "use one of those splits",
         )
     entry = manifest["splits"][split]
-    for name, digest in entry["files"].items():
+    names = _data_files(manifest["kind"], split)
+    for name in entry["files"]:
         if not (path / name).is_file():
             raise _corrupt(path, f"{name} is missing")
-        # Hash before parsing, so a corrupt header is reported as corruption rather than a parse
-        # error.
-        if verify and sha256_file(path / name) != digest:
-            raise _corrupt(path, f"{name} does not match its sha256 in {MANIFEST}")
+    if verify and sorted(entry["files"]) != names:
+        # Without this, a manifest that lists no files would make the hash check vacuous.
+        raise _corrupt(
+            path, f"{MANIFEST} lists {sorted(entry['files'])} for split {split!r}, not {names}"
+        )
+    digests = entry["files"] if verify else {}
     num_classes = int(manifest["num_classes"])
     images_t, files = None, None
     if manifest["kind"] == "arrays":
-        images = _load_npy(path / f"{split}_images.npy")
-        labels = _load_npy(path / f"{split}_labels.npy")
+        images = _load_npy(path / names[0], digests.get(names[0]))
+        labels = _load_npy(path / names[1], digests.get(names[1]))
         expected = (entry["count"], *manifest["image_shape"])
         if images.dtype != np.uint8 or images.shape != expected:
             raise _corrupt(
@@ -307,7 +381,7 @@ def load_prepared(path: str | os.PathLike, split: str, *, verify: bool = False) 
             )
         images_t = torch.from_numpy(images)
     else:
-        files, labels = _load_csv(path / f"{split}_files.csv")
+        files, labels = _load_csv(path / names[0], digests.get(names[0]))
     _check_labels(path, labels, entry, num_classes)
     return PreparedSplit(
         labels=torch.from_numpy(labels),

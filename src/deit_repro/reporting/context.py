@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from deit_repro.config import Params
 from deit_repro.reporting.cells import DASH, Cell
-from deit_repro.reporting.inputs import Metrics, Reference
+from deit_repro.reporting.inputs import Metrics, Predictions, Reference
 
 #: dims of timm's DeiT family (timm/models/deit.py), for a profile that names a timm model
 _TIMM_DEIT = {
@@ -18,8 +18,15 @@ _TIMM_DEIT = {
 class Context:
     """Params, metrics and paper numbers a table is built from, and the caption context."""
 
-    def __init__(self, params: Params, metrics: Metrics, ref: Reference):
+    def __init__(
+        self,
+        params: Params,
+        metrics: Metrics,
+        ref: Reference,
+        predictions: Predictions | None = None,
+    ):
         self.params, self.m, self.ref = params, metrics, ref
+        self.pred = predictions or Predictions(None)
         self.pre_px = params.student.model.img_size
         self.ft_px = params.finetune.img_size
 

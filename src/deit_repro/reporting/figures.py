@@ -108,7 +108,8 @@ def figure1(points: Sequence[Point], *, title: str) -> bytes:
 
 
 def figure3(curves: Sequence[Curve], *, title: str) -> bytes:
-    """Top-1 against epochs, mean over seeds with a min/max band (paper Figure 3), as PNG bytes."""
+    """Top-1 against the training budget, mean over seeds with a min/max band (paper Figure 3),
+    as PNG bytes."""
     with matplotlib.rc_context(matplotlib.rcParamsDefault):
         fig = _figure()
         ax = fig.add_subplot()
@@ -118,7 +119,7 @@ def figure3(curves: Sequence[Curve], *, title: str) -> bytes:
                 curve.epochs, curve.low, curve.high, color=color, alpha=0.2, linewidth=0
             )
             ax.plot(curve.epochs, curve.mean, "o-", color=color, label=curve.label)
-        ax.set_xlabel("training epochs")
+        ax.set_xlabel("training epochs (one run per budget, each its whole schedule)")
         ax.set_ylabel("top-1 accuracy (%)")
         ax.set_title(title, fontsize=9)
         ax.grid(True, alpha=0.3)

@@ -1,15 +1,17 @@
-"""Reading the metrics of a run of the DAG and the paper's numbers (reference/paper/*.csv).
+"""Reading the metrics of a run of the DAG, its runs' per-image predictions and the paper's
+numbers (reference/paper/*.csv).
 
-Every read is logged (``Metrics.read``, ``Reference.read``), so that ``results/provenance.json``
-names, per table, the files that table read.
+Every read is logged (``Metrics.read``, ``Predictions.read``, ``Reference.read``), so that
+``results/provenance.json`` names, per table, the files that table read.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
+import numpy as np
 import pandas as pd
 
 from deit_repro.errors import DataError
@@ -146,3 +148,69 @@ class Reference:
     def source(self, name: str, row: int | None) -> Cell:
         """The row's ``source`` column (the transcription it comes from), kept with the numbers."""
         return Cell(DASH) if row is None else Cell(self.table(name).at[row, "source"])
+
+
+#: a run's per-image predictions in its model directory (deit_repro.core.model_dirs)
+PREDICTIONS = "predictions.npy"
+
+
+class Predictions:
+    """Every run's final evaluation per test image, ``<models>/<name>[/seed<k>]/predictions.npy``:
+    a structured array with the true ``label`` and one field per head holding its top-1 class.
+    ``<name>`` is the run's metrics name (``pretrain/deit``, ``finetune/bicubic``, ``teacher``).
+    """
+
+    def __init__(self, root: Path | None):
+        self.root = Path(root) if root is not None else None
+        self.prefix = self.root.resolve().name if self.root is not None else "models"
+        self._cache: dict[Path, np.ndarray] = {}
+        self.read: set[Path] = set()
+
+    def _file(self, name: str, seed: int) -> Path | None:
+        if self.root is None:
+            return None
+        for p in (self.root / name / f"seed{seed}" / PREDICTIONS, self.root / name / PREDICTIONS):
+            if p.is_file():
+                return p
+        return None
+
+    def classes(self, name: str, head: str | None, seeds: Sequence[int]) -> np.ndarray | None:
+        """``[len(seeds), N]`` top-1 classes of ``head`` (None: the model's reported head, joint
+        if it has one, else cls); a single run (the teacher) serves every seed. None when a
+        seed's file or the head is missing (the claim then has no per-image test)."""
+        rows = []
+        for seed in seeds:
+            table = self._table(name, seed)
+            if table is None:
+                return None
+            field = head or ("joint" if "joint" in table.dtype.names else "cls")
+            if field not in table.dtype.names:
+                return None
+            rows.append(table[field].astype(np.int64))
+        return np.stack(rows)
+
+    def labels(self, name: str, seeds: Sequence[int]) -> np.ndarray | None:
+        table = self._table(name, seeds[0])
+        return None if table is None else table["label"].astype(np.int64)
+
+    def hits(self, name: str, head: str | None, seeds: Sequence[int]) -> np.ndarray | None:
+        """``[len(seeds), N]`` 100 where the head's top-1 is right, else 0 (accuracy points)."""
+        cls, labels = self.classes(name, head, seeds), self.labels(name, seeds)
+        if cls is None or labels is None:
+            return None
+        return 100.0 * (cls == labels[None, :])
+
+    def _table(self, name: str, seed: int) -> np.ndarray | None:
+        path = self._file(name, seed)
+        if path is None:
+            return None
+        self.read.add(path)
+        if path not in self._cache:
+            try:
+                self._cache[path] = np.load(path, allow_pickle=False)
+            except (OSError, ValueError) as err:
+                raise DataError(
+                    f"predictions file {path} is unreadable ({err})",
+                    "re-run the stage that wrote it (dvc repro --force <stage>)",
+                ) from err
+        return self._cache[path]

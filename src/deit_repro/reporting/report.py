@@ -23,7 +23,7 @@ from deit_repro.config import Params
 from deit_repro.reporting import figures
 from deit_repro.reporting.claims import claims
 from deit_repro.reporting.context import Context
-from deit_repro.reporting.inputs import REFERENCE, Metrics, Reference
+from deit_repro.reporting.inputs import REFERENCE, Metrics, Predictions, Reference
 from deit_repro.reporting.table_distillation import figure3, table2, table3, table4
 from deit_repro.reporting.table_finetune import table10
 from deit_repro.reporting.table_models import table1, table5
@@ -56,7 +56,7 @@ def _readme(
         "",
         "## Figures",
         "",
-        "![Figure 3 analogue: top-1 vs epochs](figure3_epochs.png)",
+        "![Figure 3 analogue: top-1 vs training epochs, a run per budget](figure3_epochs.png)",
         "",
         "![Figure 1 analogue: top-1 vs throughput](figure1_throughput_accuracy.png)",
         "",
@@ -74,7 +74,12 @@ def _readme(
 
 
 def run_tables(
-    params: Params, *, metrics: Path, out: Path, reference: Path = REFERENCE
+    params: Params,
+    *,
+    metrics: Path,
+    out: Path,
+    reference: Path = REFERENCE,
+    models: Path | None = None,
 ) -> list[Path]:
     """Write every table and figure of this profile into ``out`` from ``metrics``.
 
@@ -84,12 +89,14 @@ def run_tables(
         metrics: the metrics directory of the DAG (metrics/).
         out: the results directory.
         reference: the paper's numbers (reference/paper/).
+        models: the trained models (models/): the claims' per-image paired tests read each
+            run's predictions.npy there; without it the claims have the seed tests alone.
 
     Returns:
         The files written, in order.
     """
-    m, ref = Metrics(metrics), Reference(reference)
-    c = Context(params, m, ref)
+    m, ref, pred = Metrics(metrics), Reference(reference), Predictions(models)
+    c = Context(params, m, ref, pred)
     out = Path(out)
     written: list[Path] = []
     tables: list[Table] = []
@@ -99,6 +106,8 @@ def run_tables(
     def label(p: Path) -> str:
         if p.is_relative_to(ref.root):
             return f"{ref.prefix}/{p.relative_to(ref.root).as_posix()}"
+        if pred.root is not None and p.is_relative_to(pred.root):
+            return f"{pred.prefix}/{p.relative_to(pred.root).as_posix()}"
         return f"{m.prefix}/{p.relative_to(m.root).as_posix()}"
 
     def emit(t: Table, png: bytes | None = None) -> None:
@@ -115,7 +124,7 @@ def run_tables(
         provenance[t.name] = {
             "outputs": sorted(p.name for p in paths) + ([t.figure] if png and t.figure else []),
             "files": sorted(
-                {label(p) for p in m.read | ref.read}
+                {label(p) for p in m.read | ref.read | pred.read}
                 | {
                     s.split("#", 1)[0]
                     for row in t.rows
@@ -131,9 +140,10 @@ def run_tables(
                 for i, row in enumerate(t.rows)
             },
         }
-        files.update(m.read | ref.read)
+        files.update(m.read | ref.read | pred.read)
         m.read.clear()
         ref.read.clear()
+        pred.read.clear()
         tables.append(t)
 
     emit(table1(c))
@@ -145,14 +155,14 @@ def run_tables(
     emit(t5, figures.figure1(points, title=f"Top-1 vs throughput — profile {params.profile}"))
     emit(table7(c))
     emit(table10(c))
-    f3, curves, by_epoch = figure3(c)
+    f3, curves, _ = figure3(c)
     emit(
         f3,
         figures.figure3(
             curves, title=f"Top-1 vs epochs — profile {params.profile}, seeds {list(params.seeds)}"
         ),
     )
-    claims_t = claims(c, by_epoch)
+    claims_t = claims(c)
     emit(claims_t)
 
     context = c.caption()

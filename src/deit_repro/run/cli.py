@@ -102,6 +102,7 @@ def _cmd_pretrain(args, params: Params) -> None:
         teacher=args.teacher,
         distill=args.distill,
         dist_token=args.dist_token,
+        epochs=args.epochs,
     )
     print(
         f"pretrain {args.distill} token={run.options['dist_token']} -> {args.out}: "
@@ -214,7 +215,9 @@ def _cmd_import_weights(args, params: Params | None) -> None:
 def _cmd_tables(args, params: Params) -> None:
     from deit_repro.reporting.report import run_tables
 
-    written = run_tables(params, metrics=args.metrics, out=args.out, reference=args.reference)
+    written = run_tables(
+        params, metrics=args.metrics, out=args.out, reference=args.reference, models=args.models
+    )
     print("wrote " + ", ".join(str(p) for p in written))
 
 
@@ -350,6 +353,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="add the distillation token (DeiT⚗); auto: yes unless --distill none",
     )
+    sp.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="a Figure 3 budget: the recipe with its own whole schedule of this many epochs "
+        "(default: student.train.epochs)",
+    )
 
     sp = stage("finetune", _cmd_finetune, "fine-tune a student at a higher resolution")
     training(sp)
@@ -467,6 +477,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp = stage("tables", _cmd_tables, "regenerate the paper's tables from the metrics")
     sp.add_argument(
         "--metrics", type=Path, required=True, help="the metrics directory of the DAG (metrics/)"
+    )
+    sp.add_argument(
+        "--models",
+        type=Path,
+        default=None,
+        help="the trained models (models/): each run's predictions.npy feeds the claims' "
+        "per-image paired tests (without it: the seed tests alone)",
     )
     sp.add_argument(
         "--reference",

@@ -11,6 +11,7 @@ the stage trains). Nothing here parses arguments, launches jobs or exits.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,15 +25,17 @@ from deit_repro import atomic
 from deit_repro.code_deps import code_hash
 from deit_repro.config import Params, TrainCfg, config_hash, to_dict
 from deit_repro.core.datasets import Dataset, eval_batches, open_dataset, train_batches
-from deit_repro.core.engine import Runtime, base_criterion, fit, shard_accuracy
+from deit_repro.core.engine import Runtime, ShardEval, base_criterion, fit, shard_evaluate
 from deit_repro.core.losses import DistillationLoss
 from deit_repro.core.model_dirs import (
+    PREDICTIONS,
     build_model,
     fetch_weights,
     load_model,
     load_weights_file,
     resolve_model_dir,
     save_model,
+    save_predictions,
     student_kwargs,
     teacher_kwargs,
     weights_hash,
@@ -87,6 +90,7 @@ class _Trainee:
     kwargs: dict[str, Any]  # its factory's keyword arguments (model.json)
     img_size: int
     extra: dict[str, Any]  # descriptive fields of metrics.json and model.json
+    classes: dict[str, torch.Tensor] = field(default_factory=dict)  # more per-image classes
 
 
 @dataclass(frozen=True)
@@ -101,16 +105,21 @@ class _Where:
     rt: Runtime
 
 
-def _heads_metrics(model: nn.Module, at: _Where, img_size: int) -> dict[str, Any]:
-    """Top-1/top-5 of every head on the test split (flat keys for the history rows). In a DDP
-    job every rank evaluates its shard and every rank gets the totals (a collective)."""
+def _evaluation(model: nn.Module, at: _Where, img_size: int) -> ShardEval:
+    """Every head on the test split. In a DDP job every rank evaluates its shard and every rank
+    gets the totals and the per-image classes (a collective)."""
     was_training = model.training
     model.eval()
     batches = eval_batches(
         at.ds, at.params.eval, img_size, world_size=at.rt.world_size, rank=at.rt.rank
     )
-    table = shard_accuracy(lambda x: student_heads(model, x), batches, at.rt)
+    res = shard_evaluate(lambda x: student_heads(model, x), batches, at.rt)
     model.train(was_training)
+    return res
+
+
+def _flat(table: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """Flat keys for the history rows: ``test_<head>_<metric>``."""
     return {f"test_{k}_{m}": v for k, d in table.items() for m, v in d.items()}
 
 
@@ -156,6 +165,7 @@ def _write_outputs(
     history: list[dict[str, Any]],
     metrics: dict[str, Any],
     run_info: dict[str, Any],
+    classes: dict[str, torch.Tensor],
 ) -> None:
     """The model directory (deterministic files) and the run directory (provenance, timings).
 
@@ -176,6 +186,9 @@ def _write_outputs(
         if at.run_dir is None:
             write_run(tmp, at.params, seed=at.seed, **t.extra, **run_info)
         atomic.write_json(tmp / "metrics.json", metrics)
+        save_predictions(
+            tmp / PREDICTIONS, at.ds.test.labels, classes, num_classes=at.ds.num_classes
+        )
 
 
 def _train_and_save(
@@ -201,6 +214,14 @@ def _train_and_save(
         at.ds, recipe, img_size=t.img_size, seed=at.seed, world_size=rt.world_size, rank=rt.rank
     )
     run_dir = at.run_dir
+    final: list[ShardEval] = []  # the raw model's latest evaluation (not the EMA's)
+
+    def evaluate(m: nn.Module) -> dict[str, Any]:
+        res = _evaluation(m, at, t.img_size)
+        if m is model:
+            final[:] = [res]
+        return _flat(res.table)
+
     res = fit(
         model=train_model,
         loss_fn=loss_fn,
@@ -213,13 +234,17 @@ def _train_and_save(
         # The computing code too: a checkpoint written by other code is never resumed
         # from, while an edit to a launcher or a report is no reason to start over.
         fingerprint=config_hash({**identity, "code": code_hash(__name__)}),
-        evaluate=lambda m: _heads_metrics(m, at, t.img_size),
+        evaluate=evaluate,
         on_epoch_end=(lambda h: write_history(run_dir / "history.csv", h))
         if run_dir is not None
         else None,
         desc=desc,
         restart=restart,
     )
+    if not final:
+        # A finished checkpoint resumes without an epoch to run: the per-image classes of its
+        # final weights are computed again (the same weights give the same classes).
+        final[:] = [_evaluation(model, at, t.img_size)]
     if not rt.is_main:
         return {}  # rank 0 evaluates and writes; the others only trained their share
     metrics = _final_metrics(res.history, at.params, t.img_size, t.extra)
@@ -235,6 +260,7 @@ def _train_and_save(
             "world_size": rt.world_size,
             "device": str(rt.device),
         },
+        classes={**t.classes, **final[0].classes},
     )
     return metrics
 
@@ -315,13 +341,21 @@ def run_teacher(
         model = build_model("teacher", kwargs)
         load_state_dict_checked(model, load_weights_file(path), what=f"teacher weights {path}")
         model.to(rt.device).eval()
-        metrics = _heads_metrics(model, at, img_size)  # every rank: its shard of the test split
+        evaluation = _evaluation(model, at, img_size)  # every rank: its shard of the test split
+        metrics = _flat(evaluation.table)
         if not rt.is_main:
             return {}  # rank 0 writes the model directory
         t = _Trainee(model, "teacher", kwargs, img_size, {"role": "teacher", "source": str(path)})
         history = [{"epoch": 0, "train_loss": None, **metrics}]
         final = _final_metrics(history, params, img_size, t.extra)
-        _write_outputs(t, at, history, final, run_info={"sha256": atomic.sha256_file(path)})
+        _write_outputs(
+            t,
+            at,
+            history,
+            final,
+            run_info={"sha256": atomic.sha256_file(path)},
+            classes=evaluation.classes,
+        )
         return final
     torch.manual_seed(seed)
     model = create_teacher(**kwargs)
@@ -463,7 +497,8 @@ def run_finetune(
     model.to(rt.device)
     # Accuracy right after resampling, before any fine-tuning step (Table 10's interpolation
     # ablation without training).
-    before = _heads_metrics(model, at, img_size)
+    before_eval = _evaluation(model, at, img_size)
+    before = _flat(before_eval.table)
     alpha, tau = params.distillation.weights(distill)
     loss = DistillationLoss(
         base_criterion(cfg.train), teacher_mod, distill=distill, alpha=alpha, tau=tau
@@ -477,7 +512,14 @@ def run_finetune(
         "interpolation": interpolation,
         "before_finetune": {k: v for k, v in before.items()},
     }
-    t = _Trainee(model, "student", kwargs, img_size, {"role": "student", **variant})
+    t = _Trainee(
+        model,
+        "student",
+        kwargs,
+        img_size,
+        {"role": "student", **variant},
+        classes={f"before_finetune/{h}": v for h, v in before_eval.classes.items()},
+    )
     return _train_and_save(
         t,
         at,
@@ -681,8 +723,31 @@ def dist_token_of(distill: str, choice: str) -> bool:
 
 
 def pretrain_run(
-    params: Params, *, data: Path, teacher: Path | None, distill: str, dist_token: str = "auto"
+    params: Params,
+    *,
+    data: Path,
+    teacher: Path | None,
+    distill: str,
+    dist_token: str = "auto",
+    epochs: int | None = None,
 ) -> TrainingRun:
+    """``epochs``: a Figure 3 budget, the student's recipe with its own whole schedule of that
+    many epochs (``student.train.epochs`` otherwise)."""
+    if epochs is not None and epochs != params.student.train.epochs:
+        train = params.student.train
+        if epochs <= train.warmup_epochs:
+            raise ConfigError(
+                f"--epochs {epochs} leaves no epoch after the {train.warmup_epochs} warmup epochs",
+                "pass a budget longer than student.train.warmup_epochs",
+            )
+        student = dataclasses.replace(
+            params.student, train=dataclasses.replace(train, epochs=epochs)
+        )
+        # Figure 3's budgets stay the same set: the profile's own schedule becomes one of them.
+        others = tuple(b for b in params.budget_epochs() if b != epochs)
+        params = dataclasses.replace(
+            params, student=student, figure3=dataclasses.replace(params.figure3, budgets=others)
+        )
     # The teacher is read only when there is something to distil: the headline stage gets
     # --teacher whatever `distill` is, and ignores it for `distill: none`.
     return TrainingRun(
