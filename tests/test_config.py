@@ -9,7 +9,7 @@ import json
 import pytest
 import yaml
 
-from conftest import SMOKE, smoke_dict
+from conftest import ROOT, SMOKE, smoke_dict
 from deit_repro.config import config_hash, load_params, params_from_dict
 from deit_repro.errors import ConfigError
 
@@ -306,3 +306,24 @@ def test_repeated_seed_in_a_params_file_names_the_file(tmp_path):
 
 def test_distinct_seeds_are_accepted():
     assert params_from_dict(set_key(smoke_dict(), "seeds", [0, 1, 2])).seeds == (0, 1, 2)
+
+
+@pytest.mark.parametrize(
+    "budgets, why",
+    [
+        ([6, 6], "distinct budgets"),
+        ([18], "distinct budgets other than student.train.epochs=18"),
+        ([2], "longer than student.train.warmup_epochs=2"),
+    ],
+)
+def test_figure3_budgets_are_checked(tmp_path, budgets, why):
+    data = yaml.safe_load((ROOT / "profiles" / "fashion.yaml").read_text())
+    data["figure3"] = {"budgets": budgets}
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match="figure3.budgets") as err:
+        load_params(path)
+    assert why in str(err.value)
+    data["figure3"] = {"budgets": [6, 12]}
+    path.write_text(yaml.safe_dump(data))
+    assert load_params(path).budget_epochs() == [6, 12, 18]

@@ -13,7 +13,7 @@ from deit_repro import atomic
 from deit_repro.core.batches import epoch_indices
 from deit_repro.config import TrainCfg
 from deit_repro.core.engine import Runtime, base_criterion, fit, load_checkpoint
-from deit_repro.errors import CheckpointError, TrainingError
+from deit_repro.errors import CheckpointError, ConfigError, TrainingError
 from deit_repro.core.losses import DistillationLoss
 from deit_repro.core.models import create_student, set_training_outputs
 from deit_repro.core.datasets import open_dataset, train_batches
@@ -671,3 +671,30 @@ def test_throughput_is_measured_in_fp32(fashion_small, smoke_params, tmp_path, m
         model, img_size=4, in_chans=1, cfg=cfg, rt=bf16, amp_dtype=bf16.amp_dtype
     )
     assert amp["precision"] == "bf16" and model.autocast == [True] * 3
+
+
+def test_a_figure3_budget_is_a_run_with_its_own_whole_schedule():
+    """Figure 3's 6-epoch run decays to min_lr at its own last epoch; epoch 6 of the 18-epoch
+    schedule (what reading an intermediate evaluation would measure) is still near the peak."""
+    from deit_repro.config import load_params
+    from deit_repro.core.engine import optimizer_and_scheduler
+    from deit_repro.stages.training import pretrain_run
+
+    params = load_params(Path(__file__).resolve().parents[1] / "profiles" / "fashion.yaml")
+    run = pretrain_run(params, data=Path("data/x"), teacher=None, distill="none", epochs=6)
+    short, long = run.params.student.train, params.student.train
+    assert (short.epochs, long.epochs) == (6, 18)
+    assert dataclasses.replace(short, epochs=18) == long  # only the budget differs
+    assert run.params.budget_epochs() == params.budget_epochs() == [6, 12, 18]
+
+    def lr_at(recipe, epoch: int) -> float:
+        model = torch.nn.Linear(2, 2)
+        opt, sched, _ = optimizer_and_scheduler(model, recipe, steps_per_epoch=10)
+        sched.step(epoch)
+        return opt.param_groups[0]["lr"]
+
+    peak = long.effective_lr()
+    assert lr_at(short, 5) < 0.1 * peak  # the last epoch of the 6-epoch run: decayed
+    assert lr_at(long, 5) > 0.8 * peak  # the same epoch of the 18-epoch run: near the peak
+    with pytest.raises(ConfigError, match="warmup"):
+        pretrain_run(params, data=Path("data/x"), teacher=None, distill="none", epochs=2)

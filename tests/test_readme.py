@@ -28,3 +28,13 @@ def test_readme_shows_the_committed_headline_table():
     rows = [line for line in table.splitlines() if line.startswith("|")]
     assert block.group(1).strip().splitlines() == rows
     assert "![Figure 3" in readme and "results/figure3_epochs.png" in readme
+
+
+def test_readme_shows_the_committed_claims_table():
+    """The README's claims table is results/claims.md's, verdicts and intervals included."""
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- results:claims -->\n(.+?)\n<!-- /results:claims -->", readme, re.S)
+    assert block, "README lost its claims table"
+    table = (ROOT / "results" / "claims.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("|")]
+    assert len(rows) > 2 and block.group(1).strip().splitlines() == rows

@@ -13,11 +13,19 @@ import re
 import statistics
 from pathlib import Path
 
+import dataclasses
+
+import numpy as np
 import pytest
+import torch
 from PIL import Image
+from scipy import stats as sps
+
+from deit_repro.core.model_dirs import save_predictions
+from deit_repro.errors import DataError
+from deit_repro.reporting.stats import fmt_p
 
 from deit_repro.config import load_params
-from deit_repro.reporting.claims import verdict
 from deit_repro.reporting.report import run_tables
 from deit_repro.reporting.trace import resolve, stale, trace
 
@@ -93,7 +101,7 @@ def synthetic_metrics(root: Path, *, vit_teacher: bool = False) -> Path:
     )
     write(
         m / "pretrain/hard.json",
-        model_json(16, [0, 1], dict(STUDENT, distill="hard"), cls=(75.0, 75.2)),
+        model_json(16, [0, 1], dict(STUDENT, distill="hard"), cls=(75.0, 75.4)),
     )
     deit = dict(STUDENT, distill="hard", dist_token=True)
     write(
@@ -109,21 +117,17 @@ def synthetic_metrics(root: Path, *, vit_teacher: bool = False) -> Path:
             m / "pretrain/deit_vit_teacher.json",
             model_json(16, [0, 1], deit, cls=(68.0, 68.2), dist=(70.0, 70.2), joint=(70.39, 70.37)),
         )
-    # Figure 3: test accuracy every 5 epochs; the gap deit − none grows from 1.0 to 2.0
-    for name, cols, base in (("none", ("cls",), 0.0), ("deit", ("cls", "dist", "joint"), 1.0)):
-        rows = [
-            "seed,epoch,lr,train_loss," + ",".join(f"test_{h}_top1,test_{h}_top5" for h in cols)
-        ]
-        for seed in (0, 1):
-            for epoch in range(1, 11):
-                acc = ""
-                if epoch % 5 == 0:
-                    v = 60.0 + epoch + seed + base * (epoch // 5)
-                    acc = ",".join(f"{v:g},99" for _ in cols)
-                else:
-                    acc = ",".join(",".join("" for _ in range(2)) for _ in cols)
-                rows.append(f"{seed},{epoch},0.001,1.5,{acc}")
-        (m / f"pretrain/{name}_history.csv").write_text("\n".join(rows) + "\n")
+    # Figure 3: a run per budget (6 and 12 epochs; 18 is pretrain/none and pretrain/deit); the
+    # gap deit − none is +1.0 at 6 epochs, +2.0 at 12 and +0.39 at 18.
+    for budget, none_acc, deit_acc in (
+        (6, (60.0, 61.0), (61.0, 62.0)),
+        (12, (65.0, 66.0), (67.0, 68.0)),
+    ):
+        write(m / f"figure3/none-{budget}.json", model_json(16, [0, 1], STUDENT, cls=none_acc))
+        write(
+            m / f"figure3/deit-{budget}.json",
+            model_json(16, [0, 1], deit, cls=deit_acc, dist=deit_acc, joint=deit_acc),
+        )
     for run, px, interp, before, after in (
         ("control", 16, "bicubic", (72.41, 72.37), (75.46, 75.69)),
         ("bicubic", 28, "bicubic", (56.8, 50.81), (76.28, 77.01)),
@@ -224,7 +228,8 @@ def row(rows: list[dict[str, str]], key: str, value: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def params():
-    return load_params(ROOT / "profiles" / "fashion.yaml")
+    """The fashion profile with the synthetic metrics' two seeds."""
+    return dataclasses.replace(load_params(ROOT / "profiles" / "fashion.yaml"), seeds=(0, 1))
 
 
 @pytest.fixture(scope="module")
@@ -319,10 +324,24 @@ def test_other_tables(results):
     assert (t10["control"]["to px"], t10["bicubic"]["to px"]) == ("16", "28")
     assert t10["bicubic"]["paper top-1"] == "83.1" and t10["bilinear"]["paper top-1"] == "–"
     f3 = read_csv(out / "figure3_epochs.csv")
-    assert [r["epoch"] for r in f3] == ["5", "10"]
-    assert f3[0]["DeiT (no distillation)"] == "65.50 ± 0.71"
-    assert f3[0]["DeiT min–max"] == "65.00–66.00"
-    assert [r["gap DeiT⚗ − DeiT"] for r in f3] == ["+1.00 ± 0.00", "+2.00 ± 0.00"]
+    assert [r["epochs"] for r in f3] == ["6", "12", "18"]
+    assert f3[0]["DeiT (no distillation)"] == "60.50 ± 0.71"
+    assert f3[0]["DeiT min–max"] == "60.00–61.00"
+    assert f3[2]["DeiT⚗ (class+distil.)"] == "72.39 ± 0.03"  # the pretrain stage's own runs
+    # per seed +0.61, +0.17 at 18 epochs
+    assert [r["gap DeiT⚗ − DeiT"] for r in f3] == ["+1.00 ± 0.00", "+2.00 ± 0.00", "+0.39 ± 0.31"]
+
+
+def _t_interval(diffs: list[float]) -> tuple[float, float, float]:
+    """Independently of deit_repro.reporting.stats: the textbook paired t-interval and p."""
+    d = np.asarray(diffs)
+    half = sps.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+    p = 2 * sps.t.sf(abs(d.mean()) / (d.std(ddof=1) / np.sqrt(len(d))), len(d) - 1)
+    return d.mean() - half, d.mean() + half, p
+
+
+def _signed(x: float, digits: int = 2) -> str:
+    return f"{x:+.{digits}f}"
 
 
 def test_claims_verdicts(results):
@@ -334,42 +353,117 @@ def test_claims_verdicts(results):
         assert len(hits) == 1, prefix
         return hits[0]
 
-    hard = c("hard distillation beats usual")  # 75.0/75.2 vs 72.0/72.2
-    assert (hard["verdict"], hard["margin"], hard["seed spread"]) == ("holds", "+3.00", "0.14")
+    hard = c("hard distillation beats usual")  # 75.0/75.4 vs 72.0/72.2: +3.0, +3.2
+    lo, hi, _ = _t_interval([3.0, 3.2])  # t(0.975, 1) = 12.71: [+1.83, +4.37]
+    assert (hard["verdict"], hard["mean a − b"], hard["n seeds"]) == ("holds", "+3.10", "2")
+    assert hard["95 % CI (seeds)"] == f"[{_signed(lo)}, {_signed(hi)}]" == "[+1.83, +4.37]"
+    assert hard["95 % CI (test images)"] == "–"  # no models/: no per-image test
     assert hard["paper"] == "+1.2 (83.0 vs 81.8)"
-    soft = c("usual (soft) distillation is at least")  # 72.0/72.2 vs 71.8/72.2
-    assert (soft["verdict"], soft["margin"], soft["seed spread"]) == (
-        "weak (within seed spread)",
-        "+0.10",
-        "0.28",
-    )
-    token = c("the distillation token beats hard")  # 72.41/72.37 vs 75.0/75.2
-    assert (token["verdict"], token["margin"]) == ("does not hold here", "-2.71")
+    soft = c("usual (soft) distillation is at least")  # 72.0/72.2 vs 71.8/72.2: +0.2, 0.0
+    assert (soft["verdict"], soft["mean a − b"]) == ("not resolved", "+0.10")
+    assert soft["95 % CI (seeds)"] == "[-1.17, +1.37]"
+    token = c("the distillation token beats hard")  # 72.41/72.37 vs 75.0/75.4
+    assert token["mean a − b"] == "-2.81" and token["per seed"] == "-2.59 / -3.03"
     agree = c("the distilled student agrees more")  # teacher: none 24.0/24.2, joint 21.0/21.13
-    assert (agree["verdict"], agree["margin"], agree["per seed"]) == (
-        "holds",
-        "+0.030",
-        "+0.030 / +0.031",
-    )
+    assert (agree["mean a − b"], agree["per seed"]) == ("+0.030", "+0.030 / +0.031")
     assert agree["paper"] == "+0.031 (0.133 vs 0.102)"
     assert c("a convnet teacher")["verdict"] == "not run"
-    assert c("pretraining beats training from scratch for transfer to digits")["verdict"] == "holds"
-    assert c("distillation keeps gaining")["margin"] == "+1.00"
-    assert c("fine-tuning at a higher resolution")["verdict"] == "holds"  # 76.6 vs 75.6
+    transfer = c("pretraining beats training from scratch for transfer to digits")
+    lo, hi, _ = _t_interval([88.61 - 56.66, 91.95 - 58.06])
+    assert transfer["95 % CI (seeds)"] == f"[{_signed(lo)}, {_signed(hi)}]"
+    assert transfer["verdict"] == "holds" and lo > 0
+    gap = c("distillation gains more with a longer schedule")  # gap at 18 vs at 6 epochs
+    assert gap["per seed"] == "-0.39 / -0.83"  # (+0.61, +0.17) − (+1.0, +1.0)
+    keeps = c("DeiT⚗ keeps gaining with more epochs: 18 epochs beats 12")
+    assert keeps["per seed"] == "+5.41 / +4.37" and keeps["paper"].startswith("+0.8 (84.2 vs 83.4)")
     readme = (out / "README.md").read_text()
     assert "[Table 3](table3_distillation.md)" in readme
-    assert "![Figure 3 analogue: top-1 vs epochs](figure3_epochs.png)" in readme
+    assert "](figure3_epochs.png)" in readme
     assert "| DeiT⚗: class+distillation | hard | yes | 72.39 ± 0.03 |" in readme
-    assert "| hard distillation beats usual (soft) distillation | holds | +3.00 |" in readme
+    assert "| hard distillation beats usual (soft) distillation | holds | +3.10 |" in readme
+    assert "95% t-interval" in readme  # the rule is stated in the header
 
 
-def test_verdict_rule():
-    assert verdict(1.0, 0.5, 2) == "holds"
-    assert verdict(0.3, 0.5, 2) == "weak (within seed spread)"
-    assert verdict(-0.3, 0.5, 2) == "does not hold here"
-    assert verdict(0.0, 0.5, 2) == "does not hold here"
-    assert verdict(0.0, 0.5, 2, op="≥") == "weak (within seed spread)"
-    assert verdict(0.2, 0.0, 1) == "holds (1 seed: no spread)"
+def _predictions(
+    models: Path, name: str, labels: np.ndarray, hit: np.ndarray, heads=("cls",)
+) -> list[float]:
+    """Each seed's predictions.npy: the true class where ``hit``, another class elsewhere, for
+    every head; returns each seed's top-1 in %, as the run's metrics file would hold it."""
+    for seed, row in enumerate(hit):
+        cls = torch.from_numpy(np.where(row, labels, (labels + 1) % 10))
+        d = models / name / f"seed{seed}"
+        d.mkdir(parents=True, exist_ok=True)
+        save_predictions(
+            d / "predictions.npy", torch.from_numpy(labels), {h: cls for h in heads}, 10
+        )
+    return [round(100.0 * float(r.mean()), 6) for r in hit]
+
+
+def test_claims_from_known_per_seed_and_per_image_numbers(tmp_path):
+    """Three seeds, 4,000 test images, predictions built with known hit rates: each claim's
+    intervals, p-values and verdict equal what scipy gives directly on the same arrays."""
+    params = dataclasses.replace(load_params(ROOT / "profiles" / "fashion.yaml"), seeds=(0, 1, 2))
+    rng = np.random.default_rng(7)
+    n = 4000
+    labels = rng.integers(0, 10, n)
+    base = rng.random((3, n))
+    hits = {  # per seed and image; seeds differ, and the images each model gets right overlap
+        "hard": base < np.array([[0.78], [0.80], [0.79]]),  # beats soft by about 6 points
+        "soft": base < np.array([[0.72], [0.735], [0.74]]),
+        "none": base < np.array([[0.745], [0.75], [0.76]]),  # soft is below none: reversed
+        "deit": rng.random((3, n)) < np.array([[0.785], [0.80], [0.79]]),  # ≈ hard: spans 0
+    }
+    models, m = tmp_path / "models", tmp_path / "metrics"
+    top1 = {}
+    for name, hit in hits.items():
+        heads = ("cls", "dist", "joint") if name == "deit" else ("cls",)
+        top1[name] = _predictions(models, f"pretrain/{name}", labels, hit, heads)
+        extra = dict(STUDENT, distill="hard", dist_token=name == "deit")
+        per_head = {h: tuple(top1[name]) for h in heads}
+        write(m / f"pretrain/{name}.json", model_json(16, [0, 1, 2], extra, **per_head))
+    run_tables(params, metrics=m, models=models, out=tmp_path / "results")
+    claims = read_csv(tmp_path / "results" / "claims.csv")
+
+    def c(prefix: str) -> dict[str, str]:
+        return next(r for r in claims if r["claim"].startswith(prefix))
+
+    def interval(text: str) -> tuple[float, float]:
+        lo, hi = (float(x) for x in text.strip("[]").split(", "))
+        return lo, hi
+
+    cases = (
+        ("hard distillation beats usual", "hard", "soft", "holds"),
+        ("usual (soft) distillation is at least", "soft", "none", "reversed"),
+        ("the distillation token beats hard", "deit", "hard", "not resolved"),
+    )
+    for prefix, a, b, expected in cases:
+        row_ = c(prefix)
+        diffs = [x - y for x, y in zip(top1[a], top1[b])]
+        lo, hi, p = _t_interval(diffs)
+        assert row_["n seeds"] == "3"
+        assert row_["95 % CI (seeds)"] == f"[{_signed(lo)}, {_signed(hi)}]", prefix
+        assert row_["p (seeds)"] == fmt_p(p), (prefix, p)  # p from scipy here, same format
+        # Per image: seed-averaged a − b; the bootstrap interval is close to the normal one.
+        d = (100.0 * (hits[a].astype(float) - hits[b])).mean(axis=0)
+        half = 1.96 * d.std(ddof=1) / np.sqrt(n)
+        ilo, ihi = interval(row_["95 % CI (test images)"])
+        assert abs(ilo - (d.mean() - half)) < 0.1 * half + 0.01, (prefix, ilo)
+        assert abs(ihi - (d.mean() + half)) < 0.1 * half + 0.01, (prefix, ihi)
+        assert row_["verdict"] == expected, (prefix, row_)
+    # The smallest effect 3 seeds detect with 80 % power, at the observed seed std.
+    spans = c("the distillation token beats hard")
+    diffs = np.array(top1["deit"]) - np.array(top1["hard"])
+    mde = float(spans["detectable (80 % power)"].lstrip("±"))
+    crit, se = sps.t.ppf(0.975, 2), diffs.std(ddof=1) / np.sqrt(3)
+    power = sps.nct.sf(crit, 2, mde / se) + sps.nct.sf(crit, 2, -mde / se)
+    assert abs(power - 0.8) < 0.01
+
+    # A predictions file that disagrees with its run's metrics (stale) stops the tables.
+    stale_hit = hits["hard"].copy()
+    stale_hit[0, :50] = ~stale_hit[0, :50]
+    _predictions(models, "pretrain/hard", labels, stale_hit)
+    with pytest.raises(DataError, match="per-image predictions give"):
+        run_tables(params, metrics=m, models=models, out=tmp_path / "again")
 
 
 def test_vit_teacher_rows_when_present(tmp_path, params):
@@ -386,7 +480,7 @@ def test_vit_teacher_rows_when_present(tmp_path, params):
         for r in read_csv(tmp_path / "results" / "claims.csv")
         if r["claim"].startswith("a convnet teacher")
     ][0]
-    assert (claim["verdict"], claim["margin"]) == ("holds", "+2.01")
+    assert claim["mean a − b"] == "+2.01"
 
 
 def test_byte_identical_rerun_and_pngs(tmp_path, params, results):
@@ -425,8 +519,9 @@ def test_every_number_is_traceable(results, params):
     (pair,) = trace(out / "table4_disagreement.csv")[(1, "DeiT⚗ class+distil.")]
     assert pair == "metrics/evaluate.json#/disagreement/teacher/deit~1joint"
     assert resolve(pair, metrics=metrics)["values"] == [21.0, 21.13]
-    hist = trace(out / "figure3_epochs.csv")[(0, "DeiT (no distillation)")]
-    assert resolve(hist[0], metrics=metrics) == [65.0, 66.0]
+    (budget,) = trace(out / "figure3_epochs.csv")[(0, "DeiT (no distillation)")]
+    assert budget == "metrics/figure3/none-6.json#/top1"
+    assert resolve(budget, metrics=metrics)["values"] == [60.0, 61.0]
     (dim,) = trace(out / "table1_variants.csv")[(0, "embedding dim")]
     assert resolve(dim, metrics=metrics, params=params) == 64
     prov = json.loads((out / "provenance.json").read_text())

@@ -27,6 +27,8 @@ COMPUTED_BY = {
     "prepare": f"{PACKAGE}.stages.prepare",
     "teacher": f"{PACKAGE}.stages.training",
     "pretrain": f"{PACKAGE}.stages.training",
+    "figure3_none": f"{PACKAGE}.stages.training",
+    "figure3_deit": f"{PACKAGE}.stages.training",
     "finetune": f"{PACKAGE}.stages.training",
     "transfer": f"{PACKAGE}.stages.training",
     "transfer_scratch": f"{PACKAGE}.stages.training",
