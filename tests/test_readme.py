@@ -19,22 +19,26 @@ def test_ci_runs_the_readme_test_command():
     assert command in [line.strip() for line in ci.splitlines()]
 
 
+def _readme_block(tag: str) -> list[str]:
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(rf"<!-- results:{tag} -->\n(.+?)\n<!-- /results:{tag} -->", readme, re.S)
+    assert block, f"README lost its {tag} block"
+    return block.group(1).strip().splitlines()
+
+
+def _table_rows(name: str) -> list[str]:
+    table = (ROOT / "results" / name).read_text()
+    return [line for line in table.splitlines() if line.startswith("|")]
+
+
 def test_readme_shows_the_committed_headline_table():
     """The README's copy of Table 3 is the table the pipeline wrote (it cannot drift)."""
+    assert _readme_block("table3") == _table_rows("table3_distillation.md")
     readme = (ROOT / "README.md").read_text()
-    block = re.search(r"<!-- results:table3 -->\n(.+?)\n<!-- /results:table3 -->", readme, re.S)
-    assert block, "README lost its headline table"
-    table = (ROOT / "results" / "table3_distillation.md").read_text()
-    rows = [line for line in table.splitlines() if line.startswith("|")]
-    assert block.group(1).strip().splitlines() == rows
     assert "![Figure 3" in readme and "results/figure3_epochs.png" in readme
 
 
 def test_readme_shows_the_committed_claims_table():
     """The README's claims table is results/claims.md's, verdicts and intervals included."""
-    readme = (ROOT / "README.md").read_text()
-    block = re.search(r"<!-- results:claims -->\n(.+?)\n<!-- /results:claims -->", readme, re.S)
-    assert block, "README lost its claims table"
-    table = (ROOT / "results" / "claims.md").read_text()
-    rows = [line for line in table.splitlines() if line.startswith("|")]
-    assert len(rows) > 2 and block.group(1).strip().splitlines() == rows
+    rows = _table_rows("claims.md")
+    assert len(rows) > 2 and _readme_block("claims") == rows
