@@ -9,9 +9,9 @@ times (median of repeats) in that clone.
 ``--forkserver cold,off`` runs the DAG twice in one process, with and without the fork server
 (``deit_repro.run.forkserver``), and prints the ratio.
 
-Targets (figures in bench/README.md, "The whole DAG"): fashion <= 15 min (3 seeds), smoke <= 60 s, no-op repro
-and `snakemake -n` <= 3 s each, every stage's peak RSS <= 4 GiB. Run it on an otherwise idle
-machine: the stages use every core.
+Targets (figures in bench/README.md, "The whole DAG"): fashion <= 15 min (3 seeds), smoke <= 60 s,
+no-op repro and `snakemake -n` <= 3 s each, every stage's peak RSS <= 4 GiB. Run it on an
+otherwise idle machine: the stages use every core.
 """
 
 from __future__ import annotations
