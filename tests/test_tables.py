@@ -453,7 +453,7 @@ def test_claims_from_known_per_seed_and_per_image_numbers(tmp_path):
     # The smallest effect 3 seeds detect with 80 % power, at the observed seed std.
     spans = c("the distillation token beats hard")
     diffs = np.array(top1["deit"]) - np.array(top1["hard"])
-    mde = float(spans["detectable (80 % power)"].lstrip("±"))
+    mde = float(spans["MDE (80 % power)"].lstrip("±"))
     crit, se = sps.t.ppf(0.975, 2), diffs.std(ddof=1) / np.sqrt(3)
     power = sps.nct.sf(crit, 2, mde / se) + sps.nct.sf(crit, 2, -mde / se)
     assert abs(power - 0.8) < 0.01

@@ -70,7 +70,7 @@ COLUMNS = [
     "per seed",
     "95 % CI (test images)",
     "p (images)",
-    "detectable (80 % power)",
+    "MDE (80 % power)",
     "unit",
     "measured",
     "paper",
@@ -124,7 +124,7 @@ def _claim_row(cl: Claim) -> dict[str, Value]:
         "per seed": Cell(" / ".join(signed(x, d) for x in diffs), src),
         "95 % CI (test images)": Cell(_interval(image.lo, image.hi, d), src) if image else DASH,
         "p (images)": Cell(stats.fmt_p(image.p, floor=image.p_floor), src) if image else DASH,
-        "detectable (80 % power)": Cell(
+        "MDE (80 % power)": Cell(
             DASH if seed.mde != seed.mde else f"±{num(seed.mde, d)}", src
         ),
         "unit": cl.unit,
