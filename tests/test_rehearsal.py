@@ -168,6 +168,9 @@ def test_the_rehearsal_runs_under_dvc_and_under_snakemake_on_slurm(slurm, tmp_pa
         "metrics/transfer/cifar10-scratch.json"
     }
     assert transfer <= set(metrics) and "metrics/finetune/bicubic.json" in metrics
+    for variant in ("none", "deit"):  # Figure 3: a run of its own per budget, on SLURM
+        budget = json.loads(metrics[f"metrics/figure3/{variant}-3.json"])
+        assert budget["epochs"] == 3 and budget["seeds"] == [0]
     teacher = json.loads(metrics["metrics/teacher.json"])
     assert teacher["heads"]["cls"]["top1"]["mean"] >= 0  # RegNetY-16GF evaluated on the val tree
     ft = json.loads(metrics["metrics/finetune/bicubic.json"])
@@ -194,7 +197,8 @@ def test_the_rehearsal_runs_under_dvc_and_under_snakemake_on_slurm(slurm, tmp_pa
     )
     names = [r["JobName"] for r in jobs]
     assert names.count("deit-repro-teacher-seed0") == 2, names  # RegNetY download + DeiT teacher
-    assert names.count("deit-repro-pretrain-seed0") == 5, names
+    # Table 3's four, Table 2's DeiT⚗ from the DeiT teacher, Figure 3's two 3-epoch budget runs
+    assert names.count("deit-repro-pretrain-seed0") == 7, names
     assert names.count("deit-repro-finetune-seed0") == 3, names
     assert names.count("deit-repro-transfer-seed0") == 7, names  # 6 datasets + CIFAR-10 scratch
     # DDP: the job's step (srun) ran 2 tasks (an allocation's own row has no task count).
