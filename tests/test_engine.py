@@ -698,3 +698,39 @@ def test_a_figure3_budget_is_a_run_with_its_own_whole_schedule():
     assert lr_at(long, 5) > 0.8 * peak  # the same epoch of the 18-epoch run: near the peak
     with pytest.raises(ConfigError, match="warmup"):
         pretrain_run(params, data=Path("data/x"), teacher=None, distill="none", epochs=2)
+
+
+def test_a_finished_run_resumed_with_other_eval_settings_reports_one_evaluation(
+    fashion_small, smoke_params, tmp_path
+):
+    """The checkpoint's fingerprint leaves out the eval settings (they change no weight), so a
+    rerun after `dvc exp run -S eval.crop_pct=...` resumes the finished checkpoint: its metrics
+    and its per-image predictions both come from the one new evaluation."""
+    import json
+
+    import numpy as np
+
+    def pretrain(params, out):
+        return run_pretrain(
+            params,
+            data=fashion_small,
+            teacher=None,
+            out=out,
+            run_dir=tmp_path / "run",
+            distill="none",
+            dist_token=False,
+            seed=0,
+        )
+
+    first = pretrain(smoke_params, tmp_path / "a")
+    cropped = dataclasses.replace(
+        smoke_params, eval=dataclasses.replace(smoke_params.eval, crop_pct=0.6)
+    )
+    again = pretrain(cropped, tmp_path / "b")
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["resumed_from_epoch"] == 0
+    assert again["eval"]["crop_pct"] == 0.6 and again["top1"] != first["top1"]
+    for out, metrics in ((tmp_path / "a", first), (tmp_path / "b", again)):
+        pred = np.load(out / "predictions.npy")
+        assert 100.0 * float((pred["cls"] == pred["label"]).mean()) == pytest.approx(
+            metrics["top1"], abs=1e-6
+        )

@@ -464,6 +464,14 @@ def test_claims_from_known_per_seed_and_per_image_numbers(tmp_path):
     _predictions(models, "pretrain/hard", labels, stale_hit)
     with pytest.raises(DataError, match="per-image predictions give"):
         run_tables(params, metrics=m, models=models, out=tmp_path / "again")
+    # A missing one does not quietly drop the claim's per-image test.
+    (models / "pretrain" / "hard" / "seed1" / "predictions.npy").unlink()
+    with pytest.raises(DataError, match="has no predictions.npy for seed 1"):
+        run_tables(params, metrics=m, models=models, out=tmp_path / "again")
+    # Seeds are paired by position: a metrics file of other seeds (or order) is refused.
+    reordered = dataclasses.replace(params, seeds=(2, 1, 0))
+    with pytest.raises(DataError, match=r"holds seeds \[0, 1, 2\], params.yaml \[2, 1, 0\]"):
+        run_tables(reordered, metrics=m, models=models, out=tmp_path / "again")
 
 
 def test_vit_teacher_rows_when_present(tmp_path, params):

@@ -4,6 +4,7 @@ settings every caption states, and the paper's DeiT variant matching the profile
 from __future__ import annotations
 
 from deit_repro.config import Params
+from deit_repro.errors import DataError
 from deit_repro.reporting.cells import DASH, Cell
 from deit_repro.reporting.inputs import Metrics, Predictions, Reference
 
@@ -27,8 +28,23 @@ class Context:
     ):
         self.params, self.m, self.ref = params, metrics, ref
         self.pred = predictions or Predictions(None)
+        self._same_seeds()
         self.pre_px = params.student.model.img_size
         self.ft_px = params.finetune.img_size
+
+    def _same_seeds(self) -> None:
+        """Per-seed values are paired by position (cells.paired): every multi-seed metrics file
+        must hold the params' seeds, in their order (a single run, the teacher's, serves all)."""
+        want = list(self.params.seeds)
+        for name in self.m.files:
+            if not self.m.files[name].suffix == ".json":
+                continue
+            seeds = self.m.peek(name).get("seeds")
+            if isinstance(seeds, list) and len(seeds) > 1 and seeds != want:
+                raise DataError(
+                    f"metrics file {self.m.files[name]} holds seeds {seeds}, params.yaml {want}",
+                    "re-run the training stages with these params (dvc repro)",
+                )
 
     def caption(self) -> str:
         """Profile, seeds and eval settings: the params', and the weights the metrics files read

@@ -176,8 +176,9 @@ class Predictions:
 
     def classes(self, name: str, head: str | None, seeds: Sequence[int]) -> np.ndarray | None:
         """``[len(seeds), N]`` top-1 classes of ``head`` (None: the model's reported head, joint
-        if it has one, else cls); a single run (the teacher) serves every seed. None when a
-        seed's file or the head is missing (the claim then has no per-image test)."""
+        if it has one, else cls); a single run (the teacher) serves every seed. None without a
+        models directory (the claims then have their seed tests alone); with one, a missing file
+        or head is a DataError: a claim would otherwise lose its per-image test unnoticed."""
         rows = []
         for seed in seeds:
             table = self._table(name, seed)
@@ -185,7 +186,16 @@ class Predictions:
                 return None
             field = head or ("joint" if "joint" in table.dtype.names else "cls")
             if field not in table.dtype.names:
-                return None
+                raise DataError(
+                    f"predictions of {self.root / name} (seed {seed}) have no head {field!r} "
+                    f"(heads: {', '.join(table.dtype.names[1:])})",
+                    "re-run the stage that trains it (dvc repro)",
+                )
+            if not np.array_equal(table["label"], self._table(name, seeds[0])["label"]):
+                raise DataError(
+                    f"the runs of {self.root / name} were evaluated on different test sets",
+                    "re-run the stage that trains it (dvc repro)",
+                )
             rows.append(table[field].astype(np.int64))
         return np.stack(rows)
 
@@ -201,9 +211,14 @@ class Predictions:
         return 100.0 * (cls == labels[None, :])
 
     def _table(self, name: str, seed: int) -> np.ndarray | None:
+        if self.root is None:
+            return None
         path = self._file(name, seed)
         if path is None:
-            return None
+            raise DataError(
+                f"{self.root / name} has no {PREDICTIONS} for seed {seed} (nor one run's)",
+                "re-run the stage that trains it (dvc repro)",
+            )
         self.read.add(path)
         if path not in self._cache:
             try:

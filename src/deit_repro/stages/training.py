@@ -242,9 +242,12 @@ def _train_and_save(
         restart=restart,
     )
     if not final:
-        # A finished checkpoint resumes without an epoch to run: the per-image classes of its
-        # final weights are computed again (the same weights give the same classes).
+        # A finished checkpoint resumes without an epoch to run (its fingerprint leaves out the
+        # eval settings and the thread count, which change no weight): its final weights are
+        # evaluated again, and that one evaluation gives both the metrics and the per-image
+        # classes, so they can never disagree.
         final[:] = [_evaluation(model, at, t.img_size)]
+        res.history[-1] = {**res.history[-1], **_flat(final[0].table)}
     if not rt.is_main:
         return {}  # rank 0 evaluates and writes; the others only trained their share
     metrics = _final_metrics(res.history, at.params, t.img_size, t.extra)
