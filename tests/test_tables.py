@@ -422,6 +422,7 @@ def test_claims_from_known_per_seed_and_per_image_numbers(tmp_path):
         per_head = {h: tuple(top1[name]) for h in heads}
         write(m / f"pretrain/{name}.json", model_json(16, [0, 1, 2], extra, **per_head))
     run_tables(params, metrics=m, models=models, out=tmp_path / "results")
+    assert stale(tmp_path / "results", metrics=m, models=models) == []
     claims = read_csv(tmp_path / "results" / "claims.csv")
 
     def c(prefix: str) -> dict[str, str]:
@@ -462,6 +463,9 @@ def test_claims_from_known_per_seed_and_per_image_numbers(tmp_path):
     stale_hit = hits["hard"].copy()
     stale_hit[0, :50] = ~stale_hit[0, :50]
     _predictions(models, "pretrain/hard", labels, stale_hit)
+    assert stale(tmp_path / "results", metrics=m, models=models) == [
+        "models/pretrain/hard/seed0/predictions.npy"
+    ]
     with pytest.raises(DataError, match="per-image predictions give"):
         run_tables(params, metrics=m, models=models, out=tmp_path / "again")
     # A missing one does not quietly drop the claim's per-image test.

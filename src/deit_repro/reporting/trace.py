@@ -57,15 +57,22 @@ def resolve(
     return node
 
 
-def stale(results: Path, *, metrics: Path, reference: Path = REFERENCE) -> list[str]:
+def stale(
+    results: Path, *, metrics: Path, reference: Path = REFERENCE, models: Path | None = None
+) -> list[str]:
     """Files named in ``results/provenance.json`` whose sha256 changed since the tables were
-    written (or that are gone): the tables need regenerating."""
+    written (or that are gone): the tables need regenerating. ``models`` is where the runs'
+    ``predictions.npy`` files the claims read live (``models/...`` names; the DAG's ``models/``
+    beside ``metrics`` by default)."""
     prov = json.loads((Path(results) / "provenance.json").read_text())
     ref_prefix = Reference(reference).prefix
+    models = Path(models) if models is not None else Path(metrics).parent / "models"
     out = []
     for name, sha in sorted(prov["files"].items()):
         if name.startswith(ref_prefix + "/"):
             path = Path(reference) / name[len(ref_prefix) + 1 :]
+        elif name.endswith(".npy"):  # a run's predictions, under the models directory
+            path = models / name.split("/", 1)[1]
         else:
             path = Path(metrics) / name.split("/", 1)[1]
         if not path.is_file() or atomic.sha256_file(path) != sha:
