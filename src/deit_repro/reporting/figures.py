@@ -129,3 +129,31 @@ def figure3(curves: Sequence[Curve], *, title: str) -> bytes:
         if curves:
             ax.legend(loc="lower right", fontsize=8)
         return _png(fig)
+
+
+def figure1_rows(points: Sequence[Point]) -> list[dict[str, object]]:
+    """Figure 1's numbers as rows (``dvc plots``: a scatter of top-1 against images/s)."""
+    return [
+        {
+            "model": p.label,
+            "family": p.family,
+            "images_per_s": round(p.images_per_s, 1),
+            "top1": round(p.top1, 2),
+            "top1_std": round(p.top1_std, 2),
+        }
+        for p in points
+    ]
+
+
+def figure3_rows(curves: Sequence[Curve]) -> list[dict[str, object]]:
+    """Figure 3's numbers as rows, one per budget and a column per curve's mean (``dvc plots``
+    draws one line per column)."""
+    epochs = sorted({e for c in curves for e in c.epochs})
+    rows = []
+    for e in epochs:
+        row: dict[str, object] = {"epochs": e}
+        for c in curves:
+            if e in c.epochs:
+                row[c.label] = round(c.mean[c.epochs.index(e)], 2)
+        rows.append(row)
+    return rows

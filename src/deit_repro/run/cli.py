@@ -55,6 +55,13 @@ def _train(args, run) -> list[dict]:
     if args.restart:  # how to treat a stale checkpoint, not what is computed
         run = dataclasses.replace(run, options={**run.options, "restart": True})
     specs = run.specs(args.out, args.run_dir, args.seed)
+    live = None
+    if args.live is not None:
+        from deit_repro.core.live_metrics import StageLive
+
+        # while they train, each run's rank 0 writes its history into its run directory
+        live = StageLive(args.live, [(s.run_dir or s.out) / "history.csv" for s in specs])
+    tick = _throttled(live.sync) if live is not None else None
     launcher = getattr(args, "launcher", None) or run.params.launch.launcher
     if launcher != "in-process" and run.stage in LAUNCHED_STAGES:
         if args.run_dir is None:
@@ -63,7 +70,7 @@ def _train(args, run) -> list[dict]:
                 "pass --run-dir DIR or use --launcher in-process",
             )
         runs = launch.submit_runs(
-            run, specs, run.params.launch, cluster=launcher, log_level=args.log_level
+            run, specs, run.params.launch, cluster=launcher, log_level=args.log_level, tick=tick
         )
     else:
         run.use_threads()  # before forking: the children inherit it
@@ -71,9 +78,28 @@ def _train(args, run) -> list[dict]:
         if jobs == 1:  # one at a time: no need for child processes
             runs = [run(spec) for spec in specs]
         else:
-            runs = seeds.fork_runs(run, specs, jobs)
-    run.summarise(runs, specs, metrics=args.metrics, history=args.history)
+            runs = seeds.fork_runs(run, specs, jobs, tick=tick)
+    run.summarise(runs, specs, metrics=args.metrics, history=args.history, live=live)
     return runs
+
+
+def _throttled(sync, every_s: float = 5.0):
+    """``sync`` at most every ``every_s`` seconds, its failures logged, not raised: the live log
+    is a view of training, and the stage's end writes it whole (or fails) anyway."""
+    import time
+
+    last = [0.0]
+
+    def tick() -> None:
+        if time.monotonic() - last[0] < every_s:
+            return
+        last[0] = time.monotonic()
+        try:
+            sync()
+        except Exception as err:  # noqa: BLE001 - a view; the runs must go on
+            _logger.warning("live log not updated: %s", err)
+
+    return tick
 
 
 def _summary(runs: list[dict]) -> str:
@@ -176,7 +202,14 @@ def _cmd_evaluate(args, params: Params) -> None:
         if not sep or not name or not path:
             raise ConfigError(f"--model {item!r} is not NAME=DIR", "write e.g. --model deit=runs/x")
         models[name] = Path(path)
-    res = run_evaluate(params, data=args.data, models=models, teacher=args.teacher, out=args.out)
+    res = run_evaluate(
+        params,
+        data=args.data,
+        models=models,
+        teacher=args.teacher,
+        out=args.out,
+        summary=args.summary,
+    )
     for name, entry in res["models"].items():
         print(
             f"{name}: "
@@ -190,7 +223,7 @@ def _cmd_evaluate(args, params: Params) -> None:
 def _cmd_throughput(args, params: Params) -> None:
     from deit_repro.stages.throughput import run_throughput
 
-    res = run_throughput(params, data=args.data, out=args.out)
+    res = run_throughput(params, data=args.data, out=args.out, summary=args.summary)
     for name, entry in res["models"].items():
         print(
             f"{name} ({entry['img_size']} px): {entry['images_per_s']:.0f} images/s "
@@ -298,6 +331,13 @@ def build_parser() -> argparse.ArgumentParser:
             help="CSV file for the per-epoch metrics of every seed",
         )
         sp.add_argument(
+            "--live",
+            type=Path,
+            default=None,
+            help="DVCLive directory of the stage: per-epoch mean over the seeds while they "
+            "train, and the final numbers (metrics.json, plots/metrics/*.tsv)",
+        )
+        sp.add_argument(
             "--jobs",
             type=int,
             default=None,
@@ -394,6 +434,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--model", action="append", default=[], metavar="NAME=DIR", required=True)
     sp.add_argument("--teacher", type=Path, default=None)
     sp.add_argument("--out", type=Path, required=True, help="JSON file to write")
+    sp.add_argument(
+        "--summary",
+        type=Path,
+        default=None,
+        help="JSON file of the headline numbers (the DVC metric); the whole result goes to --out",
+    )
 
     sp = stage(
         "throughput",
@@ -407,6 +453,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="prepared dataset giving the class count and channels",
     )
     sp.add_argument("--out", type=Path, required=True, help="JSON file to write")
+    sp.add_argument(
+        "--summary",
+        type=Path,
+        default=None,
+        help="JSON file of the headline numbers (the DVC metric); the whole result goes to --out",
+    )
 
     sp = stage(
         "import-weights",

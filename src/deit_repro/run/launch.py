@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import submitit
 
@@ -231,7 +231,9 @@ def _live_state(job) -> str:
     return words[0].upper() if words else "UNKNOWN"
 
 
-def _wait_through_requeues(job, poll_s: float = 5.0, grace_s: float = 120.0) -> None:
+def _wait_through_requeues(
+    job, poll_s: float = 5.0, grace_s: float = 120.0, tick: Callable[[], None] | None = None
+) -> None:
     """Wait until the job has written its result or is over for good.
 
     submitit alone gives up 15 s after ``sacct`` says the job ended without a result file, which
@@ -241,6 +243,8 @@ def _wait_through_requeues(job, poll_s: float = 5.0, grace_s: float = 120.0) -> 
     """
     ended_at = None
     while not job.paths.result_pickle.exists():
+        if tick is not None:
+            tick()
         if _live_state(job) in _ALIVE:
             ended_at = None
         else:
@@ -257,7 +261,13 @@ def _interrupt(_signum, _frame) -> None:
 
 
 def submit_runs(
-    run, specs: Sequence[Any], launch, *, cluster: str, log_level: str = "INFO"
+    run,
+    specs: Sequence[Any],
+    launch,
+    *,
+    cluster: str,
+    log_level: str = "INFO",
+    tick: Callable[[], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Submit one job per spec (seed, model directory, run directory) and wait for all; their
     ``metrics.json``.
@@ -269,6 +279,7 @@ def submit_runs(
         launch: ``params.launch``.
         cluster: ``local`` or ``slurm``.
         log_level: the jobs' logging level.
+        tick: called every few seconds while the stage waits (its live log).
     """
     import signal
 
@@ -321,7 +332,12 @@ def submit_runs(
         for seed, out, job in jobs:
             try:
                 if cluster == "slurm":
-                    _wait_through_requeues(job)
+                    _wait_through_requeues(job, tick=tick)
+                else:
+                    while not job.done():
+                        if tick is not None:
+                            tick()
+                        time.sleep(1.0)
                 result = job.results()[0]  # task 0 is global rank 0
             except (FailedJobError, UncompletedJobError) as err:
                 first = " ".join(line.strip() for line in str(err).splitlines()[:2])

@@ -44,13 +44,21 @@ def default_jobs(num_runs: int, threads: int) -> int:
 
 
 def fork_runs(
-    run_one: Callable[[Any], dict[str, Any]], specs: Sequence[Any], jobs: int
+    run_one: Callable[[Any], dict[str, Any]],
+    specs: Sequence[Any],
+    jobs: int,
+    *,
+    tick: Callable[[], None] | None = None,
+    tick_s: float = 5.0,
 ) -> list[dict[str, Any]]:
     """Run ``run_one(spec)`` for every spec (a seed, ``out``, ``run_dir``) in forked processes,
     ``jobs`` at a time.
 
     Forked, not spawned: the children inherit the imported torch/timm (about 3 s a process on a
     2-core machine, bench/README.md) and the parsed params.
+
+    ``tick`` is called every ``tick_s`` seconds while runs are going (the stage's live log),
+    in this thread: a thread beside the forks could hold a lock that a child then inherits.
 
     Returns:
         Each run's ``metrics.json``, in spec order.
@@ -77,7 +85,10 @@ def fork_runs(
                 running[proc.sentinel] = (proc, recv, spec.seed, spec.out)
             if not running:
                 break
-            for sentinel in wait(list(running)):
+            ready = wait(list(running), timeout=tick_s if tick is not None else None)
+            if tick is not None:
+                tick()
+            for sentinel in ready:
                 proc, recv, seed, out = running.pop(sentinel)
                 proc.join()
                 try:

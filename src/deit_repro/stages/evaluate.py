@@ -47,6 +47,7 @@ def run_evaluate(
     models: dict[str, Path],
     teacher: Path | None,
     out: Path,
+    summary: Path | None = None,
     rt: Runtime | None = None,
 ) -> dict:
     """Evaluate trained models on a prepared dataset's test split and write ``out`` (JSON).
@@ -117,4 +118,20 @@ def run_evaluate(
         }
     )
     atomic.write_json(out, result)
+    if summary is not None:
+        atomic.write_json(summary, headline(result))
     return result
+
+
+def headline(result: dict) -> dict[str, float]:
+    """The few numbers of paper Table 4 that ``dvc metrics show`` lists (mean % over the seeds):
+    each pretrained student's disagreement with the teacher, and between DeiT⚗'s two heads. The
+    whole matrix, per seed, stays in the evaluate JSON that the tables read."""
+    matrix = result["disagreement"]
+    out = {}
+    for other in ("none", "soft", "hard", "deit/cls", "deit/dist", "deit/joint"):
+        if other in matrix.get("teacher", {}):
+            out[f"teacher_vs_{other.replace('/', '_')}"] = matrix["teacher"][other]["mean"]
+    if "deit/dist" in matrix.get("deit/cls", {}):
+        out["deit_cls_vs_dist"] = matrix["deit/cls"]["deit/dist"]["mean"]
+    return out

@@ -85,7 +85,14 @@ def measure_throughput(
     raise RuntimeError("no batch size fits in memory")
 
 
-def run_throughput(params: Params, *, data: Path, out: Path, rt: Runtime | None = None) -> dict:
+def run_throughput(
+    params: Params,
+    *,
+    data: Path,
+    out: Path,
+    summary: Path | None = None,
+    rt: Runtime | None = None,
+) -> dict:
     """Inference throughput of the profile's architectures (paper Table 1 / 5 column) -> ``out``.
 
     Throughput depends on the architecture, the resolution and the machine, not on trained
@@ -161,4 +168,9 @@ def run_throughput(params: Params, *, data: Path, out: Path, rt: Runtime | None 
         )
     result = round_metrics(result)
     atomic.write_json(out, result)
+    if summary is not None:  # what `dvc metrics show` lists; the settings stay in ``out``
+        atomic.write_json(
+            summary,
+            {f"{name}_images_per_s": m["images_per_s"] for name, m in result["models"].items()},
+        )
     return result

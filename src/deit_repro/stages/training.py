@@ -49,7 +49,9 @@ from deit_repro.core.models import (
     student_heads,
 )
 from deit_repro.core.pos_embed import adapt_for_finetune
+from deit_repro.core.live_metrics import StageLive
 from deit_repro.core.records import (
+    aggregate,
     combine_histories,
     round_metrics,
     write_aggregate,
@@ -704,14 +706,18 @@ class TrainingRun:
         *,
         metrics: Path | None,
         history: Path | None,
+        live: StageLive | None = None,
     ) -> None:
         """The stage's outputs across its runs: the seeds' aggregate (mean, std, per-seed values)
-        to ``metrics`` and every seed's history to ``history``."""
+        to ``metrics``, every seed's history to ``history``, and the last epochs and the final
+        numbers to the stage's live log."""
         seeds = [s.seed for s in specs]
-        if metrics is not None:
-            write_aggregate(metrics, runs, seeds)
+        agg = write_aggregate(metrics, runs, seeds) if metrics is not None else None
+        histories = [s.out / "history.csv" for s in specs]
         if history is not None:
-            combine_histories(history, [s.out / "history.csv" for s in specs], seeds)
+            combine_histories(history, histories, seeds)
+        if live is not None:
+            live.finish(histories, agg if agg is not None else aggregate(runs, seeds))
 
 
 def teacher_run(
