@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 
 import pytest
 
@@ -13,6 +14,7 @@ from workflow_helpers import (
     DVC,
     SNAKEMAKE,
     TIMED_STAGES,
+    env,
     lock_stages,
     make_repo,
     metric_files,
@@ -41,6 +43,64 @@ STAGES = {
     "throughput",
     "tables",
 }
+
+
+def _json(cmd: list[str], repo) -> dict:
+    """A DVC command's --json output (stdout alone: warnings go to stderr)."""
+    proc = subprocess.run(cmd, cwd=repo, env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+#: dvc.yaml's top-level plots
+PLOT_IDS = [
+    "teacher training loss",
+    "pretrain training loss",
+    "finetune training loss",
+    "Figure 3, top-1 vs training epochs",
+    "Figure 1, top-1 vs throughput",
+]
+
+
+@pytest.mark.slow
+def test_metrics_show_and_exp_show_hold_a_few_headline_numbers_per_stage(
+    dvc_reference, tmp_path, capsys
+):
+    """`dvc metrics show` / `dvc exp show` list each stage's headline numbers (numbers only, no
+    per-seed lists, matrices, versions or hardware: those are in the records the tables read)
+    and `dvc plots show` renders the declared plots."""
+    repo = dvc_reference["repo"]
+    files = _json([DVC, "metrics", "show", "--json"], repo)[""]["data"]
+    # one file per training stage variant, plus evaluate's and throughput's
+    assert len(files) == len(STAGES) - 3, sorted(files)  # not the 2 prepares, not tables
+    keys = set()
+    for path, entry in files.items():
+        data = entry["data"]
+        assert 1 <= len(data) <= 16, (path, data)
+        assert all(isinstance(v, (int, float)) for v in data.values()), (path, data)
+        keys |= set(data)
+    # the union of the names is what `dvc metrics show` prints as columns
+    assert len(keys) <= 30, sorted(keys)
+    head = json.loads((repo / "metrics/pretrain/deit/metrics.json").read_text())
+    record = json.loads((repo / "metrics/pretrain/deit.json").read_text())
+    for h in ("cls", "dist", "joint"):
+        assert head[f"{h}_top1"] == record["heads"][h]["top1"]["mean"]
+        assert head[f"{h}_top5_std"] == record["heads"][h]["top5"]["std"]
+
+    header = run([DVC, "exp", "show", "--csv"], repo).splitlines()[0].split(",")
+    metric_columns = [c for c in header if ".json:" in c]
+    with capsys.disabled():
+        print(f"\ndvc exp show --csv on smoke: {len(header)} columns, "
+              f"{len(metric_columns)} of them metrics", flush=True)
+    # (with the per-seed records declared as metrics: 960 columns on the fashion profile)
+    assert len(metric_columns) <= 150 and len(header) <= 340, len(header)
+
+    plots = _json([DVC, "plots", "show", "--json"], repo)
+    assert not plots.get("errors"), plots["errors"]
+    assert list(plots["data"]) == PLOT_IDS
+    html = run([DVC, "plots", "show", "-o", str(tmp_path / "plots")], repo)
+    page = (tmp_path / "plots" / "index.html").read_text()
+    assert "file://" in html and all(json.dumps(i)[1:-1] in page for i in PLOT_IDS[:3])
 
 
 @pytest.mark.slow
@@ -84,6 +144,13 @@ def test_dvc_repro_then_exp_run_distill_soft(dvc_reference):
     show = run([DVC, "exp", "show", "--csv"], repo)
     rows = [r for r in show.splitlines()[1:] if r.strip()]
     assert len(rows) >= 2 and any("soft" in r for r in rows) and any(",hard," in r for r in rows)
+    # `dvc plots diff main <experiment>`: every plot, with both revisions
+    name = run([DVC, "exp", "list", "--name-only"], repo).split()[0]
+    diff = _json([DVC, "plots", "diff", "main", name, "--json"], repo)
+    assert not diff.get("errors"), diff["errors"]
+    assert list(diff["data"]) == PLOT_IDS
+    for plot in diff["data"].values():
+        assert set(plot[0]["revisions"]) == {"main", name}, plot[0]["revisions"]
 
 
 @pytest.mark.slow

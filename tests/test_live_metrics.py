@@ -1,0 +1,239 @@
+"""The training stages' live log (DVCLive, deit_repro.core.live_metrics): what it logs, that a
+resumed log holds every epoch exactly once, that a run killed mid-way and started again ends with
+the bytes of an uninterrupted run, and that `dvc exp show` sees it while a stage trains."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import smoke_dict
+from deit_repro.core.live_metrics import StageLive, epoch_values, final_values
+from workflow_helpers import DEIT, DVC, env, make_repo, run
+
+
+def _history(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _row(epoch: int, loss: float, top1: float | str = "") -> dict:
+    return {"epoch": epoch, "lr": 0.001, "train_loss": loss, "test_cls_top1": top1,
+            "test_cls_top5": "", "train_images_per_s": 123.4}
+
+
+def _tsv(directory: Path, name: str) -> list[tuple[int, float]]:
+    with open(directory / "plots" / "metrics" / f"{name}.tsv", newline="") as fh:
+        return [(int(r["step"]), float(r[name])) for r in csv.DictReader(fh, delimiter="\t")]
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(directory).as_posix(): p.read_bytes()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+
+
+AGGREGATE = {"heads": {"cls": {"top1": {"mean": 61.0, "std": 1.414214, "values": [60.0, 62.0]},
+                                "top5": {"mean": 97.5, "std": 0.707107, "values": [97.0, 98.0]}}}}
+
+
+def test_epoch_values_are_the_seeds_mean_of_loss_and_every_heads_top1():
+    rows = [
+        {"epoch": "3", "lr": "0.1", "train_loss": "2.0", "test_cls_top1": "60",
+         "test_dist_top1": "70", "test_cls_top5": "90", "ema_test_cls_top1": "61",
+         "train_images_per_s": "5"},
+        {"epoch": "3", "lr": "0.1", "train_loss": "1.0", "test_cls_top1": "62",
+         "test_dist_top1": "71", "test_cls_top5": "91", "ema_test_cls_top1": "63",
+         "train_images_per_s": "9"},
+    ]
+    assert epoch_values(rows) == {
+        "train_loss": 1.5, "cls_top1": 61.0, "dist_top1": 70.5, "ema_cls_top1": 62.0
+    }
+    # an epoch that was not evaluated logs the loss alone
+    assert epoch_values([{"epoch": "1", "train_loss": "2", "test_cls_top1": ""}]) == {
+        "train_loss": 2.0
+    }
+    assert final_values(AGGREGATE) == {
+        "cls_top1": 61.0, "cls_top1_std": 1.414214, "cls_top5": 97.5, "cls_top5_std": 0.707107
+    }
+
+
+def test_an_epoch_is_logged_once_every_seed_has_finished_it(tmp_path):
+    h0, h1 = tmp_path / "s0.csv", tmp_path / "s1.csv"
+    _history(h0, [_row(1, 2.0), _row(2, 1.8)])
+    _history(h1, [_row(1, 1.0)])
+    live = StageLive(tmp_path / "live", [h0, h1])
+    assert live.sync() == 1  # seed 1 has not finished epoch 2
+    assert _tsv(tmp_path / "live", "train_loss") == [(1, 1.5)]
+    summary = json.loads((tmp_path / "live" / "metrics.json").read_text())
+    assert summary == {"train_loss": 1.5, "step": 1}
+    _history(h1, [_row(1, 1.0), _row(2, 1.2, 60.0)])
+    _history(h0, [_row(1, 2.0), _row(2, 1.8, 62.0)])
+    assert live.sync() == 2
+    live.finish([h0, h1], AGGREGATE)
+    assert _tsv(tmp_path / "live", "train_loss") == [(1, 1.5), (2, 1.5)]
+    assert _tsv(tmp_path / "live", "cls_top1") == [(2, 61.0)]
+    summary = json.loads((tmp_path / "live" / "metrics.json").read_text())
+    assert summary["step"] == 2 and summary["cls_top1_std"] == 1.414214
+    assert summary["cls_top5"] == 97.5
+
+
+@pytest.mark.parametrize("fault", ["tsv row past the summary", "directory deleted", "none"])
+def test_a_resumed_log_holds_every_epoch_once_and_the_bytes_of_an_unbroken_one(tmp_path, fault):
+    rows = [_row(e, 2.0 - e / 10, 50.0 + e if e % 2 == 0 else "") for e in range(1, 7)]
+    hist = tmp_path / "h.csv"
+    _history(hist, rows)
+    unbroken = StageLive(tmp_path / "unbroken", [hist])
+    unbroken.finish([hist], AGGREGATE)
+
+    # The run is stopped after epoch 3: its log has epochs 1-3 ...
+    _history(hist, rows[:3])
+    first = StageLive(tmp_path / "live", [hist])
+    first.sync()
+    if fault == "tsv row past the summary":
+        # ... and a kill between DVCLive's append to a .tsv and its summary left epoch 4's row
+        with open(tmp_path / "live" / "plots" / "metrics" / "train_loss.tsv", "a") as fh:
+            fh.write("4\t1.6\n")
+    elif fault == "directory deleted":  # DVC removes a stage's outputs before it runs it again
+        import shutil
+
+        shutil.rmtree(tmp_path / "live")
+    # The resumed run goes on from its checkpoint: the same rows, then the rest.
+    _history(hist, rows)
+    resumed = StageLive(tmp_path / "live", [hist])
+    assert resumed.logged == (0 if fault == "directory deleted" else 3)
+    resumed.finish([hist], AGGREGATE)
+    assert [s for s, _ in _tsv(tmp_path / "live", "train_loss")] == [1, 2, 3, 4, 5, 6]
+    assert _files(tmp_path / "live") == _files(tmp_path / "unbroken")
+
+
+def test_a_run_that_started_over_rewrites_the_log(tmp_path):
+    """``--restart`` moved a stale checkpoint aside: the new run's rows replace the old ones."""
+    hist = tmp_path / "h.csv"
+    _history(hist, [_row(e, 9.0) for e in range(1, 5)])
+    StageLive(tmp_path / "live", [hist]).sync()
+    _history(hist, [_row(e, 1.0) for e in range(1, 3)])
+    StageLive(tmp_path / "live", [hist]).finish([hist], AGGREGATE)
+    assert _tsv(tmp_path / "live", "train_loss") == [(1, 1.0), (2, 1.0)]
+    assert json.loads((tmp_path / "live" / "metrics.json").read_text())["step"] == 2
+
+
+# --------------------------------------------------------------------------------------------
+# The real stage: two seeds trained side by side, killed mid-way, started again
+# --------------------------------------------------------------------------------------------
+
+EPOCHS = 8
+
+
+def _params(tmp: Path, epochs: int = EPOCHS) -> Path:
+    data = smoke_dict()
+    data["seeds"] = [0, 1]
+    # ~0.4 s an epoch: the kill lands mid-run, after the live log has some epochs
+    data["student"]["model"].update(embed_dim=64, depth=4)
+    data["student"]["train"].update(epochs=epochs, eval_every=2)
+    path = tmp / "params-live.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def _pretrain(params: Path, data: Path, where: Path) -> list[str]:
+    return [
+        DEIT, "pretrain", "--params", str(params), "--data", str(data), "--distill", "none",
+        "--dist-token", "no", "--jobs", "2", "--out", str(where / "model"),
+        "--run-dir", str(where / "run"), "--metrics", str(where / "metrics.json"),
+        "--live", str(where / "live"),
+    ]
+
+
+@pytest.mark.slow
+def test_a_killed_and_resumed_stage_keeps_its_full_per_epoch_history(fashion_small, tmp_path):
+    params = _params(tmp_path)
+    run(_pretrain(params, fashion_small, tmp_path / "ref"), tmp_path)
+    ref = tmp_path / "ref" / "live"
+    assert [s for s, _ in _tsv(ref, "train_loss")] == list(range(1, EPOCHS + 1))
+    assert [s for s, _ in _tsv(ref, "cls_top1")] == [2, 4, 6, 8]
+
+    where = tmp_path / "killed"
+    proc = subprocess.Popen(
+        _pretrain(params, fashion_small, where), cwd=tmp_path, env=env(),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        t0 = time.time()
+        seen = 0
+        while seen < 2:  # the live log is written while the seeds train
+            assert proc.poll() is None, "the stage ended before its live log had two epochs"
+            assert time.time() - t0 < 300, "no live log after 300 s"
+            summary = where / "live" / "metrics.json"
+            seen = json.loads(summary.read_text())["step"] if summary.exists() else 0
+            time.sleep(0.1)
+        assert seen < EPOCHS
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert not (where / "metrics.json").exists()
+    run(_pretrain(params, fashion_small, where), tmp_path)  # resumes every seed and the log
+    for seed in (0, 1):
+        info = json.loads((where / "run" / f"seed{seed}" / "run.json").read_text())
+        assert info["resumed_from_epoch"] is not None
+    assert _files(where / "live") == _files(ref)
+    assert (where / "metrics.json").read_bytes() == (tmp_path / "ref" / "metrics.json").read_bytes()
+
+
+@pytest.mark.slow
+def test_dvc_exp_show_sees_the_live_log_while_the_stage_trains(tmp_path):
+    # long enough for the stage's live log (synced every 5 s) to show epochs before the end
+    epochs = 40
+    repo = make_repo(tmp_path / "repo", _params(tmp_path, epochs))
+    run([DVC, "repro", "prepare@fashion_mnist"], repo)
+    column = "metrics/pretrain/none/metrics.json:step"
+
+    def steps() -> tuple[str, str]:
+        proc = subprocess.run(
+            [DVC, "exp", "show", "--csv", "--no-pager"], cwd=repo, env=env(),
+            capture_output=True, text=True, timeout=120,
+        )
+        assert proc.returncode == 0, proc.stderr
+        rows = list(csv.DictReader(proc.stdout.splitlines()))
+        workspace = next(r for r in rows if r["Experiment"] == "" and r["rev"] == "workspace")
+        # DVC prefixes a metric with its file only where two files share its name
+        return workspace.get(column, workspace.get("step", "")), proc.stdout
+
+    proc = subprocess.Popen(
+        [DVC, "exp", "run", "pretrain@none"], cwd=repo, env=env(),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    try:
+        during = ""
+        t0 = time.time()
+        while proc.poll() is None and time.time() - t0 < 600:
+            step, _ = steps()
+            if step not in ("", "-") and 0 < int(float(step)) < epochs:
+                during = step
+                break
+            time.sleep(0.5)
+        out = proc.communicate(timeout=600)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, out
+    assert during, "dvc exp show never showed the stage's live log while it trained"
+    after, text = steps()
+    assert int(float(after)) == epochs, text
+    header = text.splitlines()[0].split(",")
+    assert {"step", "train_loss", "cls_top1", "cls_top1_std", "cls_top5"} <= set(header), header
