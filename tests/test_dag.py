@@ -90,8 +90,11 @@ def test_metrics_show_and_exp_show_hold_a_few_headline_numbers_per_stage(
     header = run([DVC, "exp", "show", "--csv"], repo).splitlines()[0].split(",")
     metric_columns = [c for c in header if ".json:" in c]
     with capsys.disabled():
-        print(f"\ndvc exp show --csv on smoke: {len(header)} columns, "
-              f"{len(metric_columns)} of them metrics", flush=True)
+        print(
+            f"\ndvc exp show --csv on smoke: {len(header)} columns, "
+            f"{len(metric_columns)} of them metrics",
+            flush=True,
+        )
     # (with the per-seed records declared as metrics: 960 columns on the fashion profile)
     assert len(metric_columns) <= 150 and len(header) <= 340, len(header)
 

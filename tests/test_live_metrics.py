@@ -29,8 +29,14 @@ def _history(path: Path, rows: list[dict]) -> None:
 
 
 def _row(epoch: int, loss: float, top1: float | str = "") -> dict:
-    return {"epoch": epoch, "lr": 0.001, "train_loss": loss, "test_cls_top1": top1,
-            "test_cls_top5": "", "train_images_per_s": 123.4}
+    return {
+        "epoch": epoch,
+        "lr": 0.001,
+        "train_loss": loss,
+        "test_cls_top1": top1,
+        "test_cls_top5": "",
+        "train_images_per_s": 123.4,
+    }
 
 
 def _tsv(directory: Path, name: str) -> list[tuple[int, float]]:
@@ -46,28 +52,54 @@ def _files(directory: Path) -> dict[str, bytes]:
     }
 
 
-AGGREGATE = {"heads": {"cls": {"top1": {"mean": 61.0, "std": 1.414214, "values": [60.0, 62.0]},
-                                "top5": {"mean": 97.5, "std": 0.707107, "values": [97.0, 98.0]}}}}
+AGGREGATE = {
+    "heads": {
+        "cls": {
+            "top1": {"mean": 61.0, "std": 1.414214, "values": [60.0, 62.0]},
+            "top5": {"mean": 97.5, "std": 0.707107, "values": [97.0, 98.0]},
+        }
+    }
+}
 
 
 def test_epoch_values_are_the_seeds_mean_of_loss_and_every_heads_top1():
     rows = [
-        {"epoch": "3", "lr": "0.1", "train_loss": "2.0", "test_cls_top1": "60",
-         "test_dist_top1": "70", "test_cls_top5": "90", "ema_test_cls_top1": "61",
-         "train_images_per_s": "5"},
-        {"epoch": "3", "lr": "0.1", "train_loss": "1.0", "test_cls_top1": "62",
-         "test_dist_top1": "71", "test_cls_top5": "91", "ema_test_cls_top1": "63",
-         "train_images_per_s": "9"},
+        {
+            "epoch": "3",
+            "lr": "0.1",
+            "train_loss": "2.0",
+            "test_cls_top1": "60",
+            "test_dist_top1": "70",
+            "test_cls_top5": "90",
+            "ema_test_cls_top1": "61",
+            "train_images_per_s": "5",
+        },
+        {
+            "epoch": "3",
+            "lr": "0.1",
+            "train_loss": "1.0",
+            "test_cls_top1": "62",
+            "test_dist_top1": "71",
+            "test_cls_top5": "91",
+            "ema_test_cls_top1": "63",
+            "train_images_per_s": "9",
+        },
     ]
     assert epoch_values(rows) == {
-        "train_loss": 1.5, "cls_top1": 61.0, "dist_top1": 70.5, "ema_cls_top1": 62.0
+        "train_loss": 1.5,
+        "cls_top1": 61.0,
+        "dist_top1": 70.5,
+        "ema_cls_top1": 62.0,
     }
     # an epoch that was not evaluated logs the loss alone
     assert epoch_values([{"epoch": "1", "train_loss": "2", "test_cls_top1": ""}]) == {
         "train_loss": 2.0
     }
     assert final_values(AGGREGATE) == {
-        "cls_top1": 61.0, "cls_top1_std": 1.414214, "cls_top5": 97.5, "cls_top5_std": 0.707107
+        "cls_top1": 61.0,
+        "cls_top1_std": 1.414214,
+        "cls_top5": 97.5,
+        "cls_top5_std": 0.707107,
     }
 
 
@@ -151,10 +183,26 @@ def _params(tmp: Path, epochs: int = EPOCHS) -> Path:
 
 def _pretrain(params: Path, data: Path, where: Path) -> list[str]:
     return [
-        DEIT, "pretrain", "--params", str(params), "--data", str(data), "--distill", "none",
-        "--dist-token", "no", "--jobs", "2", "--out", str(where / "model"),
-        "--run-dir", str(where / "run"), "--metrics", str(where / "metrics.json"),
-        "--live", str(where / "live"),
+        DEIT,
+        "pretrain",
+        "--params",
+        str(params),
+        "--data",
+        str(data),
+        "--distill",
+        "none",
+        "--dist-token",
+        "no",
+        "--jobs",
+        "2",
+        "--out",
+        str(where / "model"),
+        "--run-dir",
+        str(where / "run"),
+        "--metrics",
+        str(where / "metrics.json"),
+        "--live",
+        str(where / "live"),
     ]
 
 
@@ -168,8 +216,12 @@ def test_a_killed_and_resumed_stage_keeps_its_full_per_epoch_history(fashion_sma
 
     where = tmp_path / "killed"
     proc = subprocess.Popen(
-        _pretrain(params, fashion_small, where), cwd=tmp_path, env=env(),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        _pretrain(params, fashion_small, where),
+        cwd=tmp_path,
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     try:
         t0 = time.time()
@@ -205,8 +257,12 @@ def test_dvc_exp_show_sees_the_live_log_while_the_stage_trains(tmp_path):
 
     def steps() -> tuple[str, str]:
         proc = subprocess.run(
-            [DVC, "exp", "show", "--csv", "--no-pager"], cwd=repo, env=env(),
-            capture_output=True, text=True, timeout=120,
+            [DVC, "exp", "show", "--csv", "--no-pager"],
+            cwd=repo,
+            env=env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert proc.returncode == 0, proc.stderr
         rows = list(csv.DictReader(proc.stdout.splitlines()))
@@ -215,8 +271,13 @@ def test_dvc_exp_show_sees_the_live_log_while_the_stage_trains(tmp_path):
         return workspace.get(column, workspace.get("step", "")), proc.stdout
 
     proc = subprocess.Popen(
-        [DVC, "exp", "run", "pretrain@none"], cwd=repo, env=env(),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        [DVC, "exp", "run", "pretrain@none"],
+        cwd=repo,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
     try:
         during = ""

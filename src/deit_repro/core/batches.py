@@ -25,13 +25,15 @@ from typing import Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from deit_repro.config import AugCfg, EvalCfg
 
 _logger = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_MEAN = IMAGENET_DEFAULT_MEAN
+IMAGENET_STD = IMAGENET_DEFAULT_STD
 
 
 def norm_stats(in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -149,8 +151,9 @@ def eval_tensor(images: torch.Tensor, img_size: int, ev: EvalCfg) -> torch.Tenso
         x = F.interpolate(
             x, size=(resize, resize), mode=ev.interpolation, align_corners=False, antialias=True
         )
-    top = (resize - img_size) // 2
-    x = x[..., top : top + img_size, top : top + img_size].clamp_(0.0, 1.0)
+    # torchvision's centre crop (timm's and the official eval transform): its offset rounds,
+    # (resize - img_size) // 2 would be one pixel off when the margin is 3 mod 4
+    x = TF.center_crop(x, [img_size, img_size]).clamp_(0.0, 1.0)
     m = torch.tensor(mean).view(1, -1, 1, 1)
     s = torch.tensor(std).view(1, -1, 1, 1)
     return (x - m) / s

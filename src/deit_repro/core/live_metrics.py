@@ -163,7 +163,9 @@ class StageLive:
             for name, value in values.items():
                 want.setdefault(name, []).append((epoch, value))
         if self._logged_rows() != want:
-            _logger.info("%s: rewriting the live log from the runs' final histories", self.directory)
+            _logger.info(
+                "%s: rewriting the live log from the runs' final histories", self.directory
+            )
             self.live = self._open(resume=False)
             self.logged = 0
             self.sync(histories)

@@ -294,22 +294,15 @@ def check_images(
 
 
 def resize_shorter_and_crop(img: Image.Image, size: int) -> Image.Image:
-    """Resize the shorter side to ``size`` (bicubic), then center-crop ``size`` x ``size``.
+    """Resize the shorter side to ``size`` (bicubic), then center-crop ``size`` x ``size``:
+    torchvision's ``Resize(size)`` + ``CenterCrop(size)`` themselves, so a pre-resized copy is
+    what the usual eval transform would have produced from the original file."""
+    import torchvision.transforms.functional as TF
+    from torchvision.transforms import InterpolationMode
 
-    The arithmetic is torchvision's ``Resize(size)`` + ``CenterCrop(size)``, so a pre-resized copy
-    matches what the usual eval transform would have produced from the original file.
-    """
-    w, h = img.size
-    if (w, h) == (size, size):
+    if img.size == (size, size):
         return img
-    if w <= h:
-        new_w, new_h = size, int(size * h / w)
-    else:
-        new_w, new_h = int(size * w / h), size
-    img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
-    left = int(round((new_w - size) / 2.0))
-    top = int(round((new_h - size) / 2.0))
-    return img.crop((left, top, left + size, top + size))
+    return TF.center_crop(TF.resize(img, size, InterpolationMode.BICUBIC), size)
 
 
 def resize_arrays(images: np.ndarray, size: int) -> np.ndarray:
