@@ -284,6 +284,11 @@ def _cmd_schema(args, params: Params | None) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deit-repro", description=__doc__.splitlines()[0])
     p.add_argument(
+        "--version",
+        action=_Version,
+        help="print the version and the directory of the code that runs, and exit",
+    )
+    p.add_argument(
         "--log-level",
         default=os.environ.get("DEIT_REPRO_LOG", "INFO"),
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -556,6 +561,7 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
+    _export_code_path()
     t0 = time.perf_counter()
     try:
         params = load_params(args.params) if hasattr(args, "params") else None
@@ -602,16 +608,72 @@ def _report_cost(stage: str, seconds: float) -> None:
     )
 
 
+class _Version(argparse.Action):
+    """``--version``, unwrapped (argparse's own wraps a long path)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        import deit_repro
+
+        where = Path(deit_repro.__file__).resolve().parent
+        print(f"deit-repro {deit_repro.__version__} ({where})")
+        parser.exit()
+
+
+def checkout_src(cwd: Path | None = None) -> Path | None:
+    """``<cwd>/src`` when the working directory is a checkout of this project whose code is not
+    the code imported here, else None.
+
+    ``scripts/setup.sh`` installs the package in editable mode from one checkout. A stage run in
+    another copy (a queued ``dvc exp run`` in ``.dvc/tmp/exps/``, a clone, a test's repository)
+    must run that copy's code: it is what DVC hashed as the stage's deps and what ``run.json``
+    records (the copy's git commit)."""
+    import deit_repro
+
+    src = (cwd or Path.cwd()) / "src"
+    here = src / "deit_repro"
+    if not (here / "__init__.py").is_file():
+        return None
+    if here.resolve() == Path(deit_repro.__file__).resolve().parent:
+        return None
+    return src
+
+
+def _export_code_path() -> None:
+    """The processes this command starts (submitit jobs and their DDP ranks) import the code it
+    runs: the checkout's ``src/`` in the working directory goes first on their PYTHONPATH (see
+    :func:`checkout_src`)."""
+    import deit_repro
+
+    src = Path(deit_repro.__file__).resolve().parent.parent
+    if (Path.cwd() / "src").resolve() == src:
+        paths = [str(src), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+        os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+
+
 def entry() -> None:
     """The ``deit-repro`` command: :func:`main` in a child of the fork server when one runs (torch
-    and timm already imported; see :mod:`deit_repro.run.forkserver`), else in this process."""
+    and timm already imported; see :mod:`deit_repro.run.forkserver`), else in this process; in
+    both, the code of the checkout in the working directory (:func:`checkout_src`)."""
     from deit_repro.run import forkserver
 
+    src = checkout_src()
+    path = [str(src), *sys.path] if src is not None else None
     try:
-        code = forkserver.call(sys.argv, target=f"{__name__}:main")
+        code = forkserver.call(sys.argv, target=f"{__name__}:main", sys_path=path)
     except DeitReproError as err:
         print(f"deit-repro: error: {err}", file=sys.stderr)
         code = err.exit_code
+    if code is None and src is not None:  # unserved: import the checkout's code here
+        import importlib
+
+        sys.path[:] = path
+        for name in [m for m in sys.modules if m == "deit_repro" or m.startswith("deit_repro.")]:
+            del sys.modules[name]
+        importlib.invalidate_caches()
+        code = importlib.import_module(__name__).main()
     forkserver.finish(main() if code is None else code)
 
 

@@ -98,7 +98,7 @@ _HEADER = struct.Struct("!I")
 # ----------------------------------------------------------------------------------- the client
 
 
-def call(argv: list[str], target: str) -> int | None:
+def call(argv: list[str], target: str, sys_path: list[str] | None = None) -> int | None:
     """Run ``target(argv[1:])`` in a child of the server and return its exit status, or ``None``
     when the call is to run in this process (switched off, in a SLURM job, no server yet: one is
     then started for the next calls).
@@ -107,6 +107,7 @@ def call(argv: list[str], target: str) -> int | None:
         argv: the command line (``sys.argv``).
         target: ``"module:function"``, the command's main function, imported in the child from
             the code on disk now; it takes ``argv[1:]`` and returns the exit status.
+        sys_path: the child's ``sys.path`` (default: this process's).
 
     Raises:
         DeitReproError: ``require`` mode and no server answered, or the server ended mid-call.
@@ -127,7 +128,7 @@ def call(argv: list[str], target: str) -> int | None:
             sock = _wait_for_server(path)
     except OSError:
         return None
-    return _run_remote(sock, argv, cwd, target)
+    return _run_remote(sock, argv, cwd, target, sys.path if sys_path is None else sys_path)
 
 
 def socket_path() -> Path:
@@ -219,7 +220,9 @@ def _wait_for_server(path: Path, timeout: float = 120.0) -> socket.socket:
     )
 
 
-def _run_remote(sock: socket.socket, argv: list[str], cwd: str, target: str) -> int | None:
+def _run_remote(
+    sock: socket.socket, argv: list[str], cwd: str, target: str, path: list[str]
+) -> int | None:
     umask = os.umask(0)
     os.umask(umask)
     stream = sys.stdout
@@ -230,7 +233,7 @@ def _run_remote(sock: socket.socket, argv: list[str], cwd: str, target: str) -> 
             "cwd": cwd,
             "env": dict(os.environ),
             "umask": umask,
-            "path": sys.path,
+            "path": path,
             "encoding": getattr(stream, "encoding", None) or "utf-8",
         }
     ).encode()
