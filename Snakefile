@@ -5,6 +5,7 @@
 #   snakemake --cores 2                              # local
 #   snakemake --profile workflow/profiles/slurm      # jobs submitted to SLURM
 #   snakemake -n                                     # plan only
+#   snakemake --report report.html                  # the tables and figures, after a run
 #
 # After each job the stage is committed to DVC (`dvc commit -f <stage>`, one at a time under a file
 # lock), so `dvc status` is clean after a Snakemake run; after a `dvc repro`, Snakemake finds every
@@ -16,6 +17,7 @@
 # executor (a SLURM job under workflow/profiles/slurm, with that profile's per-rule resources).
 import os
 import re
+from pathlib import Path
 
 from dvc.dependency.param import ParamsDependency
 from dvc.repo import Repo
@@ -24,7 +26,10 @@ from snakemake.utils import validate
 
 ROOT = workflow.basedir
 
+
 configfile: os.path.join(ROOT, "params.yaml")
+
+
 # The schema is generated from the loader's own declarations (`deit-repro schema`).
 validate(config, os.path.join(ROOT, "workflow", "schemas", "params.schema.yaml"))
 
@@ -57,17 +62,19 @@ def load_dvc_stages(root):
                 else:
                     deps.append(_rel(d.fs_path))
             meta = (st.meta or {}).get("snakemake", {})
-            stages.append(dict(
-                stage=st.addressing,
-                family=st.addressing.split("@")[0],
-                name=re.sub(r"\W", "_", st.addressing),  # pretrain@deit -> pretrain_deit
-                cmd=st.cmd if isinstance(st.cmd, str) else " && ".join(st.cmd),
-                deps=list(dict.fromkeys(deps)),
-                outs=[_rel(o.fs_path) for o in st.outs],
-                params=params,
-                resources=meta.get("resources", {}),
-                threads=meta.get("threads", 1),
-            ))
+            stages.append(
+                dict(
+                    stage=st.addressing,
+                    family=st.addressing.split("@")[0],
+                    name=re.sub(r"\W", "_", st.addressing),  # pretrain@deit -> pretrain_deit
+                    cmd=st.cmd if isinstance(st.cmd, str) else " && ".join(st.cmd),
+                    deps=list(dict.fromkeys(deps)),
+                    outs=[_rel(o.fs_path) for o in st.outs],
+                    params=params,
+                    resources=meta.get("resources", {}),
+                    threads=meta.get("threads", 1),
+                )
+            )
         return stages
 
 
@@ -78,42 +85,92 @@ def link_deps(stages):
     for s in stages:
         linked = []
         for d in s["deps"]:
-            inner = [o for o in outs if o == d or o.startswith(d.rstrip("/") + "/")]
-            outer = [o for o in outs if d.startswith(o.rstrip("/") + "/")]
+            inner = [o for o in outs if Path(o).is_relative_to(d)]
+            outer = [o for o in outs if o != d and Path(d).is_relative_to(o)]
             linked += inner or outer or [d]
         s["deps"] = [d for d in dict.fromkeys(linked) if d not in s["outs"]]
     return stages
 
 
 DVC_STAGES = link_deps(load_dvc_stages(ROOT))
+
+
 # Outputs without a file extension are directories (data/<name>, models/...).
 def _out(path):
     return directory(path) if os.path.splitext(path)[1] == "" else path
 
 
+# `snakemake --report report.html`: the paper's tables and figures as the `tables` stage writes them
+# into results/, each with a caption (workflow/report/<name>.rst) naming what of the paper it
+# mirrors. report() on a directory gives all its files one caption, so each file is declared as an
+# output of the rule whose DVC out holds it, beside that out: a run that stops writing one fails.
+report: "workflow/report/workflow.rst"
+
+
+TABLES, FIGURES, CLAIMS, OVERVIEW = "Tables", "Figures", "Claims", "Overview"
+REPORT_ITEMS = {
+    # results/<stem>.<ext> for each extension: category, subcategory; caption
+    # workflow/report/<stem, lower case>.rst. Under results/, the `tables` stage's one DVC out.
+    "results/table1_variants": ("md csv", TABLES, "Table 1: DeiT variants"),
+    "results/table2_teacher": ("md csv", TABLES, "Table 2: convnet vs transformer teacher"),
+    "results/table3_distillation": ("md csv", TABLES, "Table 3: distillation variants"),
+    "results/table4_disagreement": ("md csv", TABLES, "Table 4: disagreement between classifiers"),
+    "results/table5_throughput_accuracy": ("md csv", TABLES, "Table 5: throughput and top-1"),
+    "results/table7_transfer": ("md csv", TABLES, "Table 7: transfer learning"),
+    "results/table10_finetune_resolution": ("md csv", TABLES, "Table 10: fine-tuning resolution"),
+    "results/figure1_throughput_accuracy": ("png", FIGURES, "Figure 1: throughput vs top-1"),
+    "results/figure3_epochs": ("png md csv", FIGURES, "Figure 3: top-1 vs training epochs"),
+    "results/claims": ("md csv", CLAIMS, "The paper's claims at this scale"),
+    "results/README": ("md", OVERVIEW, "All results on one page"),
+    "results/provenance": ("json", OVERVIEW, "The source of every number"),
+}
+
+
+def report_items(outs):
+    """The report items inside these outputs, flagged for the report."""
+    items = []
+    for stem, (exts, category, subcategory) in REPORT_ITEMS.items():
+        if not any(Path(stem).is_relative_to(o) for o in outs):
+            continue
+        caption = f"workflow/report/{Path(stem).name.lower()}.rst"
+        for ext in exts.split():
+            # (not at the start of a line: snakefmt would read `report` as the directive)
+            items.append(report(f"{stem}.{ext}", caption, category, subcategory))
+    return items
+
+
 rule all:
     default_target: True
-    input: [o for s in DVC_STAGES for o in s["outs"]]
+    input:
+        [o for s in DVC_STAGES for o in s["outs"]],
 
 
 for _s in DVC_STAGES:
 
     rule:
-        name: _s["name"]
+        name:
+            _s["name"]
+        input:
+            _s["deps"],
+        output:
+            [_out(o) for o in _s["outs"]] + report_items(_s["outs"]),
+        log:
+            f"logs/{_s['name']}.log",
         # `deit-repro <command> ...`: the command, not the stage's name, says whether it launches
         # its own jobs (transfer_scratch runs `deit-repro transfer`).
         localrule: LAUNCHER != "in-process" and _s["cmd"].split()[1] in LAUNCHED_STAGES
-        input: _s["deps"]
-        output: [_out(o) for o in _s["outs"]]
-        params:
-            cmd=_s["cmd"],
-            stage=_s["stage"],
-            dvc_params=_s["params"],
+        # The pinned environment of scripts/setup.sh, used under `--sdm conda` (otherwise the rules
+        # run in Snakemake's own environment); `snakemake --lint` asks every rule to name one.
+        conda:
+            "workflow/envs/deit-repro.yaml"
         threads: _s["threads"]
         resources:
             **_s["resources"],
             **({"gpu": 1} if GPU_PROFILE and _s["family"] in ON_ONE_GPU else {}),
-        log: f"logs/{_s['name']}.log"
+        params:
+            cmd=_s["cmd"],
+            stage=_s["stage"],
+            dvc_params=_s["params"],
         shell:
             # flock: DVC takes its repository lock without waiting; jobs finishing together
             # commit one after the other.

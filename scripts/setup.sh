@@ -2,6 +2,8 @@
 # Install everything deit-repro needs into .venv/ (idempotent; a second run takes seconds).
 #   - Debian package dataset-fashion-mnist (the offline Fashion-MNIST, /usr/share/datasets/fashion-mnist)
 #     when run as root; otherwise it says what to run.
+#   - Debian package chromium (headless, for tests/test_snakemake_report.py, which opens the
+#     Snakemake report in it) when run as root; otherwise that test is skipped.
 #   - a virtual environment at .venv/ with the exact versions of requirements.lock (a pip
 #     constraints file) and this package in editable mode, with the test extras.
 set -euo pipefail
@@ -10,17 +12,32 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3.11}
 command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 
+apt_updated=
+apt_install() {
+  export DEBIAN_FRONTEND=noninteractive
+  [ -n "$apt_updated" ] || { apt-get update -qq; apt_updated=1; }
+  apt-get install -y -qq "$@" >/dev/null
+}
+
 if [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "setup: installing Debian package dataset-fashion-mnist" >&2
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq dataset-fashion-mnist >/dev/null
+    apt_install dataset-fashion-mnist
   else
     echo "setup: Fashion-MNIST is missing and this is not root: run" >&2
     echo "         sudo apt-get install dataset-fashion-mnist" >&2
     echo "       or prepare from a directory holding the four IDX files:" >&2
     echo "         deit-repro prepare --dataset fashion_mnist --source-dir DIR --out ..." >&2
+  fi
+fi
+
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "setup: installing Debian package chromium (the report test's browser)" >&2
+    apt_install chromium
+  else
+    echo "setup: chromium is missing and this is not root: the report test will be skipped; run" >&2
+    echo "         sudo apt-get install chromium" >&2
   fi
 fi
 
