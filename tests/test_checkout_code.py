@@ -4,12 +4,11 @@ that code is what DVC hashed as the stage's deps and what run.json records."""
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from workflow_helpers import DEIT, copy_project, env
+from workflow_helpers import DEIT, copy_project, result
 
 
 @pytest.mark.parametrize("served", ["require", "0"])
@@ -21,14 +20,7 @@ def test_a_copy_of_the_project_runs_its_own_code(tmp_path, served):
     init.write_text(init.read_text().replace('__version__ = "0.1.0"', '__version__ = "9.9-copy"'))
 
     def version(cwd: Path) -> str:
-        proc = subprocess.run(
-            [DEIT, "--version"],
-            cwd=cwd,
-            env={**env(), "DEIT_REPRO_FORKSERVER": served},
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        proc = result([DEIT, "--version"], cwd, DEIT_REPRO_FORKSERVER=served)
         assert proc.returncode == 0, proc.stderr
         return proc.stdout.strip()
 

@@ -17,7 +17,7 @@ import yaml
 
 from conftest import smoke_dict
 from deit_repro.core.live_metrics import StageLive, epoch_values, final_values
-from workflow_helpers import DEIT, DVC, env, make_repo, run
+from workflow_helpers import DEIT, DVC, make_repo, result, run, spawn
 
 
 def _history(path: Path, rows: list[dict]) -> None:
@@ -215,14 +215,7 @@ def test_a_killed_and_resumed_stage_keeps_its_full_per_epoch_history(fashion_sma
     assert [s for s, _ in _tsv(ref, "cls_top1")] == [2, 4, 6, 8]
 
     where = tmp_path / "killed"
-    proc = subprocess.Popen(
-        _pretrain(params, fashion_small, where),
-        cwd=tmp_path,
-        env=env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    proc = spawn(_pretrain(params, fashion_small, where), tmp_path)
     try:
         t0 = time.time()
         seen = 0
@@ -256,28 +249,19 @@ def test_dvc_exp_show_sees_the_live_log_while_the_stage_trains(tmp_path):
     column = "metrics/pretrain/none/metrics.json:step"
 
     def steps() -> tuple[str, str]:
-        proc = subprocess.run(
-            [DVC, "exp", "show", "--csv", "--no-pager"],
-            cwd=repo,
-            env=env(),
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        proc = result([DVC, "exp", "show", "--csv", "--no-pager"], repo, timeout=120)
         assert proc.returncode == 0, proc.stderr
         rows = list(csv.DictReader(proc.stdout.splitlines()))
         workspace = next(r for r in rows if r["Experiment"] == "" and r["rev"] == "workspace")
         # DVC prefixes a metric with its file only where two files share its name
         return workspace.get(column, workspace.get("step", "")), proc.stdout
 
-    proc = subprocess.Popen(
+    proc = spawn(
         [DVC, "exp", "run", "pretrain@none"],
-        cwd=repo,
-        env=env(),
+        repo,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        start_new_session=True,
     )
     try:
         during = ""

@@ -10,7 +10,6 @@ import json
 import os
 import random
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pytest
 import yaml
 
 from conftest import SMOKE, smoke_dict
-from workflow_helpers import DEIT, DVC, SNAKEMAKE, env, make_repo, run
+from workflow_helpers import DEIT, DVC, SNAKEMAKE, make_repo, run, spawn
 
 pytestmark = pytest.mark.slow
 
@@ -60,14 +59,7 @@ def reference(tmp_path_factory):
 def _kill_mid_training(cmd: list[str], repo: Path, seed: int) -> float:
     """Start ``cmd``; once the stage has written a checkpoint, SIGKILL its whole process group
     (the engine and the training process) after a random delay. Returns the delay."""
-    proc = subprocess.Popen(
-        cmd,
-        cwd=repo,
-        env=env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    proc = spawn(cmd, repo)
     try:
         t0 = time.time()
         while not (repo / CKPT).exists():

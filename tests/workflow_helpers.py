@@ -36,6 +36,27 @@ def run(cmd: list[str], cwd: Path, timeout: int = 900) -> str:
     return proc.stdout + proc.stderr
 
 
+def spawn(cmd: list[str], cwd: Path, **streams) -> subprocess.Popen:
+    """``cmd`` started in a process group of its own, so that a test can SIGKILL it with all it
+    started (``os.killpg``); its output discarded unless ``streams`` say otherwise."""
+    kwargs = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, **streams}
+    return subprocess.Popen(cmd, cwd=cwd, env=env(), start_new_session=True, **kwargs)
+
+
+def result(
+    cmd: list[str], cwd: Path, timeout: int = 300, **extra_env
+) -> subprocess.CompletedProcess:
+    """``cmd``'s exit status and output, whatever the status."""
+    return subprocess.run(
+        cmd,
+        cwd=cwd,
+        env={**env(), **extra_env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def ran_stages(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", output))
 
