@@ -9,7 +9,7 @@ from conftest import ROOT
 from workflow_helpers import BIN, env
 
 
-def test_snakemake_lint_finds_nothing():
+def test_snakemake_lint_finds_nothing(capsys):
     proc = subprocess.run(
         [str(BIN / "snakemake"), "--lint"],
         cwd=ROOT,
@@ -21,9 +21,11 @@ def test_snakemake_lint_finds_nothing():
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "Lints for" not in out, out
     assert "Congratulations, your workflow is in a good condition!" in out, out
+    with capsys.disabled():  # in the CI log
+        print(f"\nsnakemake --lint: exit {proc.returncode}, {out.strip().splitlines()[-1]}")
 
 
-def test_snakefile_is_formatted_by_snakefmt():
+def test_snakefile_is_formatted_by_snakefmt(capsys):
     proc = subprocess.run(
         [str(BIN / "snakefmt"), "--check", "--diff", "Snakefile"],
         cwd=ROOT,
@@ -32,3 +34,6 @@ def test_snakefile_is_formatted_by_snakefmt():
         timeout=120,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    with capsys.disabled():
+        last = (proc.stdout + proc.stderr).strip().splitlines()[-1]
+        print(f"\nsnakefmt --check --diff Snakefile: exit {proc.returncode}, {last}")

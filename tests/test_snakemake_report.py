@@ -194,7 +194,7 @@ def _first_line(caption: str) -> str:
 
 
 @pytest.mark.slow
-def test_report_opens_on_the_workflow_and_its_result_categories(report, chromium, tmp_path):
+def test_report_opens_on_the_workflow_and_its_result_categories(report, chromium, tmp_path, capsys):
     shot = tmp_path / "report.png"
     shown = _text(_rendered(_browse(chromium, report, shot)))
     _assert_picture(shot)
@@ -204,11 +204,12 @@ def test_report_opens_on_the_workflow_and_its_result_categories(report, chromium
         assert re.search(rf"\b{entry}\b", shown), f"{entry!r} not in the rendered report"
     assert "Training data-efficient image transformers" in shown
     assert "used the smoke profile of params.yaml" in shown
-    print(f"screenshot: {shot}")
+    with capsys.disabled():  # in the CI log
+        print(f"\nscreenshot: {shot}")
 
 
 @pytest.mark.slow
-def test_every_table_and_figure_is_an_item_with_its_caption(report, chromium, tmp_path):
+def test_every_table_and_figure_is_an_item_with_its_caption(report, chromium, tmp_path, capsys):
     walked = tmp_path / "report-walked.html"
     script = WALK.replace("FINALE", json.dumps(FINALE))
     text = report.read_text()
@@ -240,4 +241,5 @@ def test_every_table_and_figure_is_an_item_with_its_caption(report, chromium, tm
     assert re.search(r'<img src="data:image/png', shown), "Figure 3 is not displayed"
     assert _first_line("figure3_epochs") in _text(shown)
     _assert_picture(shot)
-    print(f"screenshot: {shot}; {len(seen)} items, each with its caption")
+    with capsys.disabled():
+        print(f"\nscreenshot: {shot}; {len(seen)} items, each with its caption")
