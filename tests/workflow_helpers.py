@@ -112,5 +112,8 @@ def metric_files(repo: Path) -> dict[str, bytes]:
     return {
         p.relative_to(repo).as_posix(): p.read_bytes()
         for p in sorted((repo / "metrics").rglob("*"))
-        if p.is_file() and p.relative_to(repo).as_posix() not in TIMED
+        if p.is_file()
+        and p.relative_to(repo).as_posix() not in TIMED
+        # Snakemake's stamp in a directory output (the live logs' plots/): git and DVC ignore it
+        and p.name != ".snakemake_timestamp"
     }
