@@ -146,10 +146,24 @@ def test_a_resumed_log_holds_every_epoch_once_and_the_bytes_of_an_unbroken_one(t
     # The resumed run goes on from its checkpoint: the same rows, then the rest.
     _history(hist, rows)
     resumed = StageLive(tmp_path / "live", [hist])
-    assert resumed.logged == (0 if fault == "directory deleted" else 3)
+    assert resumed.logged == (-1 if fault == "directory deleted" else 3)
     resumed.finish([hist], AGGREGATE)
     assert [s for s, _ in _tsv(tmp_path / "live", "train_loss")] == [1, 2, 3, 4, 5, 6]
     assert _files(tmp_path / "live") == _files(tmp_path / "unbroken")
+
+
+def test_released_weights_log_their_evaluation_at_epoch_0(tmp_path):
+    """A teacher from released weights trains no epoch: its one evaluation is step 0, so the
+    stage's plots directory exists (a DVC output) and a rerun logs nothing twice."""
+    hist = tmp_path / "h.csv"
+    _history(hist, [{"epoch": 0, "train_loss": "", "test_cls_top1": 81.5, "test_cls_top5": 95.0}])
+    StageLive(tmp_path / "live", [hist]).finish([hist], AGGREGATE)
+    first = _files(tmp_path / "live")
+    assert _tsv(tmp_path / "live", "cls_top1") == [(0, 81.5)]
+    assert "plots/metrics/train_loss.tsv" not in first
+    StageLive(tmp_path / "live", [hist]).finish([hist], AGGREGATE)
+    assert _files(tmp_path / "live") == first
+    assert json.loads(first["metrics.json"])["step"] == 0
 
 
 def test_a_run_that_started_over_rewrites_the_log(tmp_path):

@@ -89,7 +89,8 @@ class StageLive:
         self.directory = Path(directory)
         self.histories = list(histories)
         self.live = self._open(resume=True)
-        self.logged = int(self.live.summary.get("step", 0))
+        # the last epoch logged (-1: none; released weights log their evaluation at epoch 0)
+        self.logged = int(self.live.summary["step"]) if "step" in self.live.summary else -1
         self._cut_after(self.logged)
 
     def _open(self, *, resume: bool):
@@ -115,17 +116,18 @@ class StageLive:
                 writer.writeheader()
                 writer.writerows(rows)
 
-    def _epochs(self, histories: Sequence[Path]) -> list[dict[str, float]]:
-        """Every epoch that every seed has finished: its logged values."""
-        # epoch 0 is no training epoch (released weights, only evaluated): nothing to plot
-        runs = [[r for r in _read_rows(p) if r["epoch"] != "0"] for p in histories]
+    def _epochs(self, histories: Sequence[Path]) -> list[tuple[int, dict[str, float]]]:
+        """Every epoch that every seed has finished: its number and its logged values. Epoch 0
+        is the evaluation of weights that were not trained here (released ones)."""
+        runs = [_read_rows(p) for p in histories]
         done = min(len(rows) for rows in runs) if runs else 0
         epochs = []
-        for epoch in range(1, done + 1):
-            rows = [r[epoch - 1] for r in runs]
+        for i in range(done):
+            rows = [r[i] for r in runs]
+            epoch = int(rows[0]["epoch"])
             if any(int(r["epoch"]) != epoch for r in rows):
-                raise ValueError(f"history rows out of order at epoch {epoch}: {histories}")
-            epochs.append(epoch_values(rows))
+                raise ValueError(f"history rows out of order at row {i + 1}: {histories}")
+            epochs.append((epoch, epoch_values(rows)))
         return epochs
 
     def _logged_rows(self) -> dict[str, list[tuple[int, float]]]:
@@ -139,12 +141,13 @@ class StageLive:
         return out
 
     def sync(self, histories: Sequence[Path] | None = None) -> int:
-        """Log every epoch that every seed has finished and that is not logged yet; the number
-        of epochs logged so far."""
-        epochs = self._epochs(histories or self.histories)
-        for epoch in range(self.logged + 1, len(epochs) + 1):
+        """Log every epoch that every seed has finished and that is not logged yet; the last
+        epoch logged (-1: none)."""
+        for epoch, values in self._epochs(histories or self.histories):
+            if epoch <= self.logged:
+                continue
             self.live.step = epoch
-            for name, value in epochs[epoch - 1].items():
+            for name, value in values.items():
                 self.live.log_metric(name, value)
             self.live.next_step()  # writes the summary (step = epoch)
             self.logged = epoch
@@ -159,7 +162,7 @@ class StageLive:
         written again from them."""
         self.sync(histories)
         want: dict[str, list[tuple[int, float]]] = {}
-        for epoch, values in enumerate(self._epochs(histories), start=1):
+        for epoch, values in self._epochs(histories):
             for name, value in values.items():
                 want.setdefault(name, []).append((epoch, value))
         if self._logged_rows() != want:
@@ -167,9 +170,9 @@ class StageLive:
                 "%s: rewriting the live log from the runs' final histories", self.directory
             )
             self.live = self._open(resume=False)
-            self.logged = 0
+            self.logged = -1
             self.sync(histories)
-        self.live.step = self.logged
+        self.live.step = max(self.logged, 0)
         for name, value in final_values(aggregate).items():
             self.live.log_metric(name, value, plot=False)
         self.live.make_summary()

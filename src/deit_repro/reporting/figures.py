@@ -35,6 +35,7 @@ class Point:
     top1: float
     top1_std: float = 0.0
     series: str = ""  # points of one series are joined by a line (a model at two resolutions)
+    sources: tuple[str, ...] = ()  # where images_per_s and top1 were read
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class Curve:
     mean: tuple[float, ...]
     low: tuple[float, ...]
     high: tuple[float, ...]
+    sources: tuple[tuple[str, ...], ...] = ()  # per epoch, where its mean was read
 
 
 def _png(fig: Figure) -> bytes:
@@ -129,31 +131,3 @@ def figure3(curves: Sequence[Curve], *, title: str) -> bytes:
         if curves:
             ax.legend(loc="lower right", fontsize=8)
         return _png(fig)
-
-
-def figure1_rows(points: Sequence[Point]) -> list[dict[str, object]]:
-    """Figure 1's numbers as rows (``dvc plots``: a scatter of top-1 against images/s)."""
-    return [
-        {
-            "model": p.label,
-            "family": p.family,
-            "images_per_s": round(p.images_per_s, 1),
-            "top1": round(p.top1, 2),
-            "top1_std": round(p.top1_std, 2),
-        }
-        for p in points
-    ]
-
-
-def figure3_rows(curves: Sequence[Curve]) -> list[dict[str, object]]:
-    """Figure 3's numbers as rows, one per budget and a column per curve's mean (``dvc plots``
-    draws one line per column)."""
-    epochs = sorted({e for c in curves for e in c.epochs})
-    rows = []
-    for e in epochs:
-        row: dict[str, object] = {"epochs": e}
-        for c in curves:
-            if e in c.epochs:
-                row[c.label] = round(c.mean[c.epochs.index(e)], 2)
-        rows.append(row)
-    return rows

@@ -18,11 +18,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 
 from deit_repro import atomic
 from deit_repro.config import Params
 from deit_repro.reporting import figures
+from deit_repro.reporting.cells import DASH, Cell
 from deit_repro.reporting.claims import claims
 from deit_repro.reporting.context import Context
 from deit_repro.reporting.inputs import REFERENCE, Metrics, Predictions, Reference
@@ -112,10 +112,14 @@ def run_tables(
             return f"{pred.prefix}/{p.relative_to(pred.root).as_posix()}"
         return f"{m.prefix}/{p.relative_to(m.root).as_posix()}"
 
-    def emit(t: Table, png: bytes | None = None) -> None:
+    def emit(t: Table, png: bytes | None = None, data_only: bool = False) -> None:
+        """Write a table (Markdown, CSV, LaTeX) or, ``data_only``, a figure's numbers (CSV, not
+        listed in results/README.md), with each cell's sources in provenance.json."""
         context = c.caption()
-        paths = {out / f"{t.name}.md": to_markdown(t, context), out / f"{t.name}.csv": to_csv(t)}
-        if t.latex:
+        paths = {out / f"{t.name}.csv": to_csv(t)}
+        if not data_only:
+            paths = {out / f"{t.name}.md": to_markdown(t, context), **paths}
+        if t.latex and not data_only:
             paths[out / f"{t.name}.tex"] = to_latex(t, context)
         for path, text in paths.items():
             atomic.write_text(path, text)
@@ -146,7 +150,8 @@ def run_tables(
         m.read.clear()
         ref.read.clear()
         pred.read.clear()
-        tables.append(t)
+        if not data_only:
+            tables.append(t)
 
     emit(table1(c))
     emit(table2(c))
@@ -166,12 +171,8 @@ def run_tables(
     )
     # The figures' numbers as plain CSV for `dvc plots` (dvc.yaml's top-level plots); the
     # tables' CSVs hold formatted cells ("62.98 ± 0.64") that no plot can read.
-    for name, rows in (
-        ("figure1_throughput_accuracy_points.csv", figures.figure1_rows(points)),
-        ("figure3_epochs_points.csv", figures.figure3_rows(curves)),
-    ):
-        atomic.write_text(out / name, pd.DataFrame(rows).to_csv(index=False, lineterminator="\n"))
-        written.append(out / name)
+    emit(_figure1_points(points), data_only=True)
+    emit(_figure3_points(curves), data_only=True)
     claims_t = claims(c)
     emit(claims_t)
 
@@ -192,3 +193,52 @@ def run_tables(
     written.append(prov_path)
     _logger.info("wrote %d files to %s", len(written), out)
     return written
+
+
+def _figure1_points(points: list[figures.Point]) -> Table:
+    """Figure 1's numbers, one row per model (``dvc plots``: top-1 against images/s)."""
+    t = Table(
+        "figure1_throughput_accuracy_points",
+        "Figure 1 data: top-1 against measured throughput",
+        ["model", "family", "images_per_s", "top1", "top1_std"],
+        latex=False,
+    )
+    for p in points:
+        t.rows.append(
+            [
+                Cell(p.label),
+                Cell(p.family),
+                Cell(f"{p.images_per_s:.1f}", p.sources),
+                Cell(f"{p.top1:.2f}", p.sources),
+                Cell(f"{p.top1_std:.2f}", p.sources),
+            ]
+        )
+    return t
+
+
+def _figure3_points(curves: list[figures.Curve]) -> Table:
+    """Figure 3's numbers, one row per budget and a column per curve (``dvc plots`` draws one
+    line per column)."""
+    epochs = sorted({e for c in curves for e in c.epochs})
+    t = Table(
+        "figure3_epochs_points",
+        "Figure 3 data: top-1 (mean over seeds) against the epoch budget",
+        ["epochs", *(c.label for c in curves)],
+        latex=False,
+    )
+    for e in epochs:
+        # the budget is where its runs' numbers were read
+        row = [
+            Cell(
+                str(e),
+                tuple(s for c in curves if e in c.epochs for s in c.sources[c.epochs.index(e)]),
+            )
+        ]
+        for c in curves:
+            if e in c.epochs:
+                k = c.epochs.index(e)
+                row.append(Cell(f"{c.mean[k]:.2f}", c.sources[k] if c.sources else ()))
+            else:
+                row.append(Cell(DASH))
+        t.rows.append(row)
+    return t

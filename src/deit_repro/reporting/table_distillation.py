@@ -243,6 +243,7 @@ def figure3(c: Context) -> tuple[Table, list[figures.Curve], dict[str, dict[int,
                     tuple(points[e].mean for e in epochs),
                     tuple(min(points[e].values) for e in epochs),
                     tuple(max(points[e].values) for e in epochs),
+                    tuple(points[e].sources for e in epochs),
                 )
             )
     anchors = c.ref.table(ref)

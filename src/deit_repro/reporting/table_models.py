@@ -217,7 +217,13 @@ def table5(c: Context) -> tuple[Table, list[figures.Point]]:
         if entry and isinstance(top1, Stat):
             points.append(
                 figures.Point(
-                    label, family, float(entry["images_per_s"]), top1.mean, top1.std, series
+                    label,
+                    family,
+                    float(entry["images_per_s"]),
+                    top1.mean,
+                    top1.std,
+                    series,
+                    sources=(*getattr(ips, "sources", ()), *top1.sources),
                 )
             )
     return t, points
