@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -182,12 +183,33 @@ def test_a_run_that_started_over_rewrites_the_log(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 EPOCHS = 8
+HALT = 4  # the epoch (1-based) after whose checkpoint every seed of the killed run halts
+
+# `deit-repro` in this process (no fork server), every checkpoint write followed by a pause once
+# it holds epoch HALT: the seeds halt at a known point for the test to kill them, however fast
+# or slow the machine.
+_HALT = f"""
+import signal, sys
+from pathlib import Path
+from deit_repro import atomic
+from deit_repro.run import cli
+
+save = atomic.torch_save
+
+def torch_save(obj, path):
+    save(obj, path)
+    if isinstance(obj, dict) and obj.get("epoch") == {HALT} - 1:
+        Path(str(path) + ".halted").touch()
+        signal.pause()
+
+atomic.torch_save = torch_save
+sys.exit(cli.main(sys.argv[1:]))
+"""
 
 
 def _params(tmp: Path, epochs: int = EPOCHS) -> Path:
     data = smoke_dict()
     data["seeds"] = [0, 1]
-    # ~0.4 s an epoch: the kill lands mid-run, after the live log has some epochs
     data["student"]["model"].update(embed_dim=64, depth=4)
     data["student"]["train"].update(epochs=epochs, eval_every=2)
     path = tmp / "params-live.yaml"
@@ -228,14 +250,18 @@ def test_a_killed_and_resumed_stage_keeps_its_full_per_epoch_history(fashion_sma
     assert [s for s, _ in _tsv(ref, "train_loss")] == list(range(1, EPOCHS + 1))
     assert [s for s, _ in _tsv(ref, "cls_top1")] == [2, 4, 6, 8]
 
+    # The kill waits on events the stage emits, not on its speed: every seed stops right after
+    # writing its checkpoint of epoch HALT (its process pauses there, see _HALT), and the stage's
+    # live log has logged at least two epochs.
     where = tmp_path / "killed"
-    proc = spawn(_pretrain(params, fashion_small, where), tmp_path)
+    halted = [where / "run" / f"seed{seed}" / "checkpoint.pth.halted" for seed in (0, 1)]
+    proc = spawn([sys.executable, "-c", _HALT, *_pretrain(params, fashion_small, where)[1:]], tmp_path)
     try:
         t0 = time.time()
         seen = 0
-        while seen < 2:  # the live log is written while the seeds train
-            assert proc.poll() is None, "the stage ended before its live log had two epochs"
-            assert time.time() - t0 < 300, "no live log after 300 s"
+        while seen < 2 or not all(h.exists() for h in halted):
+            assert proc.poll() is None, f"the stage ended (exit {proc.returncode}) before it halted"
+            assert time.time() - t0 < 600, f"no halt after 600 s (live log step {seen})"
             summary = where / "live" / "metrics.json"
             seen = json.loads(summary.read_text())["step"] if summary.exists() else 0
             time.sleep(0.1)
