@@ -442,8 +442,11 @@ def claims(c: Context) -> Table:
     """The paper's claims, each tested at this profile's scale."""
     t = Table("claims", "The paper's claims at this scale", COLUMNS, latex=False)
     t.notes = [
-        'Claim "a > b" (or "a ≥ b"): a − b per seed, seeds paired across the two sides (a '
-        "single teacher run serves every seed). " + stats.RULE + " Paper: the same margin on "
+        'Claim "a > b" (or "a ≥ b"): a − b per seed, seeds paired across the two sides ('
+        + c.teacher_note()
+        + "). "
+        + stats.RULE
+        + " Paper: the same margin on "
         "ImageNet, DeiT-B. For a ≥ claim, an interval spanning 0 is what the claim predicts "
         "(no loss), reported as not resolved."
     ]

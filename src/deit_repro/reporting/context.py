@@ -55,13 +55,28 @@ class Context:
         if self.m.has("teacher") and self.m.files["teacher"] in self.m.read:
             seeds = self.m.peek("teacher").get("seeds", [])
             if len(seeds) == 1 and len(p.seeds) > 1:
-                teacher = f"; the teacher is trained once (seed {seeds[0]}) and serves every seed"
+                teacher = f"; one teacher run (seed {seeds[0]}) serves every seed"
+            elif len(seeds) > 1:
+                teacher = "; student seed k distils from teacher seed k"
         return (
             f"profile `{p.profile}`, seeds {list(p.seeds)} (mean ± sample std over "
             f"{len(p.seeds)} run{'s' if len(p.seeds) > 1 else ''} per model{teacher}); "
             f"test split, final epoch (never best-on-test)"
             f"{', weights ' + weights if weights else ''}, eval resize + centre crop "
             f"crop_pct={p.eval.crop_pct}, {p.eval.interpolation}; top-1 in %."
+        )
+
+    def teacher_note(self) -> str:
+        """Which teacher the distilled students of each seed read, and so what the seed
+        intervals include."""
+        if self.params.teacher.weights is not None:
+            return (
+                "every seed distils from the one released teacher (fixed weights, as the paper's "
+                "RegNetY-16GF): the intervals are about that teacher"
+            )
+        return (
+            "seed k of every distilled student distils from the teacher trained with seed k: "
+            "the teacher's run-to-run variance is inside the seed intervals"
         )
 
     def paper_note(self, *files: str, what: str = "") -> str:

@@ -12,6 +12,7 @@ the stage trains). Nothing here parses arguments, launches jobs or exits.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,6 +94,7 @@ class _Trainee:
     img_size: int
     extra: dict[str, Any]  # descriptive fields of metrics.json and model.json
     classes: dict[str, torch.Tensor] = field(default_factory=dict)  # more per-image classes
+    seed: int | None = None  # the seed it was trained with (None: released weights)
 
 
 @dataclass(frozen=True)
@@ -179,7 +181,13 @@ def _write_outputs(
         write_run(at.run_dir, at.params, seed=at.seed, **t.extra, **run_info)
     with atomic.atomic_dir(at.out) as tmp:
         save_model(
-            tmp, t.model, role=t.role, kwargs=t.kwargs, ds=at.ds, img_size=t.img_size, extra=t.extra
+            tmp,
+            t.model,
+            role=t.role,
+            kwargs=t.kwargs,
+            ds=at.ds,
+            img_size=t.img_size,
+            extra={**t.extra, "seed": t.seed},
         )
         write_history(
             tmp / "history.csv",
@@ -202,10 +210,13 @@ def _train_and_save(
     identity: dict[str, Any],
     desc: str,
     restart: bool = False,
+    provenance: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train ``t.model`` with ``recipe`` (resuming from the run directory's checkpoint when its
-    fingerprint, ``identity`` and the computing code, matches) and write the outputs."""
+    fingerprint, ``identity`` and the computing code, matches) and write the outputs;
+    ``provenance`` goes to its ``run.json`` (which teacher it read)."""
     rt = at.rt
+    t.seed = at.seed
     model = t.model.to(rt.device)
     train_model = model
     if rt.world_size > 1:
@@ -264,10 +275,21 @@ def _train_and_save(
             "resumed_from_epoch": res.resumed_from_epoch,
             "world_size": rt.world_size,
             "device": str(rt.device),
+            **(provenance or {}),
         },
         classes={**t.classes, **final[0].classes},
     )
     return metrics
+
+
+def teacher_record(teacher_dir: Path | None) -> dict[str, Any] | None:
+    """Which teacher run a student read (its ``run.json``): the model directory, the seed that
+    teacher was trained with (None for released weights, which serve every seed) and its
+    weights' hash."""
+    if teacher_dir is None:
+        return None
+    meta = json.loads((Path(teacher_dir) / "model.json").read_text())
+    return {"dir": str(teacher_dir), "seed": meta.get("seed"), "weights": weights_hash(teacher_dir)}
 
 
 def _teacher_module(teacher_dir: Path, ds: Dataset, rt: Runtime) -> nn.Module:
@@ -454,6 +476,7 @@ def run_pretrain(
             "data": ds.content_hash,
             "teacher": weights_hash(teacher) if teacher_mod is not None else None,
         },
+        provenance={"teacher": teacher_record(teacher if teacher_mod is not None else None)},
     )
 
 
@@ -542,6 +565,7 @@ def run_finetune(
             "student": weights_hash(student),
             "teacher": weights_hash(teacher) if teacher_mod is not None else None,
         },
+        provenance={"teacher": teacher_record(teacher if teacher_mod is not None else None)},
     )
 
 
@@ -666,19 +690,27 @@ class TrainingRun:
 
     @property
     def multi_seed(self) -> bool:
-        """One run per seed of ``params.seeds``; the teacher trains once (``seeds[0]``) and that
-        one run distils every seed of the students."""
-        return self.stage != "teacher"
+        """One run per seed of ``params.seeds``. A trained teacher too: student seed k distils
+        from teacher seed k (:func:`resolve_model_dir`), so the teacher's run-to-run variance is
+        inside every paired interval instead of fixed by one teacher run. Released teacher
+        weights are one fixed teacher (as the paper's RegNetY-16GF): one run serves every seed."""
+        return not (self.stage == "teacher" and self.released_teacher)
+
+    @property
+    def released_teacher(self) -> bool:
+        return self.options.get("arch", "convnet") == "convnet" and (
+            self.params.teacher.weights is not None or self.options.get("weights") is not None
+        )
 
     @property
     def threads(self) -> int:
-        """torch threads of one run (results on CPU depend on it). The seeds of a student stage
-        train side by side at ``params.threads`` each; the teacher, one process, gets the
-        stage's whole budget."""
+        """torch threads of one run (results on CPU depend on it). The seeds of a stage train
+        side by side at ``params.threads`` each; a single run (released teacher weights) gets
+        the stage's whole budget."""
         return self.params.threads if self.multi_seed else self.params.one_process_threads
 
     def specs(self, out: Path, run_dir: Path | None, seed: int | None = None) -> list[RunSpec]:
-        """The runs of the stage: ``seed`` alone (or the teacher's one run) into ``out``, else
+        """The runs of the stage: ``seed`` alone (or released teacher weights) into ``out``, else
         one per seed of the profile into ``out/seed<k>/`` (what :func:`resolve_model_dir`
         finds downstream)."""
         if seed is not None or not self.multi_seed:
