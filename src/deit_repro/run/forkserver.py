@@ -70,6 +70,9 @@ _KEY_ENV_PREFIXES = (
     "DEIT_REPRO_FORKSERVER_",
     "OMP_",
     "MKL_",
+    "ATEN_",  # ATEN_CPU_CAPABILITY: the kernels torch dispatches to (another float path)
+    "ONEDNN_",
+    "DNNL_",
     "KMP_",
     "GOMP_",
     "OPENBLAS_",
