@@ -255,7 +255,9 @@ def test_a_killed_and_resumed_stage_keeps_its_full_per_epoch_history(fashion_sma
     # live log has logged at least two epochs.
     where = tmp_path / "killed"
     halted = [where / "run" / f"seed{seed}" / "checkpoint.pth.halted" for seed in (0, 1)]
-    proc = spawn([sys.executable, "-c", _HALT, *_pretrain(params, fashion_small, where)[1:]], tmp_path)
+    proc = spawn(
+        [sys.executable, "-c", _HALT, *_pretrain(params, fashion_small, where)[1:]], tmp_path
+    )
     try:
         t0 = time.time()
         seen = 0

@@ -32,17 +32,57 @@ def _json(path: Path) -> dict:
 def test_student_seed_k_reads_teacher_seed_k(fashion_small, tmp_path):
     params = _params(tmp_path)
     common = ["--params", str(params), "--data", str(fashion_small)]
-    run([DEIT, "teacher", *common, "--out", "teacher", "--run-dir", "runs/teacher",
-         "--metrics", "teacher.json"], tmp_path)
+    run(
+        [
+            DEIT,
+            "teacher",
+            *common,
+            "--out",
+            "teacher",
+            "--run-dir",
+            "runs/teacher",
+            "--metrics",
+            "teacher.json",
+        ],
+        tmp_path,
+    )
     # one teacher run per seed, each with its own weights, aggregated over the seeds
     assert _json(tmp_path / "teacher.json")["seeds"] == SEEDS
     for k in SEEDS:
         assert _json(tmp_path / "teacher" / f"seed{k}" / "model.json")["seed"] == k
     assert _json(tmp_path / "runs/teacher/seed3/run.json")["seed"] == 3
-    run([DEIT, "pretrain", *common, "--distill", "hard", "--teacher", "teacher", "--out",
-         "deit", "--run-dir", "runs/deit"], tmp_path)
-    run([DEIT, "finetune", *common, "--student", "deit", "--teacher", "teacher", "--out",
-         "ft", "--run-dir", "runs/ft"], tmp_path)
+    run(
+        [
+            DEIT,
+            "pretrain",
+            *common,
+            "--distill",
+            "hard",
+            "--teacher",
+            "teacher",
+            "--out",
+            "deit",
+            "--run-dir",
+            "runs/deit",
+        ],
+        tmp_path,
+    )
+    run(
+        [
+            DEIT,
+            "finetune",
+            *common,
+            "--student",
+            "deit",
+            "--teacher",
+            "teacher",
+            "--out",
+            "ft",
+            "--run-dir",
+            "runs/ft",
+        ],
+        tmp_path,
+    )
     hashes = set()
     for k in SEEDS:
         for stage in ("deit", "ft"):
@@ -69,12 +109,40 @@ def test_released_teacher_weights_are_one_run_for_every_seed(fashion_small, tmp_
     model = create_teacher(**teacher_kwargs(cfg, num_classes=10, in_chans=1, drop_path=0.0))
     torch.save(model.state_dict(), tmp_path / "released.pth")
     common = ["--params", str(params), "--data", str(fashion_small)]
-    run([DEIT, "teacher", *common, "--weights", "released.pth", "--out", "teacher",
-         "--run-dir", "runs/teacher", "--metrics", "teacher.json"], tmp_path)
+    run(
+        [
+            DEIT,
+            "teacher",
+            *common,
+            "--weights",
+            "released.pth",
+            "--out",
+            "teacher",
+            "--run-dir",
+            "runs/teacher",
+            "--metrics",
+            "teacher.json",
+        ],
+        tmp_path,
+    )
     assert _json(tmp_path / "teacher" / "model.json")["seed"] is None
     assert not list((tmp_path / "teacher").glob("seed*"))
-    run([DEIT, "pretrain", *common, "--distill", "hard", "--teacher", "teacher", "--out",
-         "deit", "--run-dir", "runs/deit"], tmp_path)
+    run(
+        [
+            DEIT,
+            "pretrain",
+            *common,
+            "--distill",
+            "hard",
+            "--teacher",
+            "teacher",
+            "--out",
+            "deit",
+            "--run-dir",
+            "runs/deit",
+        ],
+        tmp_path,
+    )
     for k in SEEDS:
         info = _json(tmp_path / "runs" / "deit" / f"seed{k}" / "run.json")
         assert info["teacher"]["dir"] == "teacher" and info["teacher"]["seed"] is None

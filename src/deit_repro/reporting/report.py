@@ -14,6 +14,7 @@ rerun on the same metrics is byte-identical.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -186,6 +187,7 @@ def run_tables(
         "index, column) -> files#location (JSON pointer; CSV row/column; history "
         "column/epoch); `files`: sha256 of every file the tables stage read.",
         "files": {label(p): atomic.sha256_file(p) for p in sorted(files, key=label)},
+        "float_paths": _float_paths(m, files, label),
         "tables": provenance,
     }
     prov_path = out / "provenance.json"
@@ -193,6 +195,25 @@ def run_tables(
     written.append(prov_path)
     _logger.info("wrote %d files to %s", len(written), out)
     return written
+
+
+def _float_paths(m: Metrics, files: set[Path], label) -> list[dict[str, Any]]:
+    """Where the runs behind the tables were computed: each distinct float path (CPU, torch's
+    CPU capability, BLAS/oneDNN versions, threads; deit_repro.provenance.float_path) with the
+    metrics files whose runs it computed. Bytes reproduce under one float path; under another,
+    the verdicts are what is expected to hold (README, "What reproduces where")."""
+    groups: dict[str, dict[str, Any]] = {}
+    for path in sorted(files, key=label):
+        if path.suffix != ".json" or not path.is_relative_to(m.root):
+            continue
+        try:
+            fp = json.loads(path.read_text()).get("float_path")
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(fp, dict):
+            key = json.dumps(fp, sort_keys=True)
+            groups.setdefault(key, {"float_path": fp, "metrics": []})["metrics"].append(label(path))
+    return list(groups.values())
 
 
 def _figure1_points(points: list[figures.Point]) -> Table:

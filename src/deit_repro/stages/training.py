@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from deit_repro import atomic
+from deit_repro import atomic, provenance
 from deit_repro.code_deps import code_hash
 from deit_repro.config import Params, TrainCfg, config_hash, to_dict
 from deit_repro.core.datasets import Dataset, eval_batches, open_dataset, train_batches
@@ -155,6 +155,9 @@ def _final_metrics(
                 "weights": "raw (not EMA)",
                 "split": "test",
             },
+            # what decides the last bits (the same on every seed of one machine): the tables
+            # put it in results/provenance.json
+            "float_path": provenance.float_path(),
         }
     )
 
