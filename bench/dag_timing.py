@@ -3,13 +3,13 @@ per-stage wall time and peak RSS every stage prints, then the no-op `dvc repro` 
 times (median of repeats) in that clone.
 
     .venv/bin/python bench/dag_timing.py --profile smoke --forkserver cold,off   # ~2 minutes
-    .venv/bin/python bench/dag_timing.py --profile fashion     # the default profile, ~12 minutes
+    .venv/bin/python bench/dag_timing.py --profile fashion     # the default profile, ~20 minutes
     .venv/bin/python bench/dag_timing.py --profile fashion --json bench/results/dag_fashion.json
 
 ``--forkserver cold,off`` runs the DAG twice in one process, with and without the fork server
 (``deit_repro.run.forkserver``), and prints the ratio.
 
-Targets (figures in bench/README.md, "The whole DAG"): fashion <= 15 min (3 seeds), smoke <= 60 s,
+Targets (figures in bench/README.md, "The whole DAG"): fashion <= 20 min (5 seeds), smoke <= 60 s,
 no-op repro and `snakemake -n` <= 3 s each, every stage's peak RSS <= 4 GiB. Run it on an
 otherwise idle machine: the stages use every core.
 """
@@ -122,6 +122,8 @@ def _repro(profile: str, forkserver: str, repeats: int, keep: bool) -> dict:
     finally:
         if not keep:
             shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            print(f"clone kept in {repo}", flush=True)
     return {
         "profile": profile,
         "forkserver": forkserver,
