@@ -3,7 +3,7 @@ of this checkout, once under this machine's default kernel dispatch and once und
 that computes the same thing with other rounding (the way another CPU does), and the two claims
 tables side by side.
 
-    .venv/bin/python bench/machine_spread.py --profile fashion --json bench/results/machine_spread.json
+    .venv/bin/python bench/machine_spread.py --json bench/results/machine_spread.json  # fashion
     .venv/bin/python bench/machine_spread.py --profile fashion --default-clone DIR   # reuse a run
 
 Another CPU changes the float path, not the computation: torch dispatches its vectorised ATen
@@ -166,7 +166,7 @@ def compare(default: dict[str, dict], other: dict[str, dict]) -> list[dict]:
                 "contradicts": contradicts(a, b),
                 "mean_difference": round(diff, 4),
                 # each run's interval holds the other run's mean
-                "inside_half_width": bool(widths) and diff <= min(widths),
+                "inside_half_width": diff <= min(widths) if len(widths) == 2 else None,
             }
         )
     return rows
@@ -195,8 +195,14 @@ def _float_path(repo: Path) -> list[dict]:
 
 
 def _fmt(c: dict) -> str:
-    lo, hi = c["ci"] if c["ci"] else (float("nan"), float("nan"))
+    if not c["ci"]:
+        return f"{c['verdict']} {c['mean']:+.2f} (no interval)"
+    lo, hi = c["ci"]
     return f"{c['verdict']} {c['mean']:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+
+
+def _width(c: dict) -> str:
+    return "–" if c["half_width"] is None else f"{c['half_width']:.2f}"
 
 
 def report(rows: list[dict]) -> str:
@@ -209,8 +215,8 @@ def report(rows: list[dict]) -> str:
         a, b = r["default"], r["other"]
         lines.append(
             f"| {r['claim']} | {_fmt(a)} | {_fmt(b)} | {r['mean_difference']:.2f} | "
-            f"{a['half_width']:.2f} / {b['half_width']:.2f} | "
-            f"{'yes' if r['inside_half_width'] else 'no'} | "
+            f"{_width(a)} / {_width(b)} | "
+            f"{ {True: 'yes', False: 'no', None: '–'}[r['inside_half_width']] } | "
             f"{'**yes**' if r['contradicts'] else 'no'} |"
         )
     n = len(rows)
@@ -218,8 +224,9 @@ def report(rows: list[dict]) -> str:
     lines.append(
         f"{sum(r['same_verdict'] for r in rows)} of {n} verdicts the same; "
         f"{sum(r['contradicts'] for r in rows)} contradicting; "
-        f"{sum(r['inside_half_width'] for r in rows)} of {n} differences of the means inside "
-        "both half-widths"
+        f"{sum(r['inside_half_width'] is True for r in rows)} of "
+        f"{sum(r['inside_half_width'] is not None for r in rows)} differences of the means "
+        "inside both half-widths (claims with an interval)"
     )
     return "\n".join(lines)
 
@@ -277,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
             "training_records": _metrics_alike(default, other),
             "claims": rows,
             "contradicting": sum(r["contradicts"] for r in rows),
-            "outside_half_width": sum(not r["inside_half_width"] for r in rows),
+            "outside_half_width": sum(r["inside_half_width"] is False for r in rows),
         }
         text = report(rows)
         alike = result["training_records"]
