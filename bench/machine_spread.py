@@ -40,6 +40,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dag_timing import BIN, _env, fresh_clone  # noqa: E402
 
@@ -99,8 +101,8 @@ def check_clone(repo: Path, profile: str) -> None:
             f"{status}\nrun `dvc repro` there or leave out --default-clone"
         )
     ours = Path(__file__).resolve().parents[1]
-    for rel in ("dvc.yaml", f"profiles/{profile}.yaml"):
-        if (repo / rel).read_bytes() != (ours / rel).read_bytes():
+    for rel in ("dvc.yaml", f"profiles/{profile}.yaml"):  # what they define; comments aside
+        if yaml.safe_load((repo / rel).read_text()) != yaml.safe_load((ours / rel).read_text()):
             sys.exit(
                 f"machine_spread: --default-clone {repo} has another {rel} than this "
                 "checkout; pass a clone of this commit (bench/dag_timing.py --keep)"

@@ -84,3 +84,67 @@ def test_the_gpu_check_runs_its_code_on_a_cpu(tmp_path):
     assert set(res["rehearsal"]["student_heads"]) == {"cls", "dist", "joint"}
     (bench,) = res["fit_benchmark"].values()
     assert bench["images_per_s"] > 0 and len(bench["per_epoch"]) == 2
+
+
+def test_machine_spread_compares_two_dispatches_on_smoke(tmp_path):
+    """The mechanics (smoke: one seed, so no interval): two fresh clones, the second under
+    another kernel dispatch that its provenance records, every claim side by side."""
+    res = _run("machine_spread.py", "--profile", "smoke", tmp_path=tmp_path)
+    fp = res["float_paths"]
+    assert len(fp["default"]) == len(fp["other"]) == 1  # every run of a DAG on one float path
+    default, other = fp["default"][0], fp["other"][0]
+    assert default["dispatch_env"] == {}
+    assert other["dispatch_env"] == {
+        "ATEN_CPU_CAPABILITY": "default",
+        "ONEDNN_MAX_CPU_ISA": "SSE41",
+    }
+    assert other["torch_cpu_capability"] == "DEFAULT" != default["torch_cpu_capability"]
+    with open(ROOT / "results" / "claims.csv", encoding="utf-8") as fh:
+        n_claims = len(fh.read().splitlines()) - 1
+    assert len(res["claims"]) == n_claims
+    for row in res["claims"]:
+        a, b = row["default"], row["other"]
+        assert {a["verdict"], b["verdict"]} <= {"holds", "reversed", "not resolved"}
+        assert row["mean_difference"] == pytest.approx(abs(a["mean"] - b["mean"]), abs=1e-4)
+        assert a["n_seeds"] == b["n_seeds"] == 1 and row["inside_half_width"] is None
+    assert res["contradicting"] == sum(r["contradicts"] for r in res["claims"])
+    records = res["training_records"]
+    assert len(records["identical"]) + len(records["different"]) >= 15
+
+
+def test_machine_spread_verdict_logic_and_bad_dispatch(tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    import machine_spread as ms
+
+    def c(verdict, mean, ci=None):
+        return {
+            "verdict": verdict,
+            "mean": mean,
+            "ci": ci,
+            "half_width": (ci[1] - ci[0]) / 2 if ci else None,
+            "n_seeds": 5,
+            "unit": "pts",
+        }
+
+    assert ms.contradicts(c("holds", 2.0), c("reversed", -1.0))
+    assert ms.contradicts(c("holds", 2.0), c("not resolved", -0.5))
+    assert ms.contradicts(c("not resolved", 0.3), c("reversed", -1.0))
+    assert not ms.contradicts(c("holds", 2.0), c("not resolved", 0.5))
+    assert not ms.contradicts(c("not resolved", 0.4), c("not resolved", -0.4))
+    rows = ms.compare(
+        {"x": c("holds", 2.0, [1.0, 3.0]), "y": c("holds", 2.0, [1.5, 2.5])},
+        {"x": c("holds", 2.8, [1.5, 4.1]), "y": c("not resolved", 1.2, [-0.2, 2.6])},
+    )
+    # x: |2.0 - 2.8| = 0.8 <= min(1.0, 1.3); y: 0.8 > min(0.5, 1.4)
+    assert [r["inside_half_width"] for r in rows] == [True, False]
+    assert [r["contradicts"] for r in rows] == [False, False]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "machine_spread.py"), "--dispatch", "AVX2"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "--dispatch item 'AVX2' is not VAR=value" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
