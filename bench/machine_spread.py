@@ -175,8 +175,8 @@ def compare(default: dict[str, dict], other: dict[str, dict]) -> list[dict]:
 
 
 def _metrics_alike(a: Path, b: Path) -> dict[str, list[str]]:
-    """Which records of the training stages (metrics/<stage>[/<variant>].json, their float
-    path left out) came out the same under both dispatches."""
+    """Which records of the training stages and evaluate (metrics/<stage>[/<variant>].json,
+    their float path left out) came out the same under both dispatches."""
 
     def record(path: Path) -> dict:
         data = json.loads(path.read_text())
@@ -185,8 +185,8 @@ def _metrics_alike(a: Path, b: Path) -> dict[str, list[str]]:
     same, differ = [], []
     for p in sorted((a / "metrics").rglob("*.json")):
         rel = p.relative_to(a).as_posix()
-        if p.name == "metrics.json" or "float_path" not in p.read_text():
-            continue  # a live log's summary; evaluate and throughput records
+        if p.name == "metrics.json" or "float_path" not in json.loads(p.read_text()):
+            continue  # a live log's summary, the throughput timings
         (same if (b / rel).is_file() and record(p) == record(b / rel) else differ).append(rel)
     return {"identical": same, "different": differ}
 

@@ -134,7 +134,8 @@ def trained(tmp_path_factory, fashion_small):
     """A 1-epoch teacher and a 1-epoch student (no distillation) on the smoke profile."""
     root = tmp_path_factory.mktemp("trained")
     for argv in (
-        ["teacher", "--data", fashion_small, "--out", root / "teacher"],
+        # one run (--seed): a teacher directory, as released weights make
+        ["teacher", "--data", fashion_small, "--out", root / "teacher", "--seed", "0"],
         [
             "pretrain",
             "--data",
@@ -728,6 +729,8 @@ def test_disk_full_while_checkpointing_keeps_the_last_complete_checkpoint(
         out,
         "--run-dir",
         ckdir,
+        "--seed",
+        "0",
     )
     assert_one_line_error(
         rc,
@@ -770,6 +773,8 @@ def test_a_torn_checkpoint_is_never_loaded(capsys, tmp_path, fashion_small, torn
         out,
         "--run-dir",
         ckdir,
+        "--seed",
+        "0",
     )
     assert_one_line_error(
         rc,
@@ -786,7 +791,7 @@ def test_a_checkpoint_of_other_params_stops_the_requeued_run(capsys, tmp_path, f
     checkpoint, both fingerprints and the fix; the checkpoint is untouched, nothing is written."""
     ckdir = tmp_path / "ck"
     ckpt_file = ckdir / "checkpoint.pth"
-    argv = ["--data", fashion_small, "--run-dir", ckdir]
+    argv = ["--data", fashion_small, "--run-dir", ckdir, "--seed", "0"]
     assert (
         run_in_process(capsys, "teacher", "--params", SMOKE, "--out", tmp_path / "a", *argv)[0] == 0
     )
@@ -824,6 +829,8 @@ def test_a_crash_while_writing_the_model_directory_keeps_the_previous_one(
         out,
         "--run-dir",
         tmp_path / "ck",
+        "--seed",
+        "0",
     ]
     assert run_in_process(capsys, *argv)[0] == 0
     before = snapshot(out)

@@ -64,6 +64,8 @@ def _teacher(data: Path, out: Path, params: Path = SMOKE) -> list[str]:
         str(out / "run"),
         "--metrics",
         str(out / "metrics.json"),
+        "--seed",  # one run: the model and run directories themselves
+        "0",
     ]
 
 

@@ -494,7 +494,7 @@ class Params:
     @property
     def one_process_threads(self) -> int:
         """torch threads of a stage that runs one process where a training stage runs one per
-        seed (the teacher, evaluate): ``process_threads``, else the stage's whole budget,
+        seed (evaluate, released teacher weights): ``process_threads``, else the whole budget,
         ``threads x len(seeds)``. Results on a CPU depend on it, so it is a param, never the
         machine's core count."""
         return self.process_threads or self.threads * len(self.seeds)

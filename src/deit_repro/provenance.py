@@ -66,15 +66,15 @@ def hardware() -> dict[str, Any]:
 
 
 #: environment variables that choose which kernels run (so which float path): torch's CPU
-#: capability, MKL's code path, oneDNN's instruction set, the thread runtimes
+#: capability, MKL's code path, oneDNN's instruction set. Not the thread variables: every run
+#: sets its torch threads itself (``threads`` below), and Snakemake sets OMP_NUM_THREADS where
+#: DVC does not, for the same bytes.
 DISPATCH_ENV = (
     "ATEN_CPU_CAPABILITY",
     "MKL_CBWR",
     "MKL_ENABLE_INSTRUCTIONS",
     "ONEDNN_MAX_CPU_ISA",
     "DNNL_MAX_CPU_ISA",
-    "OMP_NUM_THREADS",
-    "MKL_NUM_THREADS",
 )
 
 #: the CPU flags that decide which SIMD kernels torch, MKL and oneDNN pick
@@ -101,11 +101,13 @@ def _cpu() -> tuple[str | None, list[str]]:
 
 
 def float_path(threads: int | None = None) -> dict[str, Any]:
-    """What decides a result's floating-point path, so its last bits: the CPU (model and SIMD
-    flags), the kernels torch dispatches to (its CPU capability), the BLAS and oneDNN versions,
-    the thread count and the variables that override the dispatch; on a GPU its name and
-    CUDA/cuDNN versions. Two runs that agree on all of these write the same bytes; runs that
-    differ in one compute the same thing with other rounding (README, "What reproduces where")."""
+    """What decides a result's floating-point path on this machine, so its last bits: the CPU
+    (model and SIMD flags), the kernels torch dispatches to (its CPU capability), the torch, BLAS
+    and oneDNN versions, the thread count and the variables that override the dispatch; on a GPU
+    its name and CUDA/cuDNN versions. With the pinned libraries (``versions``), the params and
+    the world size (``run.json``), runs that agree on these write the same bytes; runs that
+    differ in one compute the same thing with other rounding (docs/architecture.md, "The
+    contract")."""
     import re
 
     import torch
@@ -120,6 +122,7 @@ def float_path(threads: int | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {
         "cpu": model,
         "cpu_simd": flags,
+        "torch": torch.__version__,
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "mkl": version(r"Math Kernel Library Version (\S+)"),
         "onednn": version(r"MKL-DNN v(\S+)") or version(r"oneDNN v(\S+)"),

@@ -156,19 +156,26 @@ def save_predictions(
 def resolve_model_dir(path: Path, seed: int) -> Path:
     """A model directory, or the ``seed<k>/`` run inside a multi-seed stage output.
 
-    Multi-seed stages write one run per seed (``<out>/seed<k>/``); a downstream run of seed k
-    uses the upstream run of the same seed, or the single run when there is only one (teacher).
+    Multi-seed stages write one run per seed (``<out>/seed<k>/``), trained teachers included; a
+    downstream run of seed k uses the upstream run of the same seed, or the single run when there
+    is only one (released teacher weights). A directory holding both is refused: which one a seed
+    would read is not clear (a stale output of another layout).
     """
     path = Path(path)
+    runs = sorted(p.name for p in path.glob("seed*") if (p / "model.json").is_file())
     if (path / "model.json").is_file():
+        if runs:
+            raise CheckpointError(
+                f"{path} holds a single run (model.json) and per-seed runs ({', '.join(runs)})",
+                "remove the stale one, or re-run the stage that writes it (dvc repro --force)",
+            )
         return path
     seeded = path / f"seed{seed}"
     if (seeded / "model.json").is_file():
         return seeded
-    have = sorted(p.name for p in path.glob("seed*") if (p / "model.json").is_file())
-    if have:
+    if runs:
         raise CheckpointError(
-            f"{path} has runs {', '.join(have)} but not seed{seed}",
+            f"{path} has runs {', '.join(runs)} but not seed{seed}",
             "train the upstream stage with the same seeds (params seeds)",
         )
     raise CheckpointError(

@@ -34,7 +34,8 @@ class Context:
 
     def _same_seeds(self) -> None:
         """Per-seed values are paired by position (cells.paired): every multi-seed metrics file
-        must hold the params' seeds, in their order (a single run, the teacher's, serves all)."""
+        must hold the params' seeds, in their order (a single run, released teacher weights,
+        serves all)."""
         want = list(self.params.seeds)
         for name in self.m.files:
             if not self.m.files[name].suffix == ".json":
@@ -55,7 +56,7 @@ class Context:
         if self.m.has("teacher") and self.m.files["teacher"] in self.m.read:
             seeds = self.m.peek("teacher").get("seeds", [])
             if len(seeds) == 1 and len(p.seeds) > 1:
-                teacher = f"; one teacher run (seed {seeds[0]}) serves every seed"
+                teacher = "; one teacher run serves every seed"
             elif len(seeds) > 1:
                 teacher = "; student seed k distils from teacher seed k"
         return (
@@ -68,8 +69,11 @@ class Context:
 
     def teacher_note(self) -> str:
         """Which teacher the distilled students of each seed read, and so what the seed
-        intervals include."""
-        if self.params.teacher.weights is not None:
+        intervals include: the convnet teacher's runs as its metrics file lists them (one run
+        serving every seed: released weights), else as the params say."""
+        seeds = self.m.peek("teacher").get("seeds") if self.m.has("teacher") else None
+        single = len(seeds) == 1 if isinstance(seeds, list) else self.params.teacher.weights
+        if single and len(self.params.seeds) > 1:
             return (
                 "every seed distils from the one released teacher (fixed weights, as the paper's "
                 "RegNetY-16GF): the intervals are about that teacher"

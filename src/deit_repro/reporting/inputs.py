@@ -176,9 +176,10 @@ class Predictions:
 
     def classes(self, name: str, head: str | None, seeds: Sequence[int]) -> np.ndarray | None:
         """``[len(seeds), N]`` top-1 classes of ``head`` (None: the model's reported head, joint
-        if it has one, else cls); a single run (the teacher) serves every seed. None without a
-        models directory (the claims then have their seed tests alone); with one, a missing file
-        or head is a DataError: a claim would otherwise lose its per-image test unnoticed."""
+        if it has one, else cls); a single run (released teacher weights) serves every seed. None
+        without a models directory (the claims then have their seed tests alone); with one, a
+        missing file or head is a DataError: a claim would otherwise lose its per-image test
+        unnoticed."""
         rows = []
         for seed in seeds:
             table = self._table(name, seed)

@@ -210,9 +210,12 @@ def _float_paths(m: Metrics, files: set[Path], label) -> list[dict[str, Any]]:
             fp = json.loads(path.read_text()).get("float_path")
         except (ValueError, AttributeError):
             continue
-        if isinstance(fp, dict):
-            key = json.dumps(fp, sort_keys=True)
-            groups.setdefault(key, {"float_path": fp, "metrics": []})["metrics"].append(label(path))
+        # one dict when every seed ran on one float path, else one per seed (mixed nodes)
+        for one in fp if isinstance(fp, list) else [fp] if isinstance(fp, dict) else []:
+            key = json.dumps(one, sort_keys=True)
+            group = groups.setdefault(key, {"float_path": one, "metrics": []})
+            if label(path) not in group["metrics"]:
+                group["metrics"].append(label(path))
     return list(groups.values())
 
 

@@ -42,8 +42,9 @@ def _cmd_prepare(args, params: Params) -> None:
 
 
 def _train(args, run) -> list[dict]:
-    """Run a training stage: one run (``--seed`` given, or the teacher) into ``--out``, or one
-    run per seed of the profile into ``--out/seed<k>/``; then the aggregate to ``--metrics``.
+    """Run a training stage: one run (``--seed`` given, or released teacher weights) into
+    ``--out``, or one run per seed of the profile into ``--out/seed<k>/``; then the aggregate to
+    ``--metrics``.
 
     Where the runs happen is ``params.launch.launcher`` (or ``--launcher``): in this process (and
     child processes for the seeds), or as submitit jobs on this machine or on SLURM.

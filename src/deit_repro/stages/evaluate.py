@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from deit_repro import atomic
+from deit_repro import atomic, provenance
 from deit_repro.config import Params
 from deit_repro.core.datasets import eval_batches, open_dataset
 from deit_repro.core.engine import Runtime, accuracy_table, disagreement, predict
@@ -53,8 +53,8 @@ def run_evaluate(
     """Evaluate trained models on a prepared dataset's test split and write ``out`` (JSON).
 
     Every model is evaluated for every seed of the profile (a multi-seed stage output holds one
-    run per seed; a single run, such as the teacher, serves every seed). The result holds each
-    seed's accuracies and disagreement matrix, and their mean ± std.
+    run per seed; a single run, such as released teacher weights, serves every seed). The result
+    holds each seed's accuracies and disagreement matrix, and their mean ± std.
 
     Args:
         params: the parsed params (eval settings, seeds).
@@ -115,6 +115,7 @@ def run_evaluate(
             },
             "classifiers": names,
             **aggregate(per_seed, params.seeds),
+            "float_path": provenance.float_path(),
         }
     )
     atomic.write_json(out, result)
