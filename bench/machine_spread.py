@@ -108,7 +108,16 @@ def check_clone(repo: Path, profile: str) -> None:
                 "checkout; pass a clone of this commit (bench/dag_timing.py --keep)"
             )
     src_diff = subprocess.run(
-        ["diff", "-rq", "-x", "__pycache__", str(ours / "src"), str(repo / "src")],
+        [
+            "diff",
+            "-rq",
+            "-x",
+            "__pycache__",
+            "-x",
+            "*.egg-info",
+            str(ours / "src"),
+            str(repo / "src"),
+        ],
         capture_output=True,
         text=True,
     )

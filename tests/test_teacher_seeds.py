@@ -146,3 +146,40 @@ def test_released_teacher_weights_are_one_run_for_every_seed(fashion_small, tmp_
     for k in SEEDS:
         info = _json(tmp_path / "runs" / "deit" / f"seed{k}" / "run.json")
         assert info["teacher"]["dir"] == "teacher" and info["teacher"]["seed"] is None
+
+
+def test_a_directory_with_one_run_and_per_seed_runs_is_refused(tmp_path):
+    """Which teacher a seed would read is unclear: a stale output of the other layout."""
+    from deit_repro.core.model_dirs import resolve_model_dir
+    from deit_repro.errors import CheckpointError
+
+    (tmp_path / "t" / "seed0").mkdir(parents=True)
+    (tmp_path / "t" / "model.json").write_text("{}")
+    (tmp_path / "t" / "seed0" / "model.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=r"holds a single run \(model.json\) and per-seed"):
+        resolve_model_dir(tmp_path / "t", 0)
+    (tmp_path / "t" / "model.json").unlink()
+    assert resolve_model_dir(tmp_path / "t", 0) == tmp_path / "t" / "seed0"
+
+
+def test_the_claims_note_says_which_teacher_each_seed_read(tmp_path):
+    """Per-seed teachers: the teacher's variance is inside the intervals; one run (released
+    weights): the intervals are about that teacher."""
+    import dataclasses
+
+    from conftest import ROOT
+    from deit_repro.config import load_params
+    from deit_repro.reporting.context import Context
+    from deit_repro.reporting.inputs import REFERENCE, Metrics, Reference
+
+    params = dataclasses.replace(load_params(ROOT / "profiles" / "fashion.yaml"), seeds=(0, 1))
+    m = tmp_path / "metrics"
+    m.mkdir()
+    notes = []
+    for seeds in ([0, 1], [0]):
+        (m / "teacher.json").write_text(json.dumps({"seeds": seeds, "n": len(seeds)}))
+        c = Context(params, Metrics(m), Reference(REFERENCE))
+        notes.append(c.teacher_note())
+    assert "distils from the teacher trained with seed k" in notes[0]
+    assert "variance is inside the seed intervals" in notes[0]
+    assert "every seed distils from one teacher run" in notes[1]

@@ -75,8 +75,8 @@ class Context:
         single = len(seeds) == 1 if isinstance(seeds, list) else self.params.teacher.weights
         if single and len(self.params.seeds) > 1:
             return (
-                "every seed distils from the one released teacher (fixed weights, as the paper's "
-                "RegNetY-16GF): the intervals are about that teacher"
+                "every seed distils from one teacher run (released weights, as the paper's "
+                "RegNetY-16GF, serve every seed): the intervals are about that teacher"
             )
         return (
             "seed k of every distilled student distils from the teacher trained with seed k: "
