@@ -14,6 +14,7 @@ from conftest import smoke_dict
 from workflow_helpers import DEIT, run
 
 SEEDS = [3, 5]
+TEACHER_OUT = ["--out", "teacher", "--run-dir", "runs/teacher", "--metrics", "teacher.json"]
 
 
 def _params(tmp: Path) -> Path:
@@ -28,6 +29,12 @@ def _json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def _distil(common: list[str], where: Path) -> None:
+    """Hard distillation from ``where/teacher`` into ``where/deit``, runs in ``runs/deit``."""
+    argv = ["--distill", "hard", "--teacher", "teacher", "--out", "deit", "--run-dir", "runs/deit"]
+    run([DEIT, "pretrain", *common, *argv], where)
+
+
 @pytest.mark.slow
 def test_student_seed_k_reads_teacher_seed_k(fashion_small, tmp_path):
     params = _params(tmp_path)
@@ -37,12 +44,7 @@ def test_student_seed_k_reads_teacher_seed_k(fashion_small, tmp_path):
             DEIT,
             "teacher",
             *common,
-            "--out",
-            "teacher",
-            "--run-dir",
-            "runs/teacher",
-            "--metrics",
-            "teacher.json",
+            *TEACHER_OUT,
         ],
         tmp_path,
     )
@@ -51,22 +53,7 @@ def test_student_seed_k_reads_teacher_seed_k(fashion_small, tmp_path):
     for k in SEEDS:
         assert _json(tmp_path / "teacher" / f"seed{k}" / "model.json")["seed"] == k
     assert _json(tmp_path / "runs/teacher/seed3/run.json")["seed"] == 3
-    run(
-        [
-            DEIT,
-            "pretrain",
-            *common,
-            "--distill",
-            "hard",
-            "--teacher",
-            "teacher",
-            "--out",
-            "deit",
-            "--run-dir",
-            "runs/deit",
-        ],
-        tmp_path,
-    )
+    _distil(common, tmp_path)
     run(
         [
             DEIT,
@@ -116,33 +103,13 @@ def test_released_teacher_weights_are_one_run_for_every_seed(fashion_small, tmp_
             *common,
             "--weights",
             "released.pth",
-            "--out",
-            "teacher",
-            "--run-dir",
-            "runs/teacher",
-            "--metrics",
-            "teacher.json",
+            *TEACHER_OUT,
         ],
         tmp_path,
     )
     assert _json(tmp_path / "teacher" / "model.json")["seed"] is None
     assert not list((tmp_path / "teacher").glob("seed*"))
-    run(
-        [
-            DEIT,
-            "pretrain",
-            *common,
-            "--distill",
-            "hard",
-            "--teacher",
-            "teacher",
-            "--out",
-            "deit",
-            "--run-dir",
-            "runs/deit",
-        ],
-        tmp_path,
-    )
+    _distil(common, tmp_path)
     for k in SEEDS:
         info = _json(tmp_path / "runs" / "deit" / f"seed{k}" / "run.json")
         assert info["teacher"]["dir"] == "teacher" and info["teacher"]["seed"] is None
