@@ -69,14 +69,19 @@ class Context:
 
     def teacher_note(self) -> str:
         """Which teacher the distilled students of each seed read, and so what the seed
-        intervals include: the convnet teacher's runs as its metrics file lists them (one run
-        serving every seed: released weights), else as the params say."""
-        seeds = self.m.peek("teacher").get("seeds") if self.m.has("teacher") else None
-        single = len(seeds) == 1 if isinstance(seeds, list) else self.params.teacher.weights
-        if single and len(self.params.seeds) > 1:
+        intervals include: released weights (one fixed teacher), one teacher run serving every
+        seed (its metrics file lists one seed, the params several: weights given by hand), or a
+        teacher per seed."""
+        if self.params.teacher.weights is not None:
             return (
-                "every seed distils from one teacher run (released weights, as the paper's "
-                "RegNetY-16GF, serve every seed): the intervals are about that teacher"
+                "every seed distils from the one released teacher (fixed weights, as the paper's "
+                "RegNetY-16GF): the intervals are about that teacher, not about teacher training"
+            )
+        seeds = self.m.peek("teacher").get("seeds") if self.m.has("teacher") else None
+        if isinstance(seeds, list) and len(seeds) == 1 and len(self.params.seeds) > 1:
+            return (
+                "every seed distils from one teacher run: the intervals are about that teacher, "
+                "not about teacher training"
             )
         return (
             "seed k of every distilled student distils from the teacher trained with seed k: "
