@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import yaml
 
 from conftest import smoke_dict
 from deit_repro.core.live_metrics import StageLive, epoch_values, final_values
-from workflow_helpers import DEIT, DVC, make_repo, result, run, spawn
+from workflow_helpers import DEIT, DVC, env, make_repo, result, run
 
 
 def _history(path: Path, rows: list[dict]) -> None:
@@ -183,28 +182,52 @@ def test_a_run_that_started_over_rewrites_the_log(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 EPOCHS = 8
-HALT = 4  # the epoch (1-based) after whose checkpoint every seed of the killed run halts
+HALT = 4  # the epoch (1-based) after whose checkpoint every seed of a halted run pauses
 
-# `deit-repro` in this process (no fork server), every checkpoint write followed by a pause once
-# it holds epoch HALT: the seeds halt at a known point for the test to kill them, however fast
-# or slow the machine.
-_HALT = f"""
-import signal, sys
+# A `sitecustomize` for the `deit-repro` processes a test starts (unserved, so that each imports
+# it): the HALT-th checkpoint written to one path (atomic.py renames every checkpoint onto it;
+# `os` is patched because `deit-repro` re-imports the checkout's own deit_repro) is followed by a
+# marker file beside it and a pause until a release file appears there. The tests wait on these
+# events, not on the machine's speed, so they pass on fast and slow machines alike.
+_HALTING = f"""
+import os, sys, time
 from pathlib import Path
-from deit_repro import atomic
-from deit_repro.run import cli
 
-save = atomic.torch_save
+if os.path.basename(sys.argv[0]) == "deit-repro":
+    replace, written = os.replace, {{}}
 
-def torch_save(obj, path):
-    save(obj, path)
-    if isinstance(obj, dict) and obj.get("epoch") == {HALT} - 1:
-        Path(str(path) + ".halted").touch()
-        signal.pause()
+    def halting_replace(src, dst, *args, **kwargs):
+        replace(src, dst, *args, **kwargs)
+        if os.path.basename(str(dst)) == "checkpoint.pth":
+            written[str(dst)] = written.get(str(dst), 0) + 1
+            if written[str(dst)] == {HALT}:
+                Path(str(dst) + ".halted").touch()
+                while not Path(str(dst) + ".release").exists():
+                    time.sleep(0.1)
 
-atomic.torch_save = torch_save
-sys.exit(cli.main(sys.argv[1:]))
+    os.replace = halting_replace
 """
+
+
+def _halting_env(tmp: Path) -> dict[str, str]:
+    """The environment of a halting run (see _HALTING)."""
+    site = tmp / "halting"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(_HALTING)
+    return dict(env(), PYTHONPATH=str(site), DEIT_REPRO_FORKSERVER="0")
+
+
+def _start(cmd: list[str], cwd: Path, environ: dict[str, str], **streams) -> subprocess.Popen:
+    kwargs = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, **streams}
+    return subprocess.Popen(cmd, cwd=cwd, env=environ, start_new_session=True, **kwargs)
+
+
+def _wait(proc: subprocess.Popen, ready, what: str, limit_s: float = 600) -> None:
+    t0 = time.time()
+    while not ready():
+        assert proc.poll() is None, f"the stage ended (exit {proc.returncode}) before {what}"
+        assert time.time() - t0 < limit_s, f"no {what} after {limit_s} s"
+        time.sleep(0.1)
 
 
 def _params(tmp: Path, epochs: int = EPOCHS) -> Path:
@@ -250,24 +273,19 @@ def test_a_killed_and_resumed_stage_keeps_its_full_per_epoch_history(fashion_sma
     assert [s for s, _ in _tsv(ref, "train_loss")] == list(range(1, EPOCHS + 1))
     assert [s for s, _ in _tsv(ref, "cls_top1")] == [2, 4, 6, 8]
 
-    # The kill waits on events the stage emits, not on its speed: every seed stops right after
-    # writing its checkpoint of epoch HALT (its process pauses there, see _HALT), and the stage's
-    # live log has logged at least two epochs.
+    # The kill waits on events the stage emits: every seed paused right after its checkpoint of
+    # epoch HALT, and the stage's live log at two epochs or more.
     where = tmp_path / "killed"
     halted = [where / "run" / f"seed{seed}" / "checkpoint.pth.halted" for seed in (0, 1)]
-    proc = spawn(
-        [sys.executable, "-c", _HALT, *_pretrain(params, fashion_small, where)[1:]], tmp_path
-    )
+    summary = where / "live" / "metrics.json"
+
+    def seen() -> int:
+        return json.loads(summary.read_text())["step"] if summary.exists() else 0
+
+    proc = _start(_pretrain(params, fashion_small, where), tmp_path, _halting_env(tmp_path))
     try:
-        t0 = time.time()
-        seen = 0
-        while seen < 2 or not all(h.exists() for h in halted):
-            assert proc.poll() is None, f"the stage ended (exit {proc.returncode}) before it halted"
-            assert time.time() - t0 < 600, f"no halt after 600 s (live log step {seen})"
-            summary = where / "live" / "metrics.json"
-            seen = json.loads(summary.read_text())["step"] if summary.exists() else 0
-            time.sleep(0.1)
-        assert seen < EPOCHS
+        _wait(proc, lambda: all(h.exists() for h in halted) and seen() >= 2, "every seed halted")
+        assert seen() < EPOCHS
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
@@ -284,43 +302,45 @@ def test_a_killed_and_resumed_stage_keeps_its_full_per_epoch_history(fashion_sma
 
 @pytest.mark.slow
 def test_dvc_exp_show_sees_the_live_log_while_the_stage_trains(tmp_path):
-    # long enough for the stage's live log (synced every 5 s) to show epochs before the end
-    epochs = 40
-    repo = make_repo(tmp_path / "repo", _params(tmp_path, epochs))
+    repo = make_repo(tmp_path / "repo", _params(tmp_path))
     run([DVC, "repro", "prepare@fashion_mnist"], repo)
     column = "metrics/pretrain/none/metrics.json:step"
 
     def steps() -> tuple[str, str]:
-        proc = result([DVC, "exp", "show", "--csv", "--no-pager"], repo, timeout=120)
+        proc = result([DVC, "exp", "show", "--csv", "--no-pager"], repo, timeout=300)
         assert proc.returncode == 0, proc.stderr
         rows = list(csv.DictReader(proc.stdout.splitlines()))
         workspace = next(r for r in rows if r["Experiment"] == "" and r["rev"] == "workspace")
         # DVC prefixes a metric with its file only where two files share its name
         return workspace.get(column, workspace.get("step", "")), proc.stdout
 
-    proc = spawn(
+    # The stage pauses after epoch HALT (every seed) until `dvc exp show` has seen its live log:
+    # no race between the training and DVC's reading, however fast or loaded the machine.
+    ckpts = [repo / "runs/pretrain/none" / f"seed{seed}" / "checkpoint.pth" for seed in (0, 1)]
+    proc = _start(
         [DVC, "exp", "run", "pretrain@none"],
         repo,
+        _halting_env(tmp_path),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
     try:
-        during = ""
-        t0 = time.time()
-        while proc.poll() is None and time.time() - t0 < 600:
+        _wait(proc, lambda: all(Path(f"{c}.halted").exists() for c in ckpts), "every seed halted")
+        during, t0 = "", time.time()
+        while not during and time.time() - t0 < 300:  # the live log is synced every 5 s
             step, _ = steps()
-            if step not in ("", "-") and 0 < int(float(step)) < epochs:
-                during = step
-                break
-            time.sleep(0.5)
+            during = step if step not in ("", "-") and 0 < int(float(step)) else ""
+        for c in ckpts:
+            Path(f"{c}.release").touch()
         out = proc.communicate(timeout=600)[0]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, out
     assert during, "dvc exp show never showed the stage's live log while it trained"
+    assert int(float(during)) <= HALT < EPOCHS
     after, text = steps()
-    assert int(float(after)) == epochs, text
+    assert int(float(after)) == EPOCHS, text
     header = text.splitlines()[0].split(",")
     assert {"step", "train_loss", "cls_top1", "cls_top1_std", "cls_top5"} <= set(header), header
