@@ -15,6 +15,8 @@
 # `local`) submits its own submitit jobs (nodes x GPUs, DDP, requeue) and waits, so it is a local
 # rule here and never a SLURM job that submits SLURM jobs; every other rule is a job of the
 # executor (a SLURM job under workflow/profiles/slurm, with that profile's per-rule resources).
+import contextlib
+import fcntl
 import os
 import re
 from pathlib import Path
@@ -48,9 +50,24 @@ def _rel(path):
     return os.path.relpath(path, ROOT)
 
 
+@contextlib.contextmanager
+def _shared(fh):
+    fcntl.flock(fh, fcntl.LOCK_SH)
+    try:
+        yield
+    finally:
+        fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def load_dvc_stages(root):
-    """Every stage of dvc.yaml as DVC resolves it (foreach/matrix, ${} interpolation)."""
-    with Repo(root) as repo:
+    """Every stage of dvc.yaml as DVC resolves it (foreach/matrix, ${} interpolation).
+
+    Read under a shared lock on the file that each finishing rule holds while its `dvc commit`
+    rewrites dvc.lock (below): a job that starts then (every job parses this file) would otherwise
+    read a half-written dvc.lock ("'./dvc.lock' validation failed")."""
+    lock = Path(root) / ".snakemake" / "dvc-commit.lock"
+    lock.parent.mkdir(exist_ok=True)
+    with open(lock, "a") as held, _shared(held), Repo(root) as repo:
         stages = []
         for st in repo.index.stages:
             if not isinstance(st, PipelineStage) or not st.cmd:
