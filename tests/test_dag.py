@@ -174,3 +174,44 @@ def test_snakemake_runs_the_same_dag_with_the_same_results(dvc_reference, tmp_pa
     assert "Data and pipelines are up to date" in run([DVC, "status"], repo)
     assert ran_stages(run([DVC, "repro"], repo)) == set()
     assert "Nothing to be done" in run([SNAKEMAKE, "-n", "--cores", "1"], repo)
+
+
+@pytest.mark.slow
+def test_a_full_clone_switched_to_the_smoke_profile_runs_and_reports_only_its_own_dag(tmp_path):
+    """README's `cp profiles/smoke.yaml params.yaml && dvc repro` in a clone that holds the
+    committed fashion metrics: the tables read only what the smoke DAG wrote (not the fashion
+    Figure 3 budgets left in metrics/), and the run leaves git nothing unaccounted for."""
+    from deit_repro.config import load_params
+    from deit_repro.reporting.inputs import dag_metrics
+
+    repo = make_repo(tmp_path / "clone", "params.yaml", outputs=True)
+    stale = sorted(p.name for p in (repo / "metrics" / "figure3").glob("*.json"))
+    smoke = load_params(repo / "profiles" / "smoke.yaml")
+    assert {f"figure3/{p[:-5]}" for p in stale}.isdisjoint(dag_metrics(smoke)), stale
+    (repo / "params.yaml").write_text((repo / "profiles" / "smoke.yaml").read_text())
+    run([DVC, "repro"], repo)
+
+    assert "profile `smoke`" in (repo / "results" / "table3_distillation.md").read_text()
+    prov = json.loads((repo / "results" / "provenance.json").read_text())
+    read_metrics = {
+        f[len("metrics/") : -len(".json")]
+        for f in prov["files"]
+        if f.startswith("metrics/") and f.endswith(".json")
+    }
+    assert read_metrics <= dag_metrics(smoke), read_metrics - dag_metrics(smoke)
+    assert {"figure3/none-2", "figure3/deit-2"} <= read_metrics
+    status = run(["git", "status", "--porcelain", "--untracked-files=all"], repo)
+    # new: the smoke DAG's own Figure 3 results (committed like every metrics file); its models
+    # are DVC-cached and git-ignored
+    untracked = {
+        line[3:].split("/")[2].removesuffix(".json")
+        for line in status.splitlines()
+        if line.startswith("??") and line.startswith("?? metrics/figure3/")
+    }
+    others = [
+        line
+        for line in status.splitlines()
+        if line.startswith("??") and not line.startswith("?? metrics/figure3/")
+    ]
+    assert not others, others
+    assert untracked == {"none-2", "deit-2"}, untracked

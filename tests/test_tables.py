@@ -561,3 +561,34 @@ def test_missing_stages_say_not_run(tmp_path, params):
     t10 = {r["run"]: r for r in read_csv(tmp_path / "results" / "table10_finetune_resolution.csv")}
     assert t10["bilinear"]["top-1 after fine-tuning"] == "not run"
     assert read_csv(tmp_path / "results" / "table1_variants.csv")[0]["images/s"] == "not run"
+
+
+@pytest.mark.parametrize(
+    "profile",
+    ["smoke", "fashion", "imagenet", "imagenet+rehearsal"],  # the overlay on imagenet
+)
+def test_the_tables_read_the_metrics_files_dvc_yaml_defines(tmp_path, profile):
+    """dag_metrics (what the tables stage reads) is, for every profile, the set of metrics
+    files (not live logs) that DVC's reading of dvc.yaml says the stages write."""
+    import shutil
+
+    import yaml
+    from dvc.repo import Repo
+
+    from deit_repro.config import compose_params
+    from deit_repro.reporting.inputs import dag_metrics
+
+    shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    layers = [ROOT / "profiles" / f"{name}.yaml" for name in profile.split("+")]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(compose_params(*layers)))
+    Repo.init(tmp_path, no_scm=True)
+    with Repo(tmp_path) as repo:
+        written = {
+            str(o.def_path)[len("metrics/") : -len(".json")]
+            for stage in repo.index.stages
+            for o in stage.outs
+            if str(o.def_path).startswith("metrics/")
+            and str(o.def_path).endswith(".json")
+            and not o.metric
+        }
+    assert written == set(dag_metrics(load_params(tmp_path / "params.yaml")))

@@ -61,9 +61,10 @@ def ran_stages(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", output))
 
 
-def copy_project(dst: Path) -> None:
+def copy_project(dst: Path, outputs: bool = False) -> None:
     """The project's files as a clone would have them (tracked + new, minus ignored), without
-    the DAG's outputs."""
+    the DAG's committed outputs unless ``outputs`` (metrics/, results/, dvc.lock: a full
+    clone, whose DVC-cached outputs are not pulled)."""
     files = subprocess.run(
         ["git", "ls-files", "-co", "--exclude-standard", "-z"],
         cwd=ROOT,
@@ -73,7 +74,7 @@ def copy_project(dst: Path) -> None:
     ).stdout.split("\0")
     for rel in filter(None, files):
         src = ROOT / rel
-        if (
+        if not outputs and (
             rel.startswith(("data/", "models/", "metrics/", "results/", "runs/"))
             or rel == "dvc.lock"
         ):
@@ -86,11 +87,13 @@ def copy_project(dst: Path) -> None:
             shutil.copy2(src, dst / rel)
 
 
-def make_repo(dst: Path, params: Path | str = "profiles/smoke.yaml") -> Path:
-    """A fresh git repository of the project with ``params`` as params.yaml, committed."""
+def make_repo(dst: Path, params: Path | str = "profiles/smoke.yaml", outputs: bool = False) -> Path:
+    """A fresh git repository of the project with ``params`` as params.yaml, committed
+    (``outputs``: with the committed outputs, see copy_project)."""
     dst.mkdir(parents=True, exist_ok=True)
-    copy_project(dst)
-    shutil.copy(dst / params if not Path(params).is_absolute() else params, dst / "params.yaml")
+    copy_project(dst, outputs)
+    if Path(params) != Path("params.yaml"):
+        shutil.copy(dst / params if not Path(params).is_absolute() else params, dst / "params.yaml")
     run(["git", "init", "-q", "-b", "main"], dst)
     run(["git", "add", "-A"], dst)
     run(["git", "commit", "-qm", "fresh clone"], dst)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -17,18 +17,40 @@ import pandas as pd
 from deit_repro.errors import DataError
 from deit_repro.reporting.cells import DASH, NOT_RUN, Cell, Stat, pointer
 
+if TYPE_CHECKING:
+    from deit_repro.config import Params
+
 #: the paper's numbers in this repository: <repository root>/reference/paper
 REFERENCE = Path(__file__).resolve().parents[3] / "reference" / "paper"
 
 
+def dag_metrics(params: Params) -> frozenset[str]:
+    """The metrics files (names relative to metrics/, no suffix) that the stages of dvc.yaml
+    write under ``params``: the tables read these and no other. A file another profile's DAG
+    left in metrics/ (a committed fashion Figure 3 budget under the smoke profile) is not this
+    DAG's result. tests/test_tables.py checks this list against DVC's own reading of dvc.yaml
+    for every profile."""
+    names = {"teacher", "teacher_vit", "evaluate", "throughput"}
+    names |= {f"pretrain/{v}" for v in ("none", "soft", "hard", "deit", "deit_vit_teacher")}
+    names |= {f"finetune/{v}" for v in ("bicubic", "bilinear", "control")}
+    names |= {f"figure3/{v}-{e}" for v in ("none", "deit") for e in params.figure3.budgets}
+    names |= {f"transfer/{ds}-pretrained" for ds in params.transfer.datasets}
+    names |= {f"transfer/{ds}-scratch" for ds in params.transfer.scratch}
+    return frozenset(names)
+
+
 class Metrics:
-    """The metrics directory of a run of the DAG, read once.
+    """The metrics files of a run of the DAG, read once.
 
     Sources are written ``<dir name>/<file>#<JSON pointer>`` ("metrics/pretrain/deit.json#/heads/
     joint/top1"); history CSVs ``<dir name>/<file>#column=<c>&epoch=<e>`` (every seed's row).
+
+    Args:
+        root: the metrics directory (metrics/).
+        names: the files to read (``dag_metrics``); None: every ``*.json`` under ``root``.
     """
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, names: Iterable[str] | None = None):
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataError(
@@ -36,10 +58,11 @@ class Metrics:
                 "run the training and evaluate stages first (dvc repro)",
             )
         self.prefix = self.root.resolve().name
-        self.files = {
-            p.relative_to(self.root).with_suffix("").as_posix(): p
-            for p in sorted(self.root.rglob("*.json"))
-        }
+        if names is None:
+            found = sorted(self.root.rglob("*.json"))
+        else:
+            found = sorted(p for n in names if (p := self.root / f"{n}.json").is_file())
+        self.files = {p.relative_to(self.root).with_suffix("").as_posix(): p for p in found}
         self._cache: dict[str, Any] = {}
         self.read: set[Path] = set()
 

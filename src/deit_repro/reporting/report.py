@@ -26,7 +26,7 @@ from deit_repro.reporting import figures
 from deit_repro.reporting.cells import DASH, Cell
 from deit_repro.reporting.claims import claims
 from deit_repro.reporting.context import Context
-from deit_repro.reporting.inputs import REFERENCE, Metrics, Predictions, Reference
+from deit_repro.reporting.inputs import REFERENCE, Metrics, Predictions, Reference, dag_metrics
 from deit_repro.reporting.table_distillation import figure3, table2, table3, table4
 from deit_repro.reporting.table_finetune import table10
 from deit_repro.reporting.table_models import table1, table5
@@ -98,7 +98,8 @@ def run_tables(
     Returns:
         The files written, in order.
     """
-    m, ref, pred = Metrics(metrics), Reference(reference), Predictions(models)
+    m = Metrics(metrics, dag_metrics(params))
+    ref, pred = Reference(reference), Predictions(models)
     c = Context(params, m, ref, pred)
     out = Path(out)
     written: list[Path] = []
