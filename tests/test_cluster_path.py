@@ -406,3 +406,102 @@ def test_released_teacher_weights_in_a_ddp_job_are_written_by_rank_0_alone(
     assert got[0]["heads"] == one["heads"]  # the shards' counts add up to the whole split
     assert (tmp_path / "teacher" / "model.pt").is_file()
     assert not [q for q in tmp_path.iterdir() if q.name.startswith(".teacher")]
+
+
+# ------------------------------------------------------------------- one rank fails, all stop
+
+
+def _failure(fn, *args) -> tuple[str, str, float]:
+    """The error ``fn(*args)`` raised on this rank, and how long it took to raise it."""
+    import time
+
+    from deit_repro.errors import DeitReproError
+
+    t0 = time.monotonic()
+    try:
+        fn(*args)
+    except DeitReproError as err:
+        return type(err).__name__, str(err), time.monotonic() - t0
+    return "", "no error", time.monotonic() - t0
+
+
+def _download_on_rank(rt: Runtime, params, data, out) -> tuple[str, str, float]:
+    run_dir = out.parent / "run"
+    return _failure(lambda: run_teacher(params, data=data, out=out, run_dir=run_dir, seed=0, rt=rt))
+
+
+def _nan_on_rank_1(rt: Runtime, data, recipe) -> tuple[str, str, float]:
+    from deit_repro.core.datasets import train_batches
+    from deit_repro.core.engine import base_criterion, fit
+
+    torch.manual_seed(0)
+    model = create_student(
+        distilled=False,
+        num_classes=10,
+        img_size=28,
+        patch_size=7,
+        embed_dim=16,
+        depth=1,
+        num_heads=2,
+        in_chans=1,
+        drop_path_rate=0.0,
+    )
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    base, calls = base_criterion(recipe), [0]
+
+    def loss_fn(x, out, y):
+        calls[0] += 1
+        loss = base(out, y)
+        return loss * float("nan") if rt.rank == 1 and calls[0] == 2 else loss
+
+    def train():
+        fit(
+            model=ddp,
+            loss_fn=loss_fn,
+            recipe=recipe,
+            num_classes=10,
+            seed=0,
+            rt=rt,
+            checkpoint_path=None,
+            fingerprint="t",
+            train_batches=train_batches(
+                open_dataset(data), recipe, img_size=28, seed=0, world_size=2, rank=rt.rank
+            ),
+        )
+
+    return _failure(train)
+
+
+def test_a_failed_download_on_rank_0_stops_both_ranks_with_its_message(
+    tmp_path, fashion_small, smoke_params
+):
+    """Rank 0's teacher download fails (a compute node without internet): both ranks raise
+    the same one-line error within seconds, neither waits in a barrier for a timeout."""
+    from deit_repro.config import WeightsCfg
+
+    url = "http://127.0.0.1:9/regnety_160-a5fe301d.pth"  # nothing listens: refused at once
+    p = dataclasses.replace(
+        smoke_params,
+        teacher=dataclasses.replace(smoke_params.teacher, weights=WeightsCfg(url, "a5fe301d")),
+    )
+    got = _on_two_gloo_ranks(
+        tmp_path, _download_on_rank, p, fashion_small, tmp_path / "teacher", timeout=60
+    )
+    (kind0, msg0, s0), (kind1, msg1, s1) = got[0], got[1]
+    assert kind0 == kind1 == "CheckpointError" and msg0 == msg1, got
+    assert msg0.startswith(f"cannot download teacher weights {url} ("), msg0
+    assert s0 < 30 and s1 < 30, got
+    assert not (tmp_path / "teacher").exists()
+
+
+def test_a_nan_loss_on_one_rank_stops_both_ranks_at_the_same_step(
+    tmp_path, fashion_small, smoke_params
+):
+    """Rank 1's loss turns NaN at its 2nd step: both ranks raise the same error before
+    backward (no rank left in DDP's all-reduce until the collective times out)."""
+    recipe = dataclasses.replace(smoke_params.student.train, epochs=2)
+    got = _on_two_gloo_ranks(tmp_path, _nan_on_rank_1, fashion_small, recipe, timeout=60)
+    (kind0, msg0, s0), (kind1, msg1, s1) = got[0], got[1]
+    assert kind0 == kind1 == "TrainingError" and msg0 == msg1, got
+    assert msg0.startswith("loss is nan on rank 1 at epoch 1 step 2 (no checkpoint"), msg0
+    assert s0 < 30 and s1 < 30, got

@@ -208,12 +208,18 @@ def test_unknown_dataset_source_lists_the_sources():
     assert "'fashion_mnist'" in msg and "'imagefolder'" in msg
 
 
-@pytest.mark.parametrize("sha", ["0" * 65, "A" * 64, "g" * 64, "abc", "a5fe301"])
+@pytest.mark.parametrize("sha", ["0" * 65, "a" * 63, "a" * 9, "g" * 64, "abc", "a5fe301", ""])
 def test_bad_sha256_pin_is_refused(sha):
     data = set_key(smoke_dict(), "teacher.weights", {"url": "https://x/w.pth", "sha256": sha})
     msg = error_of(data)
     assert f"params key 'teacher.weights.sha256' = {sha!r} is out of range" in msg
-    assert "8 to 64 lowercase hex digits" in msg
+    assert "64 hex digits (the full digest), or the 8 in a release's file name" in msg
+
+
+@pytest.mark.parametrize("sha", ["A" * 64, "a" * 64, "A5FE301D", "a5fe301d"])
+def test_a_full_or_release_prefix_pin_in_either_case_is_accepted(sha):
+    data = set_key(smoke_dict(), "teacher.weights", {"url": "https://x/w.pth", "sha256": sha})
+    assert params_from_dict(data).teacher.weights.sha256 == sha
 
 
 def test_error_inside_an_optional_section_keeps_the_inner_key():

@@ -734,3 +734,52 @@ def test_a_finished_run_resumed_with_other_eval_settings_reports_one_evaluation(
         assert 100.0 * float((pred["cls"] == pred["label"]).mean()) == pytest.approx(
             metrics["top1"], abs=1e-6
         )
+
+
+def test_the_lr_schedule_is_timms_stepped_after_each_epoch_as_the_official_main_py(
+    fashion_small, smoke_params
+):
+    """Each epoch's lr in fit's history is the lr the official loop trains that epoch with:
+    timm's scheduler from main.py's args (create_scheduler), ``lr_scheduler.step(epoch)``
+    after ``train_one_epoch``: warmup_lr twice, then the ramp one epoch late."""
+    from types import SimpleNamespace
+
+    from timm.scheduler import create_scheduler
+
+    recipe = _recipe(smoke_params, epochs=6, warmup_epochs=2, warmup_lr=1e-6, min_lr=1e-5)
+    _, res = _fit(open_dataset(fashion_small), recipe, None)
+    ours = [row["lr"] for row in res.history]
+
+    args = SimpleNamespace(  # main.py's scheduler arguments and defaults
+        sched="cosine",
+        epochs=recipe.epochs,
+        lr=recipe.effective_lr(),
+        min_lr=recipe.min_lr,
+        warmup_lr=recipe.warmup_lr,
+        warmup_epochs=recipe.warmup_epochs,
+        cooldown_epochs=10,
+        decay_epochs=30,
+        decay_rate=0.1,
+        lr_noise=None,
+    )
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=args.lr)
+    sched, _ = create_scheduler(args, opt)
+    official = []
+    for epoch in range(args.epochs):  # main.py: for epoch in range(start_epoch, epochs)
+        official.append(opt.param_groups[0]["lr"])  # train_one_epoch(...)
+        sched.step(epoch)
+    assert ours == pytest.approx(official, rel=1e-12), (ours, official)
+    assert ours[0] == ours[1] == pytest.approx(1e-6)  # warmup_lr, used twice
+    assert ours[2] < ours[3] == max(ours)  # the ramp's top one epoch late
+
+
+@pytest.mark.parametrize(
+    "local, rank, count, want",
+    [("3", 3, 8, 3), ("3", 3, 1, 0), (None, 9, 8, 1), ("", 2, 4, 2), ("1", 5, 2, 1)],
+)
+def test_the_gpu_is_the_local_rank_modulo_the_gpus_this_process_sees(local, rank, count, want):
+    """One GPU bound per task (device_count 1): cuda:0, not cuda:LOCAL_RANK (invalid device
+    ordinal); official utils.py takes the rank modulo the device count."""
+    from deit_repro.core.engine import gpu_index
+
+    assert gpu_index(local, rank, count) == want

@@ -239,16 +239,35 @@ class EvalCfg:
     num_workers: int = _bounded(0, expect=">= 0", minimum=0)
 
 
+#: a sha256 pin of released weights (params.yaml's teacher.weights.sha256, import-weights
+#: --sha256): the full digest, or a release file name's 8-digit prefix
+SHA256_PIN = "^([0-9a-fA-F]{8}|[0-9a-fA-F]{64})$"
+SHA256_PIN_RULE = "64 hex digits (the full digest), or the 8 in a release's file name"
+
+
+def check_sha256_pin(pin: str, what: str) -> str:
+    """``pin``, lower-cased, if it is a sha256 pin (:data:`SHA256_PIN`); else a ConfigError
+    naming ``what`` (the option or key that gave it)."""
+    import re
+
+    if re.fullmatch(SHA256_PIN, pin or "") is None:
+        raise ConfigError(
+            f"{what} {pin!r} is not a sha256 pin",
+            f"give {SHA256_PIN_RULE} (sha256sum FILE prints the full digest)",
+        )
+    return pin.lower()
+
+
 @dataclass(frozen=True)
 class WeightsCfg:
     """Released weights: a URL (or local file) and the sha256 they must have."""
 
+    #: an http(s):// or file:// URL, or a path to a file already on this machine
     url: str
-    #: a full sha256, or (as torch.hub's check_hash) the prefix in a release's file name, e.g.
-    #: regnety_160-a5fe301d.pth: at least 8 hex digits
-    sha256: str = _bounded(
-        expect="8 to 64 lowercase hex digits (a sha256 or its prefix)", pattern="^[0-9a-f]{8,64}$"
-    )
+    #: the full sha256 (64 hex digits, either case), or the 8 hex digits torch.hub's check_hash
+    #: reads from a release's file name (regnety_160-a5fe301d.pth): nothing shorter, nothing
+    #: in between, so that a pin always pins
+    sha256: str = _bounded(expect=f"a sha256 pin: {SHA256_PIN_RULE}", pattern=SHA256_PIN)
 
 
 @dataclass(frozen=True)

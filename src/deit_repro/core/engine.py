@@ -1,7 +1,7 @@
 """The training and evaluation engine: the paper's recipe through timm's components.
 
-AdamW via ``create_optimizer_v2``, cosine + warmup via ``create_scheduler_v2`` (stepped per epoch,
-as the official main.py), Mixup/CutMix via ``timm.data.Mixup``, label smoothing via timm's losses,
+AdamW via ``create_optimizer_v2``, cosine + warmup via ``create_scheduler_v2`` (stepped after each
+epoch, as the official main.py), Mixup/CutMix via ``timm.data.Mixup``, label smoothing via timm's losses,
 stochastic depth in the model, optional EMA via ``ModelEmaV3`` (paper §6, Table 9).
 
 ``fit`` writes one complete checkpoint (model, optimizer, scheduler, scaler, EMA, epoch, RNG states,
@@ -30,7 +30,7 @@ import torch.nn as nn
 from deit_repro import atomic
 from deit_repro.core.batches import epoch_seed, seed_everything
 from deit_repro.config import TrainCfg
-from deit_repro.errors import CheckpointError, TrainingError
+from deit_repro.errors import CheckpointError, DeitReproError, TrainingError
 
 _logger = logging.getLogger(__name__)
 
@@ -65,9 +65,7 @@ class Runtime:
             else (1, 0)
         )
         if torch.cuda.is_available():
-            # One process per GPU: the node-local rank picks it (LOCAL_RANK, exported from
-            # submitit's environment), not rank % device_count as the official code does.
-            local = int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count()))
+            local = gpu_index(os.environ.get("LOCAL_RANK"), rank, torch.cuda.device_count())
             device = torch.device("cuda", local)
             torch.cuda.set_device(device)
             # As the official main.py: cuDNN times its convolution algorithms once per input
@@ -123,11 +121,66 @@ class Runtime:
             for buf in module.buffers():
                 torch.distributed.broadcast(buf, src=0)
 
+    def main_first(self, fn: Callable[[], Any]) -> None:
+        """``fn`` on rank 0 alone (a download, a file one rank writes), then every rank learns
+        whether it worked: if it raised, every rank raises rank 0's error, the same line, at
+        once. Without this, rank 0 exits while the others wait in the next collective until its
+        timeout (NCCL's: 10 minutes or more), and the job's log shows their timeouts."""
+        failure: list[Any] = [None]
+        error: BaseException | None = None
+        if self.is_main:
+            try:
+                fn()
+            except Exception as err:  # every kind: the other ranks must not wait on any
+                error = err
+                failure = [_portable(err)]
+        if self.world_size > 1:
+            torch.distributed.broadcast_object_list(failure, src=0, device=self.device)
+        if error is not None:
+            raise error
+        if failure[0] is not None:
+            cls, what, fix = failure[0]
+            raise cls(what, fix)
+
+    def nonfinite(self, value: float) -> list[tuple[int, float]]:
+        """The ranks whose ``value`` (this step's loss) is not finite, with their value: decided
+        together, so that every rank stops at the same step with the same error (one rank
+        raising alone leaves the others in DDP's gradient all-reduce until its timeout)."""
+        if self.world_size == 1:
+            return [] if math.isfinite(value) else [(0, value)]
+        both = torch.zeros((2, self.world_size), dtype=torch.float64, device=self.device)
+        if not math.isfinite(value):
+            both[0, self.rank], both[1, self.rank] = 1.0, value
+        torch.distributed.all_reduce(both)
+        flags, values = both.tolist()
+        return [(r, values[r]) for r in range(self.world_size) if flags[r]]
+
     def barrier(self) -> None:
         """Wait for every rank (NCCL's barrier on this process's own GPU)."""
         if self.world_size > 1:
             on_gpu = self.device.type == "cuda"
             torch.distributed.barrier(device_ids=[self.device.index] if on_gpu else None)
+
+
+def gpu_index(local_rank: str | None, rank: int, device_count: int) -> int:
+    """The GPU a process trains on: one per process, picked by the node-local rank (LOCAL_RANK,
+    exported from submitit's environment; the global rank without it), modulo the GPUs this
+    process sees, as the official utils.py does. A site that binds one GPU per task
+    (``--gpu-bind``, CUDA_VISIBLE_DEVICES per task) shows each process one device, index 0:
+    ``cuda:LOCAL_RANK`` there is "invalid device ordinal"."""
+    return int(local_rank if local_rank not in (None, "") else rank) % max(device_count, 1)
+
+
+def _portable(err: Exception) -> tuple[type, str, str | None]:
+    """An error as the other ranks raise it: a DeitReproError as itself, anything else as a
+    TrainingError naming rank 0's exception (its traceback is in rank 0's log)."""
+    if isinstance(err, DeitReproError):
+        return type(err), err.what, err.fix
+    return (
+        TrainingError,
+        f"rank 0 failed: {type(err).__name__}: {err}",
+        "see rank 0's log (task 0) for its traceback",
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -544,7 +597,7 @@ def fit(
         seed_everything(epoch_seed(seed, epoch, rt.rank))
         train_batches.set_epoch(epoch)
         model.train()
-        scheduler.step(epoch)
+        lr = optimizer.param_groups[0]["lr"]  # this epoch's: the scheduler steps after it
         loss_sum, n_seen, t_epoch = 0.0, 0, time.perf_counter()
         bar = _tqdm(train_batches, steps, f"{desc} {epoch + 1}/{num_epochs}", rt.is_main)
         # Without a terminal (a SLURM log) tqdm is silent: the main rank logs lines instead.
@@ -561,14 +614,20 @@ def fit(
                 outputs = model(x)
                 loss = loss_fn(x, outputs, targets)
             loss_value = loss.item()  # one sync, used by the check and the running mean
-            if not math.isfinite(loss_value):
+            bad = rt.nonfinite(loss_value)  # before backward: DDP's all-reduce is there
+            if bad:
                 where = (
                     f"last good checkpoint: {last_good}"
                     if last_good
                     else "no checkpoint was written yet"
                 )
+                what = (
+                    f"{bad[0][1]}"
+                    if rt.world_size == 1
+                    else ", ".join(f"{v} on rank {r}" for r, v in bad)
+                )
                 raise TrainingError(
-                    f"loss is {loss_value} at epoch {epoch + 1} step {step + 1} ({where})",
+                    f"loss is {what} at epoch {epoch + 1} step {step + 1} ({where})",
                     "lower the learning rate (lr_per_512) or "
                     "enable clip_grad; facebookresearch/deit#29",
                 )
@@ -615,7 +674,7 @@ def fit(
             n_seen = int(seen)
         row: dict[str, Any] = {
             "epoch": epoch + 1,
-            "lr": optimizer.param_groups[0]["lr"],
+            "lr": lr,
             "train_loss": loss_sum / max(n_seen, 1),
             "train_images_per_s": n_seen / (time.perf_counter() - t_epoch),
         }
@@ -637,27 +696,38 @@ def fit(
             num_epochs,
             {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()},
         )
-        if checkpoint_path is not None and rt.is_main:
-            atomic.torch_save(
-                {
-                    "format": CHECKPOINT_FORMAT,
-                    "fingerprint": fingerprint,
-                    "epoch": epoch,
-                    "num_epochs": num_epochs,
-                    "model": raw.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None else None,
-                    "ema": ema.state_dict() if ema is not None else None,
-                    "rng": _rng_state(),
-                    "history": result.history,
-                },
-                checkpoint_path,
-            )
-            last_good = checkpoint_path
-        if on_epoch_end is not None and rt.is_main:
-            on_epoch_end(result.history)
-        rt.barrier()
+
+        # As the official main.py (``lr_scheduler.step(epoch)`` after each epoch): epoch e > 0
+        # trains at the schedule's value for e - 1, epoch 0 at its start (warmup_lr, or the base
+        # lr without warmup), so the warmup's first value is used twice and the last epoch
+        # trains at the schedule's value for the one before it.
+        scheduler.step(epoch)
+
+        def end_epoch() -> None:
+            if checkpoint_path is not None:
+                atomic.torch_save(
+                    {
+                        "format": CHECKPOINT_FORMAT,
+                        "fingerprint": fingerprint,
+                        "epoch": epoch,
+                        "num_epochs": num_epochs,
+                        "model": raw.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "scaler": scaler.state_dict() if scaler is not None else None,
+                        "ema": ema.state_dict() if ema is not None else None,
+                        "rng": _rng_state(),
+                        "history": result.history,
+                    },
+                    checkpoint_path,
+                )
+            if on_epoch_end is not None:
+                on_epoch_end(result.history)
+
+        # Rank 0 writes the checkpoint and the live log; the other ranks wait for it, and a
+        # failure there (a full disk) stops every rank with rank 0's message.
+        rt.main_first(end_epoch)
+        last_good = checkpoint_path or last_good
         epoch_seconds.append(time.perf_counter() - t_epoch)
     result.seconds = time.perf_counter() - t0
     result.ema = ema.module if ema is not None else None

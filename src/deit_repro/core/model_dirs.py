@@ -241,16 +241,25 @@ def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def fetch_weights(weights: WeightsCfg, local: Path | None, cache_dir: Path) -> Path:
+def fetch_weights(
+    weights: WeightsCfg, local: Path | None, cache_dir: Path, what: str = "teacher weights"
+) -> Path:
     """The released weights as a local file whose sha256 matches the pinned one.
 
-    ``local`` (a file the user already has) wins over ``weights.url``. The pin may be a full
-    sha256 or, like torch.hub's ``check_hash``, the prefix in the file name (``-a5fe301d``).
+    ``local`` (a file the user already has) wins over ``weights.url``; a url without a scheme
+    is a local path, ``file://`` one too (a compute node without internet reads a pre-placed
+    file). The pin may be a full sha256 or, like torch.hub's ``check_hash``, the prefix in the
+    file name (``-a5fe301d``); the full digest is logged, to pin it in its place.
+    ``what`` names the weights in errors ("teacher weights", "released weights").
     """
+    parsed = urllib.parse.urlparse(weights.url)
+    if local is None and parsed.scheme in ("", "file"):
+        local = Path(urllib.parse.unquote(parsed.path) if parsed.scheme else weights.url)
     if local is not None:
         if not Path(local).is_file():
             raise CheckpointError(
-                f"teacher weights file {local} not found", "pass an existing file to --weights"
+                f"{what} file {local} not found",
+                "pass an existing file (--weights FILE, or its path as the url)",
             )
         path = Path(local)
     else:
@@ -263,15 +272,16 @@ def fetch_weights(weights: WeightsCfg, local: Path | None, cache_dir: Path) -> P
                     torch.hub.download_url_to_file(weights.url, str(tmp), progress=False)
             except OSError as err:
                 raise CheckpointError(
-                    f"cannot download teacher weights {weights.url} ({err})",
-                    "download them where a network exists and pass --weights FILE",
+                    f"cannot download {what} {weights.url} ({err})",
+                    "download them where a network exists and give the file's path as the url",
                 ) from None
     digest = atomic.sha256_file(path)
-    if not digest.startswith(weights.sha256):
+    if not digest.startswith(weights.sha256.lower()):
         raise CheckpointError(
-            f"weights file {path} has sha256 {digest}, not the pinned {weights.sha256}",
-            "get the released file again (or fix the pin in params.yaml if the release changed)",
+            f"{what} file {path} has sha256 {digest}, not the pinned {weights.sha256}",
+            "get the released file again (or fix the pin if the release changed)",
         )
+    _logger.info("%s %s: sha256 %s", what, path, digest)
     return path
 
 

@@ -338,7 +338,11 @@ def submit_runs(
                         if tick is not None:
                             tick()
                         time.sleep(1.0)
-                result = job.results()[0]  # task 0 is global rank 0
+                # Task 0 (global rank 0) first: its own error, where job.results() would raise
+                # the first failed task's account, a rank that only saw rank 0 go.
+                result = job.task(0).result()
+                if "error" not in result:
+                    job.results()  # another task's failure
             except (FailedJobError, UncompletedJobError) as err:
                 first = " ".join(line.strip() for line in str(err).splitlines()[:2])
                 raise TrainingError(

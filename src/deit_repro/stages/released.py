@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from deit_repro import atomic
-from deit_repro.config import WeightsCfg
+from deit_repro.config import WeightsCfg, check_sha256_pin
 from deit_repro.errors import ConfigError
 from deit_repro.core.datasets import open_dataset
 from deit_repro.core.model_dirs import build_model, fetch_weights, load_weights_file, save_model
@@ -50,9 +50,8 @@ def import_weights(
     Returns:
         The model description written to ``out/model.json``.
     """
-    pin = WeightsCfg(url=weights, sha256=sha256)  # validates the pin
-    local = Path(weights) if "://" not in weights else None
-    path = fetch_weights(pin, local, cache_dir or out.parent / ".downloads")
+    pin = WeightsCfg(url=weights, sha256=check_sha256_pin(sha256, "--sha256"))
+    path = fetch_weights(pin, None, cache_dir or out.parent / ".downloads", "released weights")
     ds = open_dataset(data)
     size = img_size or (384 if model.endswith("_384") else 224)
     role = "student" if model.startswith("deit") else "teacher"

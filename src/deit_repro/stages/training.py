@@ -361,10 +361,9 @@ def run_teacher(
                 else Path.home() / ".cache" / "deit-repro" / "downloads"
             )
             # In a DDP job rank 0 downloads; the others read its verified file (one download, no
-            # two ranks writing the same path).
-            if rt.is_main:
-                fetch_weights(cfg.weights, weights, downloads)
-            rt.barrier()
+            # two ranks writing the same path), or raise its error with it (no internet on the
+            # compute node: every rank says so at once, none waits in a barrier).
+            rt.main_first(lambda: fetch_weights(cfg.weights, weights, downloads))
             path = fetch_weights(cfg.weights, weights, downloads)
         else:
             path = weights
