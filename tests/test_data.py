@@ -659,3 +659,74 @@ def test_open_dataset_returns_the_arrays_that_were_written(tmp_path):
         assert np.array_equal(part.images.numpy(), expected)
         assert part.labels.tolist() == splits[name].labels.tolist()
         assert part.images.numpy().flags.writeable  # torch.from_numpy warns on read-only memory
+
+
+def _zoo(root: Path) -> dict[str, Path]:
+    """An ImageNet-layout tree of the files a real crawl holds: CMYK, grayscale and EXIF-rotated
+    JPEGs, a PNG and an RGBA PNG named .JPEG (all train), an empty file and a JPEG cut in half."""
+    import io
+
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, size=(48, 64, 3), dtype=np.uint8)
+    files: dict[str, Path] = {}
+
+    def put(name: str, cls: str, data: bytes) -> None:
+        path = root / "train" / cls / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        files[name] = path
+
+    def encoded(img: Image.Image, fmt: str, **kw) -> bytes:
+        buf = io.BytesIO()
+        img.save(buf, fmt, **kw)
+        return buf.getvalue()
+
+    rgb = Image.fromarray(noise)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees on display
+    put("cmyk.JPEG", "n01", encoded(rgb.convert("CMYK"), "JPEG"))
+    put("gray.JPEG", "n01", encoded(rgb.convert("L"), "JPEG"))
+    put("exif.JPEG", "n01", encoded(rgb, "JPEG", exif=exif))
+    put("png.png", "n02", encoded(rgb, "PNG"))
+    put("rgba.JPEG", "n02", encoded(rgb.convert("RGBA"), "PNG"))
+    whole = encoded(rgb, "JPEG", quality=95)
+    put("empty.JPEG", "n02", b"")
+    put("half.JPEG", "n02", whole[: len(whole) // 2])
+    for cls in ("n01", "n02"):
+        for i in range(2):
+            _png(root / "val" / cls / f"{i}.png", (i * 50, 0, 0))
+    return files
+
+
+def test_prepare_decodes_every_image_whole_and_refuses_a_truncated_jpeg(tmp_path):
+    """PIL's verify() passes a JPEG cut in half (headers only), which training then fails to
+    decode; prepare decodes every file as training will."""
+    from deit_repro.data.sources import _decode_fully
+
+    files = _zoo(tmp_path / "in")
+    assert _decode_fully(str(files["half.JPEG"])).startswith("OSError: image file is truncated")
+    with Image.open(files["half.JPEG"]) as img:
+        img.verify()  # what passed before: the headers are fine
+    for name in ("cmyk.JPEG", "gray.JPEG", "exif.JPEG", "png.png", "rgba.JPEG"):
+        assert _decode_fully(str(files[name])) is None, name
+    (tmp_path / "in" / "train" / "n02" / "empty.JPEG").unlink()
+    with pytest.raises(DataError) as info:
+        _prepare(source="imagefolder", out=tmp_path / "out", source_dir=tmp_path / "in")
+    assert f"unreadable image {files['half.JPEG']} (OSError: image file is truncated" in str(
+        info.value
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_prepare_skips_the_empty_and_the_truncated_file_and_keeps_the_rest(tmp_path):
+    files = _zoo(tmp_path / "in")
+    manifest = _prepare(
+        source="imagefolder", out=tmp_path / "out", source_dir=tmp_path / "in", on_bad_image="skip"
+    )
+    skipped = manifest["skipped"]["train"]
+    assert sorted(skipped["files"]) == sorted([str(files["empty.JPEG"]), str(files["half.JPEG"])])
+    assert manifest["splits"]["train"]["count"] == 5
+    split = load_prepared(tmp_path / "out", "train", verify=True)
+    for path in split.files:  # as the training loader reads them: every one decodes to RGB
+        with Image.open(path) as im:
+            assert im.convert("RGB").size == (64, 48)

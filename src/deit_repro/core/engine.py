@@ -1,8 +1,8 @@
 """The training and evaluation engine: the paper's recipe through timm's components.
 
 AdamW via ``create_optimizer_v2``, cosine + warmup via ``create_scheduler_v2`` (stepped after each
-epoch, as the official main.py), Mixup/CutMix via ``timm.data.Mixup``, label smoothing via timm's losses,
-stochastic depth in the model, optional EMA via ``ModelEmaV3`` (paper §6, Table 9).
+epoch, as the official main.py), Mixup/CutMix via ``timm.data.Mixup``, label smoothing via timm's
+losses, stochastic depth in the model, optional EMA via ``ModelEmaV3`` (paper §6, Table 9).
 
 ``fit`` writes one complete checkpoint (model, optimizer, scheduler, scaler, EMA, epoch, RNG states,
 history) atomically after every epoch and resumes from it automatically (RELIABILITY.md,

@@ -18,6 +18,7 @@ import functools
 import json
 import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Sequence
@@ -47,7 +48,7 @@ FASHION_CLASSES = [
 _FASHION_COUNTS = {"train": 60000, "test": 10000}
 # Same extensions as torchvision's ImageFolder, so a tree it accepts is accepted here.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-# Everything PIL raises on a broken file: UnidentifiedImageError is an OSError, verify() raises
+# Everything PIL raises on a broken file: UnidentifiedImageError is an OSError, decoding raises
 # SyntaxError on some corrupt PNGs, DecompressionBombError is a plain Exception.
 _PIL_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 _IO_WORKERS = min(16, os.cpu_count() or 1)
@@ -240,10 +241,14 @@ def load_digits(*, test_fraction: float = 0.2, seed: int = 0) -> RawDataset:
 # ------------------------------------------------------------------------- image checks / decoding
 
 
-def _open_and_verify(path: str) -> str | None:
+def _decode_fully(path: str) -> str | None:
+    """Why ``path`` cannot be trained on, or None: decoded whole and converted to RGB, as the
+    training loader will (``Image.verify()`` reads headers only, and passes a JPEG cut in half
+    that then raises "image file is truncated" in a loader worker, at the same step after
+    every resume)."""
     try:
         with Image.open(path) as img:
-            img.verify()
+            img.convert("RGB")
     except _PIL_ERRORS as exc:
         return f"{type(exc).__name__}: {exc}"
     return None
@@ -266,7 +271,10 @@ def check_images(
     split: str,
     skipped: dict[str, list[str]],
 ) -> Split:
-    """Open every file with PIL (``verify()``: header and checksums, no full decode).
+    """Decode every file whole with PIL and convert it to RGB, as training will (CMYK,
+    grayscale, palette and RGBA files pass; a truncated or empty file does not). PIL decodes
+    about 1,300 ImageNet-sized JPEGs per second per core: a minute or two for ImageNet on a
+    16-core node; the time taken is logged.
 
     Args:
         files: image paths.
@@ -278,8 +286,19 @@ def check_images(
     Returns:
         The split without the dropped files.
     """
-    with ThreadPoolExecutor(_IO_WORKERS) as pool:  # I/O bound: threads overlap the file reads
-        problems = list(pool.map(_open_and_verify, files))
+    t0 = time.perf_counter()
+    # PIL releases the GIL while it decodes: threads use every core and overlap the reads.
+    with ThreadPoolExecutor(_IO_WORKERS) as pool:
+        problems = list(pool.map(_decode_fully, files))
+    seconds = time.perf_counter() - t0
+    _logger.info(
+        "%s: decoded %d images in %.1f s (%.0f images/s, %d threads)",
+        split,
+        len(files),
+        seconds,
+        len(files) / max(seconds, 1e-9),
+        _IO_WORKERS,
+    )
     keep = []
     for i, (path, problem) in enumerate(zip(files, problems)):
         if problem is None:
@@ -394,7 +413,7 @@ def load_imagefolder(
 
     Args:
         root: the dataset root.
-        verify_images: open every file with PIL ``verify()`` and apply ``on_bad_image``.
+        verify_images: decode every file whole (``check_images``) and apply ``on_bad_image``.
         on_bad_image: ``"error"`` or ``"skip"``.
         name: dataset name for the manifest.
 

@@ -98,7 +98,7 @@ def run_prepare(
         out: output directory; replaced atomically.
         source_dir: the source's data directory; default ``cfg.root``, else the source's usual
             place (Fashion-MNIST: the Debian package's ``/usr/share/datasets/fashion-mnist``).
-        verify_images: open every image file with PIL before using it (file-list sources).
+        verify_images: decode every image file whole before using it (file-list sources).
 
     Returns:
         The manifest written to ``out/manifest.json``.
