@@ -110,6 +110,15 @@ def link_deps(stages):
 
 
 DVC_STAGES = link_deps(load_dvc_stages(ROOT))
+PARAMS_GATE = "metrics/params_checked.txt"
+
+
+def _local(stage):
+    """Whether a stage runs on the submit host: a training stage that submits its own jobs
+    (the command, not the stage's name, says so: transfer_scratch runs `deit-repro transfer`),
+    and check_params, which only loads params.yaml (no cluster queue for that)."""
+    launches = LAUNCHER != "in-process" and stage["cmd"].split()[1] in LAUNCHED_STAGES
+    return launches or stage["family"] == "check_params"
 
 
 # Outputs without a file extension are directories (data/<name>, models/...).
@@ -168,14 +177,14 @@ for _s in DVC_STAGES:
         name:
             _s["name"]
         input:
-            _s["deps"],
+            # The params gate (dvc.yaml's check_params) is rewritten with the same bytes when
+            # params change: ancient(), or its new mtime would re-run every rule.
+            [ancient(d) if d == PARAMS_GATE else d for d in _s["deps"]],
         output:
             [_out(o) for o in _s["outs"]] + report_items(_s["outs"]),
         log:
             f"logs/{_s['name']}.log",
-        # `deit-repro <command> ...`: the command, not the stage's name, says whether it launches
-        # its own jobs (transfer_scratch runs `deit-repro transfer`).
-        localrule: LAUNCHER != "in-process" and _s["cmd"].split()[1] in LAUNCHED_STAGES
+        localrule: _local(_s)
         # The pinned environment of scripts/setup.sh, used under `--sdm conda` (otherwise the rules
         # run in Snakemake's own environment); `snakemake --lint` asks every rule to name one.
         conda:

@@ -23,6 +23,7 @@ from workflow_helpers import (
 )
 
 STAGES = {
+    "check_params",
     "prepare@fashion_mnist",
     "prepare@digits",
     "teacher@convnet",
@@ -72,7 +73,7 @@ def test_metrics_show_and_exp_show_hold_a_few_headline_numbers_per_stage(
     repo = dvc_reference["repo"]
     files = _json([DVC, "metrics", "show", "--json"], repo)[""]["data"]
     # one file per training stage variant, plus evaluate's and throughput's
-    assert len(files) == len(STAGES) - 3, sorted(files)  # not the 2 prepares, not tables
+    assert len(files) == len(STAGES) - 4, sorted(files)  # not check_params, 2 prepares, tables
     keys = set()
     for path, entry in files.items():
         data = entry["data"]
@@ -127,8 +128,10 @@ def test_dvc_repro_then_exp_run_distill_soft(dvc_reference):
 
     out = run([DVC, "exp", "run", "-S", "distill=soft"], repo)
     # Exactly the stages downstream of the headline model re-run (the Table 3 variants and the
-    # from-scratch transfer baseline, which reads no pretrained model, do not).
+    # from-scratch transfer baseline, which reads no pretrained model, do not); the params gate
+    # runs on any params change, and its unchanged output re-runs nothing.
     assert ran_stages(out) == {
+        "check_params",
         "pretrain@deit",
         "pretrain@deit_vit_teacher",
         "figure3_deit@2",
@@ -215,3 +218,33 @@ def test_a_full_clone_switched_to_the_smoke_profile_runs_and_reports_only_its_ow
     ]
     assert not others, others
     assert untracked == {"none-2", "deit-2"}, untracked
+
+
+@pytest.mark.slow
+def test_a_bad_param_stops_the_dag_before_any_stage_loses_its_outputs(dvc_reference, tmp_path):
+    """DVC removes a stage's outputs before it runs it: `dvc exp run -S distill=sotf` must stop
+    at the check_params stage, with the loader's one-line error, before pretrain@deit runs."""
+    import shutil
+
+    from workflow_helpers import result
+
+    repo = tmp_path / "repo"
+    shutil.copytree(dvc_reference["repo"], repo, symlinks=True)
+    outs = [repo / "models" / "pretrain" / "deit", repo / "metrics" / "pretrain" / "deit.json"]
+
+    def files() -> dict[str, bytes]:
+        found = {}
+        for out in outs:
+            for p in [out] if out.is_file() else sorted(out.rglob("*")):
+                if p.is_file():
+                    found[p.relative_to(repo).as_posix()] = p.read_bytes()
+        return found
+
+    before = files()
+    assert any(k.endswith("model.pt") for k in before), sorted(before)
+    proc = result([DVC, "exp", "run", "-S", "distill=sotf"], repo, timeout=600)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0, text
+    assert "params key 'distill' = 'sotf' is not one of 'none', 'soft', 'hard'" in text, text
+    assert ran_stages(text) == {"check_params"}, text
+    assert files() == before

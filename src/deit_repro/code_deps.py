@@ -24,6 +24,7 @@ ORCHESTRATION = f"{PACKAGE}.run"
 #: the module that computes each DVC stage (= Snakemake rule = CLI subcommand); the stage's code
 #: deps in dvc.yaml must cover its import closure
 COMPUTED_BY = {
+    "check_params": f"{PACKAGE}.config",
     "prepare": f"{PACKAGE}.stages.prepare",
     "teacher": f"{PACKAGE}.stages.training",
     "pretrain": f"{PACKAGE}.stages.training",

@@ -67,9 +67,10 @@ def _resample(
         old_size=[old, old],
         num_prefix_tokens=num_prefix_tokens,
         interpolation=interpolation,
-        # The official fine-tuning code: plain F.interpolate, align_corners=False, no antialiasing.
+        # The official fine-tuning code: plain F.interpolate, no antialiasing. (Its
+        # align_corners=False is F.interpolate's default for bicubic and bilinear; not passed,
+        # so that timm releases before the keyword existed work too.)
         antialias=False,
-        align_corners=False,
     )
 
 

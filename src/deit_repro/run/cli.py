@@ -255,6 +255,22 @@ def _cmd_tables(args, params: Params) -> None:
     print("wrote " + ", ".join(str(p) for p in written))
 
 
+#: what `check-params` writes: the same bytes whatever the params, so that the stages that
+#: depend on it re-run for their own params, not for this gate's
+PARAMS_CHECKED = (
+    "params.yaml loads: every key known, every value in range (deit-repro check-params)\n"
+)
+
+
+def _cmd_check_params(args, params: Params) -> None:
+    from deit_repro import atomic
+
+    # Loading params.yaml (main, before this) is the check; a bad value never gets here.
+    if not args.out.is_file() or args.out.read_text() != PARAMS_CHECKED:
+        atomic.write_text(args.out, PARAMS_CHECKED)
+    print(f"{args.params}: valid")
+
+
 def _cmd_compose(args, params: Params | None) -> None:
     import yaml
 
@@ -531,6 +547,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--out", type=Path, default=Path("workflow/schemas/params.schema.yaml"))
     sp.set_defaults(func=_cmd_schema)
+
+    sp = stage(
+        "check-params",
+        _cmd_check_params,
+        "load params.yaml with every check and write --out (the DAG's first stage: a bad value "
+        "stops `dvc repro` before DVC removes any stage's outputs to re-run it)",
+    )
+    sp.add_argument("--out", type=Path, required=True, help="the file the other stages depend on")
 
     sp = stage("tables", _cmd_tables, "regenerate the paper's tables from the metrics")
     sp.add_argument(
