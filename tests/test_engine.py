@@ -783,3 +783,25 @@ def test_the_gpu_is_the_local_rank_modulo_the_gpus_this_process_sees(local, rank
     from deit_repro.core.engine import gpu_index
 
     assert gpu_index(local, rank, count) == want
+
+
+def test_a_throughput_batch_larger_than_the_machines_memory_falls_back_not_oom_killed():
+    """On a CPU a batch that cannot fit (the imagenet profile's 1024 x DeiT-B at 384 px on a
+    laptop) is refused by the allocator under the stage's memory bound and the next batch is
+    measured, instead of the kernel's OOM killer ending the stage; none fitting is one line."""
+    from deit_repro.config import ThroughputCfg
+    from deit_repro.stages.throughput import _available_memory, measure_throughput
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten())
+    huge = int(2 * _available_memory() / (3 * 32 * 32 * 4))  # twice the available memory
+    cfg = ThroughputCfg(batch_sizes=(huge, 16), warmup=1, repeats=2)
+    got = measure_throughput(model, img_size=32, in_chans=3, cfg=cfg, rt=CPU)
+    assert got["batch_size"] == 16 and got["images_per_s"] > 0
+    with pytest.raises(ConfigError, match=rf"no batch size of throughput.batch_sizes \[{huge}\]"):
+        measure_throughput(
+            model,
+            img_size=32,
+            in_chans=3,
+            cfg=dataclasses.replace(cfg, batch_sizes=(huge,)),
+            rt=CPU,
+        )

@@ -116,3 +116,51 @@ def test_a_gpu_job_without_cuda_is_refused_not_run_on_cpu(tmp_path):
     assert result["error"].startswith("launch.pretrain.gpus_per_node is 1 but torch ")
     assert "sees no usable GPU" in result["error"] and "gpus_per_node: 0" in result["error"]
     assert not (tmp_path / "out").exists()  # nothing trained
+
+
+def test_a_flag_sbatch_option_is_true_and_false_leaves_it_out(tmp_path):
+    """`launch.slurm.additional: {exclusive: true}` is sbatch's --exclusive (a flag takes no
+    value); `false` leaves the option out; a value is --key=value."""
+    from deit_repro.config import params_from_dict
+    from deit_repro.run.launch import sbatch_script
+
+    data = smoke_dict()
+    data["launch"]["slurm"] = {
+        "additional": {"exclusive": True, "requeue": False, "exclude": "node[1-2]", "nice": 10}
+    }
+    script = sbatch_script(params_from_dict(data).launch, "pretrain", tmp_path, "job")
+    lines = set(script.splitlines())
+    assert {"#SBATCH --exclusive", "#SBATCH --exclude='node[1-2]'", "#SBATCH --nice=10"} <= lines
+    assert not [line for line in lines if "requeue" in line]
+
+
+def test_a_slurm_launcher_without_sbatch_is_one_line_not_a_traceback(tmp_path, fashion_small):
+    """The imagenet profile's launcher on a laptop (no SLURM client): the stage says so and what
+    to do, instead of submitit's RuntimeError('Could not detect "srun"')."""
+    data = smoke_dict()
+    data["launch"]["launcher"] = "slurm"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(data))
+    path = ":".join(p for p in env()["PATH"].split(":") if not Path(p, "sbatch").exists())
+    proc = subprocess.run(
+        [
+            DEIT,
+            "pretrain",
+            "--distill",
+            "none",
+            "--data",
+            str(fashion_small),
+            "--out",
+            "m",
+            "--run-dir",
+            "r",
+        ],
+        cwd=tmp_path,
+        env={**env(), "PATH": path},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2, proc.stderr
+    assert "launch.launcher is slurm but this machine has no sbatch on PATH" in last, last
+    assert "Traceback" not in proc.stderr

@@ -82,7 +82,7 @@ BAD = [
     ("launch.launcher", "pbs"),
     ("launch.pretrain.nodes", 0),
     ("launch.pretrain.gpus_per_node", -1),
-    ("launch.slurm.additional", {"exclude": 3}),
+    ("launch.slurm.additional", {"exclude": [3]}),
     ("student.train.epohcs", 3),  # unknown key
     ("launch.pretrain.gpus", 8),  # unknown key
 ]

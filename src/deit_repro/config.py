@@ -437,8 +437,9 @@ class SlurmCfg:
     qos: Optional[str] = None
     #: node features, e.g. volta32gb (official run_with_submitit.py --use_volta32)
     constraint: Optional[str] = None
-    #: any other sbatch option, e.g. {exclude: node[1-2], mail-type: END}
-    additional: dict[str, str] = field(default_factory=dict)
+    #: any other sbatch option, e.g. {exclude: node[1-2], mail-type: END}; an option without a
+    #: value (--exclusive, --requeue) is `true`, and `false` leaves it out
+    additional: dict[str, Union[bool, int, str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -158,7 +158,7 @@ def _find_fashion(root: Path, download: bool) -> dict[str, tuple[Path, Path]]:
         raise DataError(
             f"downloading Fashion-MNIST into {root} failed ({exc})",
             "check the network and that the folder is writable, or install dataset-fashion-mnist "
-            "(apt-get install dataset-fashion-mnist) and run without --download",
+            "(apt-get install dataset-fashion-mnist) and set datasets.<name>.download: false",
         ) from exc
     return find_idx_files(root / "FashionMNIST" / "raw")
 
@@ -503,8 +503,8 @@ def _load_cifar(root, download: bool, hundred: bool) -> RawDataset:
     folder = "cifar-100-python" if hundred else "cifar-10-batches-py"
     url = f"https://www.cs.toronto.edu/~kriz/{'cifar-100' if hundred else 'cifar-10'}-python.tar.gz"
     how = (
-        f"pass --download where a network exists, or extract {url} into the folder "
-        f"(giving ROOT/{folder})"
+        "set datasets.<name>.download: true in params.yaml where a network exists, "
+        f"or extract {url} into the folder (giving ROOT/{folder})"
     )
     root = _require_dir(None if root is None else Path(root), name, how)
     cls = torchvision.datasets.CIFAR100 if hundred else torchvision.datasets.CIFAR10
@@ -573,7 +573,7 @@ def load_flowers102(
     import torchvision
 
     how = (
-        "pass --download where a network exists, "
+        "set datasets.<name>.download: true in params.yaml where a network exists, "
         "or get https://www.robots.ox.ac.uk/~vgg/data/flowers/102/ "
         "(102flowers.tgz, imagelabels.mat, setid.mat) into ROOT/flowers-102"
     )

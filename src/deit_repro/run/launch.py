@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -25,7 +26,7 @@ from typing import Any, Callable, Sequence
 import submitit
 
 from deit_repro import atomic
-from deit_repro.errors import DeitReproError, TrainingError
+from deit_repro.errors import ConfigError, DeitReproError, TrainingError
 
 _logger = logging.getLogger(__name__)
 
@@ -57,7 +58,9 @@ def sbatch_parameters(launch, stage: str, name: str) -> dict[str, Any]:
         "account": slurm.account,
         "qos": slurm.qos,
         "constraint": slurm.constraint,
-        "additional_parameters": dict(slurm.additional) or None,
+        # submitit writes `true` as a flag (#SBATCH --exclusive); `false` is left out
+        "additional_parameters": {k: v for k, v in slurm.additional.items() if v is not False}
+        or None,
     }
     return {k: v for k, v in params.items() if v is not None}
 
@@ -83,6 +86,13 @@ def make_executor(cluster: str, folder: Path, launch, stage: str, name: str):
     """
     res = getattr(launch, stage)
     if cluster == "slurm":
+        if shutil.which("sbatch") is None:
+            raise ConfigError(
+                f"launch.launcher is slurm but this machine has no sbatch on PATH (no SLURM "
+                f"client here) to submit the {stage} jobs",
+                "run the stage on the cluster's login node, or set launch.launcher: in-process "
+                "(or local) in params.yaml",
+            )
         ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=launch.max_requeues)
         ex.update_parameters(**sbatch_parameters(launch, stage, name))
         return ex

@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from deit_repro import atomic, provenance
 from deit_repro.config import Params, ThroughputCfg
+from deit_repro.errors import ConfigError
 from deit_repro.core.engine import Runtime
 from deit_repro.core.model_dirs import build_model, student_kwargs, teacher_kwargs
 from deit_repro.core.models import count_params
@@ -50,23 +51,26 @@ def measure_throughput(
     model.eval()
     for bs in sorted(cfg.batch_sizes, reverse=True):
         try:
-            x = torch.randn(bs, in_chans, img_size, img_size, device=rt.device)
-            times = []
-            with (
-                torch.autocast(rt.device.type, dtype=amp_dtype)
-                if amp_dtype is not None
-                else contextlib.nullcontext()
-            ):
-                for i in range(cfg.warmup + cfg.repeats):
-                    if rt.device.type == "cuda":
-                        torch.cuda.synchronize(rt.device)
-                    t0 = time.perf_counter()
-                    model(x)
-                    if rt.device.type == "cuda":
-                        torch.cuda.synchronize(rt.device)
-                    if i >= cfg.warmup:
-                        times.append(time.perf_counter() - t0)
-        except torch.OutOfMemoryError:
+            with _cpu_memory_bound(rt):
+                x = torch.randn(bs, in_chans, img_size, img_size, device=rt.device)
+                times = []
+                with (
+                    torch.autocast(rt.device.type, dtype=amp_dtype)
+                    if amp_dtype is not None
+                    else contextlib.nullcontext()
+                ):
+                    for i in range(cfg.warmup + cfg.repeats):
+                        if rt.device.type == "cuda":
+                            torch.cuda.synchronize(rt.device)
+                        t0 = time.perf_counter()
+                        model(x)
+                        if rt.device.type == "cuda":
+                            torch.cuda.synchronize(rt.device)
+                        if i >= cfg.warmup:
+                            times.append(time.perf_counter() - t0)
+        except (torch.OutOfMemoryError, RuntimeError) as err:
+            if not isinstance(err, torch.OutOfMemoryError) and not _cpu_oom(err):
+                raise
             _logger.info("batch %d does not fit, trying a smaller one", bs)
             if rt.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -82,7 +86,55 @@ def measure_throughput(
             "dtype": str(amp_dtype or torch.float32).replace("torch.", ""),
             "threads": torch.get_num_threads(),
         }
-    raise RuntimeError("no batch size fits in memory")
+    raise ConfigError(
+        f"no batch size of throughput.batch_sizes {list(cfg.batch_sizes)} fits in the memory of "
+        f"{rt.device} for this {img_size}-px model",
+        "measure throughput on the GPU the profile is for, or add a smaller batch size",
+    )
+
+
+def _cpu_oom(err: RuntimeError) -> bool:
+    """Whether ``err`` is torch's CPU allocator refusing (under :func:`_cpu_memory_bound`)."""
+    text = str(err)
+    return "not enough memory" in text or "can't allocate memory" in text
+
+
+@contextlib.contextmanager
+def _cpu_memory_bound(rt: Runtime):
+    """On a CPU, the process's address space bounded to what it holds now plus the memory the
+    machine has available: a batch that does not fit is refused by the allocator (an error the
+    caller handles, trying a smaller batch) rather than the kernel's OOM killer ending the
+    stage (the imagenet profile's batch 1024 of DeiT-B at 384 px asks for tens of GB)."""
+    import resource
+
+    if rt.device.type != "cpu":
+        yield
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    bound = _address_space() + _available_memory()
+    if hard != resource.RLIM_INFINITY:
+        bound = min(bound, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (bound, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def _meminfo(key: str, path: str) -> int:
+    with open(path) as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024  # kB
+    raise ConfigError(f"{path} has no {key}", "throughput on CPU needs Linux's /proc")
+
+
+def _address_space() -> int:
+    return _meminfo("VmSize", "/proc/self/status")
+
+
+def _available_memory() -> int:
+    return _meminfo("MemAvailable", "/proc/meminfo")
 
 
 def run_throughput(
