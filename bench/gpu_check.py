@@ -31,6 +31,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+# The checkout's own package, installed or not: a GPU image runs this from a copy of the
+# repository with its own torch (README "GPU check").
+sys.path.insert(0, str(ROOT / "src"))
 
 
 def _params():

@@ -730,3 +730,13 @@ def test_prepare_skips_the_empty_and_the_truncated_file_and_keeps_the_rest(tmp_p
     for path in split.files:  # as the training loader reads them: every one decodes to RGB
         with Image.open(path) as im:
             assert im.convert("RGB").size == (64, 48)
+
+
+def test_a_missing_torchvision_dataset_advises_the_params_key_that_exists(tmp_path):
+    """There is no --download option: the advice names datasets.<name>.download."""
+    from deit_repro.data.sources import load_cifar10
+
+    with pytest.raises(DataError) as info:
+        load_cifar10(tmp_path / "absent")
+    msg = str(info.value)
+    assert "set datasets.<name>.download: true in params.yaml" in msg and "--download" not in msg

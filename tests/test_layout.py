@@ -210,3 +210,49 @@ def test_one_style_ruff(command):
         [str(ruff), *command, "src", "tests", "bench"], cwd=ROOT, capture_output=True, text=True
     )
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def _python312() -> str | None:
+    """A Python 3.12 on this machine (PATH, or pyenv's), or None."""
+    pyenv = sorted(Path.home().glob(".pyenv/versions/3.12*/bin/python3.12"))
+    if pyenv:
+        return str(pyenv[-1])
+    found = shutil.which("python3.12")
+    return found if found and "/shims/" not in found else None  # a shim may select no 3.12
+
+
+@pytest.mark.skipif(
+    _python312() is None,
+    reason="no Python 3.12 here (Debian 12 ships 3.11 only; setup.sh installs on 3.11)",
+)
+def test_the_package_compiles_and_loads_every_profile_on_python_3_12(tmp_path):
+    """pyproject allows 3.12 (the GPU image's Python): every module of the package compiles
+    under it, and its config (the part that needs no torch) loads every profile there."""
+    py = _python312()
+    code = (
+        "import pathlib, sys\n"
+        "for f in sorted(pathlib.Path('src').rglob('*.py')):\n"
+        "    compile(f.read_text(), str(f), 'exec')\n"
+        "sys.path.insert(0, 'src')\n"
+        "from deit_repro.config import load_params\n"
+        "for p in ('smoke', 'fashion', 'imagenet'):\n"
+        "    load_params(pathlib.Path('profiles', p + '.yaml'))\n"
+        "print(sys.version_info[:2])\n"
+    )
+    venv = tmp_path / "v312"
+    subprocess.run([py, "-m", "venv", str(venv)], check=True, timeout=120)
+    subprocess.run(
+        [str(venv / "bin" / "pip"), "install", "-q", "pyyaml"],
+        check=True,
+        timeout=300,
+        capture_output=True,
+    )
+    proc = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "(3, 12)"

@@ -457,7 +457,8 @@ class LaunchCfg:
     signal_delay_s: int = _bounded(120, expect=">= 0", minimum=0)
     #: how many times a timed-out or preempted job is requeued (submitit max_num_timeout)
     max_requeues: int = _bounded(30, expect=">= 0", minimum=0)
-    #: both teachers: the download + evaluation of released weights, or a training
+    #: the teachers' training (teacher.vit always, the convnet unless teacher.weights); released
+    #: weights, only downloaded and evaluated, get one task of it (:meth:`resources`)
     teacher: JobResources = field(default_factory=JobResources)
     pretrain: JobResources = field(default_factory=JobResources)
     finetune: JobResources = field(default_factory=JobResources)
@@ -474,6 +475,23 @@ class LaunchCfg:
                     res.nodes,
                     "1 with launcher 'local' (one machine)",
                 )
+
+    def resources(self, stage: str, evaluate_only: bool = False) -> JobResources:
+        """What one job of ``stage`` asks for. ``evaluate_only`` (released teacher weights:
+        a download and one pass over the test split) gets one node, one task (one GPU) and
+        that task's share of the memory, for at most an hour, not the 2 x 8 GPUs x 2800 min
+        a 300-epoch teacher training needs."""
+        res: JobResources = getattr(self, stage)
+        if not evaluate_only:
+            return res
+        return dataclasses.replace(
+            res,
+            nodes=1,
+            tasks_per_node=1,
+            gpus_per_node=min(res.gpus_per_node, 1),
+            mem_gb=res.mem_gb / res.tasks_per_node,
+            timeout_min=min(res.timeout_min, 60),
+        )
 
 
 #: the stages a submitit launcher runs, one job per seed (the teacher: one job): those with

@@ -20,6 +20,8 @@ What this module adds on top of timm:
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import functools
 import logging
 import math
@@ -94,7 +96,9 @@ TEACHER_ARCHS = ("resnet_small", "regnety_small", "vit")
 
 
 def _fp32_linear(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    with torch.autocast(x.device.type, enabled=False):
+    # (no autocast on the meta device, where `launch-plan --cost` counts FLOPs: nothing to undo)
+    off = torch.autocast(x.device.type, enabled=False) if x.device.type != "meta" else nullcontext()
+    with off:
         bias = None if self.bias is None else self.bias.float()
         return F.linear(x.float(), self.weight.float(), bias)
 

@@ -165,7 +165,15 @@ def _cmd_launch_plan(args, params: Params) -> None:
     from deit_repro.core.datasets import per_rank_batch
     from deit_repro.run import launch
 
-    res = getattr(params.launch, args.launch_stage)
+    if args.cost:
+        from deit_repro.run.cost import RATES, cost_table, load_rates
+
+        print(cost_table(params, load_rates(args.rates or RATES), args.data_root))
+        return
+    evaluate_only = (
+        args.launch_stage == "teacher" and args.arch == "convnet" and params.teacher.weights
+    )
+    res = params.launch.resources(args.launch_stage, evaluate_only=bool(evaluate_only))
     recipe = params.recipe(args.launch_stage)
     if args.launch_stage == "transfer" and args.dataset is not None:
         if args.dataset not in params.transfer.datasets:
@@ -177,18 +185,32 @@ def _cmd_launch_plan(args, params: Params) -> None:
         recipe = params.transfer.recipe(args.dataset)
     world = res.world_size
     per_task = per_rank_batch(recipe.batch_size, world)
+    if evaluate_only:
+        what = "released weights, downloaded and evaluated: one job for every seed"
+    else:
+        what = (
+            f"global batch {recipe.batch_size} = {per_task} per task; effective lr "
+            f"{recipe.effective_lr():g}; one job per seed {list(params.seeds)}"
+        )
     print(
         f"# {args.launch_stage} on launcher {params.launch.launcher}: {res.nodes} node(s) x "
         f"{res.tasks_per_node} task(s) = world size {world}, {res.gpus_per_node} GPU(s)/node; "
-        f"global batch {recipe.batch_size} = {per_task} per task; effective lr "
-        f"{recipe.effective_lr():g}; one job per seed {list(params.seeds)}"
+        f"{what}"
     )
-    folder = (args.folder / f"seed{params.seeds[0]}" / "submitit").resolve()
+    # the run directory dvc.yaml gives the stage's first variant
+    first = {
+        "teacher": "runs/teacher" if args.arch == "convnet" else "runs/teacher_vit",
+        "pretrain": "runs/pretrain/deit",
+        "finetune": "runs/finetune/bicubic",
+        "transfer": f"runs/transfer/{args.dataset or params.transfer.datasets[0]}-pretrained",
+    }[args.launch_stage]
+    folder = Path(args.folder or first)
+    folder = (folder if evaluate_only else folder / f"seed{params.seeds[0]}") / "submitit"
     print(
         launch.sbatch_script(
             params.launch,
-            args.launch_stage,
-            folder,
+            res,
+            folder.resolve(),
             f"deit-repro-{args.launch_stage}-seed{params.seeds[0]}",
         )
     )
@@ -528,8 +550,36 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--folder",
         type=Path,
-        default=Path("runs/pretrain/deit"),
-        help="the stage's run directory (submitit logs go below it)",
+        default=None,
+        help="the stage's run directory (submitit logs go below it; default: the one dvc.yaml "
+        "gives the stage's first variant, e.g. runs/finetune/bicubic)",
+    )
+    sp.add_argument(
+        "--arch",
+        choices=["convnet", "vit"],
+        default="convnet",
+        help="with --stage teacher: which teacher (the convnet with released weights is only "
+        "evaluated: one GPU)",
+    )
+    sp.add_argument(
+        "--cost",
+        action="store_true",
+        help="instead: every training job of the DAG with its epochs, images, GPU-hours and "
+        "wall time on the configured nodes, and the total (the bill before the run)",
+    )
+    sp.add_argument(
+        "--rates",
+        type=Path,
+        default=None,
+        help="with --cost: measured training images/s per GPU (default: "
+        "bench/results/gpu_rates.json, one H200)",
+    )
+    sp.add_argument(
+        "--data-root",
+        type=Path,
+        default=Path("data"),
+        help="with --cost: where prepared datasets' manifests give their sizes (else the "
+        "sources' published sizes)",
     )
 
     sp = sub.add_parser(

@@ -34,13 +34,14 @@ _logger = logging.getLogger(__name__)
 JOB_FILE = "submitit-job.json"
 
 
-def sbatch_parameters(launch, stage: str, name: str) -> dict[str, Any]:
-    """The sbatch options of one training job of ``stage`` (submitit SlurmExecutor keywords).
+def sbatch_parameters(launch, res, name: str) -> dict[str, Any]:
+    """The sbatch options of one training job with resources ``res`` (a
+    :class:`~deit_repro.config.JobResources`, from ``launch.resources``) as submitit
+    SlurmExecutor keywords.
 
     Everything comes from ``params.launch``: resources per stage and the user's site settings
     (partition, account, qos, constraint, extra options); nothing about a cluster is in code.
     """
-    res = getattr(launch, stage)
     mem = (
         f"{int(res.mem_gb)}GB" if float(res.mem_gb).is_integer() else f"{int(res.mem_gb * 1024)}MB"
     )
@@ -65,8 +66,9 @@ def sbatch_parameters(launch, stage: str, name: str) -> dict[str, Any]:
     return {k: v for k, v in params.items() if v is not None}
 
 
-def sbatch_script(launch, stage: str, folder: Path, name: str) -> str:
-    """The sbatch file submitit would submit for ``stage`` (the dry run of ``launch-plan``)."""
+def sbatch_script(launch, res, folder: Path, name: str) -> str:
+    """The sbatch file submitit would submit for a job with resources ``res`` (the dry run of
+    ``launch-plan``)."""
     import shlex
 
     from submitit.slurm.slurm import _make_sbatch_string
@@ -75,26 +77,25 @@ def sbatch_script(launch, stage: str, folder: Path, name: str) -> str:
         f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(str(folder))}"
     )
     return _make_sbatch_string(
-        command=command, folder=folder, **sbatch_parameters(launch, stage, name)
+        command=command, folder=folder, **sbatch_parameters(launch, res, name)
     )
 
 
-def make_executor(cluster: str, folder: Path, launch, stage: str, name: str):
-    """A submitit executor for one training job of ``stage``: ``slurm`` or ``local``.
+def make_executor(cluster: str, folder: Path, launch, res, name: str):
+    """A submitit executor for one training job with resources ``res``: ``slurm`` or ``local``.
 
     Always explicit: submitit's AutoExecutor silently picks SLURM wherever ``srun`` is on PATH.
     """
-    res = getattr(launch, stage)
     if cluster == "slurm":
         if shutil.which("sbatch") is None:
             raise ConfigError(
                 f"launch.launcher is slurm but this machine has no sbatch on PATH (no SLURM "
-                f"client here) to submit the {stage} jobs",
+                f"client here) to submit {name}",
                 "run the stage on the cluster's login node, or set launch.launcher: in-process "
                 "(or local) in params.yaml",
             )
         ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=launch.max_requeues)
-        ex.update_parameters(**sbatch_parameters(launch, stage, name))
+        ex.update_parameters(**sbatch_parameters(launch, res, name))
         return ex
     if cluster == "local":
         ex = submitit.LocalExecutor(folder=folder, max_num_timeout=launch.max_requeues)
@@ -127,7 +128,7 @@ class TrainingJob(submitit.helpers.Checkpointable):
     def __call__(self) -> dict[str, Any]:
         import torch
 
-        gpus = getattr(self.run.params.launch, self.run.stage).gpus_per_node
+        gpus = self.run.resources.gpus_per_node
         if gpus > 0 and not torch.cuda.is_available():
             # Never fall back to gloo on CPUs: DeiT-B would "train" for weeks without a word.
             return {
@@ -296,7 +297,7 @@ def submit_runs(
     from submitit.core.utils import FailedJobError, UncompletedJobError
 
     stage = run.stage
-    res = getattr(launch, stage)
+    res = run.resources
     jobs = []
     for spec in specs:
         seed, out, run_dir = spec.seed, spec.out, spec.run_dir
@@ -318,7 +319,7 @@ def submit_runs(
             # submitit creates it only after submission, and a job the scheduler starts at
             # once fails to open its log there (slurmd: "Could not open stdout file").
             folder.mkdir(parents=True, exist_ok=True)
-            ex = make_executor(cluster, folder, launch, stage, name)
+            ex = make_executor(cluster, folder, launch, res, name)
             job = ex.submit(TrainingJob(run, spec, log_level))
             atomic.write_json(
                 job_file,

@@ -705,6 +705,11 @@ class TrainingRun:
         )
 
     @property
+    def resources(self):
+        """What one submitit job of this run asks for (:meth:`LaunchCfg.resources`)."""
+        return self.params.launch.resources(self.stage, evaluate_only=self.released_teacher)
+
+    @property
     def threads(self) -> int:
         """torch threads of one run (results on CPU depend on it). The seeds of a stage train
         side by side at ``params.threads`` each; a single run (released teacher weights) gets

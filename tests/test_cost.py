@@ -1,0 +1,83 @@
+"""`deit-repro launch-plan --cost`: the bill of a profile's DAG before it is run, from the
+measured rates in bench/results/gpu_rates.json."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from conftest import ROOT
+from deit_repro.config import load_params
+from deit_repro.run.cost import RATES, cost_table, load_rates, training_jobs
+
+
+@pytest.fixture(scope="module")
+def imagenet():
+    return load_params(ROOT / "profiles" / "imagenet.yaml")
+
+
+@pytest.fixture(scope="module")
+def bill(imagenet, tmp_path_factory):
+    return cost_table(imagenet, load_rates(), tmp_path_factory.mktemp("nodata"))
+
+
+def _rows(text: str) -> dict[str, list[str]]:
+    return {
+        line.split()[0]: line.split()
+        for line in text.splitlines()
+        if re.match(r"^[a-z0-9_]+(@\S+)?\s+\d", line)
+    }
+
+
+def test_the_bill_lists_every_training_job_of_the_papers_dag(bill, imagenet, tmp_path):
+    rows = _rows(bill)
+    jobs = training_jobs(imagenet, tmp_path)
+    assert set(rows) == {j.stage for j in jobs}
+    # 4,600 DeiT-B epochs: teacher@vit 300, five pretrain x 300, Figure 3's 400+400+1000+1000
+    epochs = sum(
+        int(rows[s][2])
+        for s in rows
+        if s.startswith(("pretrain@", "figure3_")) or s == "teacher@vit"
+    )
+    assert epochs == 4600
+    assert rows["pretrain@deit"][3] == f"{300 * 1_281_167 / 1e6:.2f}M"  # ImageNet-1k, 300 epochs
+    # released RegNetY-16GF weights: evaluated once, on one GPU, not 2 x 8 GPUs for 2800 min
+    assert rows["teacher@convnet"][1] == "1" and rows["teacher@convnet"][8] == "1x1GPU"
+    assert rows["pretrain@deit"][8] == "2x8GPU"
+
+
+def test_the_measured_model_is_priced_at_its_measured_rate(bill):
+    """DeiT-B⚗ + RegNetY-16GF at 224 is what the rates file measured (1,334.5 images/s on an
+    H200): the bill's rate for pretrain@deit is that one (FLOPs counted here within 1 %)."""
+    measured = json.loads(RATES.read_text())["runs"][1]
+    assert measured["model"] == "deit_base_distilled_patch16_224"
+    rate = float(_rows(bill)["pretrain@deit"][5].replace(",", ""))
+    assert rate == pytest.approx(measured["images_per_s"], rel=0.01)
+
+
+def test_the_total_is_the_sum_of_the_rows_and_scales_with_the_rates(bill, imagenet, tmp_path):
+    rows = _rows(bill)
+    total = float(re.search(r"^total: ([\d,]+) GPU-hours", bill, re.M)[1].replace(",", ""))
+    assert total == pytest.approx(sum(float(r[7].replace(",", "")) for r in rows.values()), abs=1)
+    without = float(re.search(r"without Figure 3's runs: ([\d,]+)", bill)[1].replace(",", ""))
+    fig3 = sum(float(r[7].replace(",", "")) for s, r in rows.items() if s.startswith("figure3"))
+    assert without == pytest.approx(total - fig3, abs=1)
+    slow = load_rates()
+    for run in slow["runs"]:
+        run["images_per_s"] /= 2
+    path = tmp_path / "rates.json"
+    path.write_text(json.dumps(slow))
+    half = cost_table(imagenet, load_rates(path), tmp_path)
+    again = float(re.search(r"^total: ([\d,]+) GPU-hours", half, re.M)[1].replace(",", ""))
+    assert again == pytest.approx(2 * total, rel=0.01)
+
+
+def test_a_rates_file_without_rates_is_one_line(tmp_path):
+    from deit_repro.errors import ConfigError
+
+    path = tmp_path / "rates.json"
+    path.write_text(json.dumps({"peak_tflops": 1, "runs": []}))
+    with pytest.raises(ConfigError, match=r"rates file .* is unreadable or incomplete"):
+        load_rates(path)
