@@ -867,3 +867,29 @@ def test_swapped_labels_stop_the_stage_naming_the_file(capsys, tmp_path, fashion
         f"corrupt prepared dataset {data}: train_labels.npy does not match its sha256",
         "re-run `deit-repro prepare`",
     )
+
+
+def test_every_subcommand_and_option_says_what_it_is():
+    """`deit-repro STAGE --help` explains every option, with no reStructuredText in it."""
+    import argparse
+
+    from deit_repro.run.cli import build_parser
+
+    parser = build_parser()
+    missing = [
+        a.option_strings
+        for a in parser._actions
+        if a.help is None and a.dest != "help" and not isinstance(a, argparse._SubParsersAction)
+    ]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {c.dest: c.help for c in action._choices_actions}
+            for name, sub in action.choices.items():
+                missing += [name] if not helps.get(name) else []
+                missing += [
+                    (name, a.option_strings)
+                    for a in sub._actions
+                    if a.help is None and a.dest != "help"
+                ]
+    assert not missing, missing
+    assert "``" not in parser.format_help()

@@ -505,3 +505,17 @@ def test_a_nan_loss_on_one_rank_stops_both_ranks_at_the_same_step(
     assert kind0 == kind1 == "TrainingError" and msg0 == msg1, got
     assert msg0.startswith("loss is nan on rank 1 at epoch 1 step 2 (no checkpoint"), msg0
     assert s0 < 30 and s1 < 30, got
+
+
+def test_released_teacher_weights_get_one_gpu_not_the_teachers_training_allocation():
+    """The imagenet profile downloads RegNetY-16GF and only evaluates it: one node, one task,
+    one GPU, that task's memory, an hour; Table 2's DeiT-B teacher still trains on 2 x 8 GPUs."""
+    from deit_repro.stages.training import TrainingRun
+
+    p = load_params(PROFILES / "imagenet.yaml")
+    convnet = TrainingRun("teacher", p, {"arch": "convnet"}).resources
+    vit = TrainingRun("teacher", p, {"arch": "vit"}).resources
+    assert (convnet.nodes, convnet.tasks_per_node, convnet.gpus_per_node) == (1, 1, 1)
+    assert convnet.mem_gb == 40 and convnet.timeout_min == 60
+    assert convnet.cpus_per_task == p.launch.teacher.cpus_per_task
+    assert vit == p.launch.teacher and vit.world_size == 16

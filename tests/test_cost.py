@@ -81,3 +81,13 @@ def test_a_rates_file_without_rates_is_one_line(tmp_path):
     path.write_text(json.dumps({"peak_tflops": 1, "runs": []}))
     with pytest.raises(ConfigError, match=r"rates file .* is unreadable or incomplete"):
         load_rates(path)
+
+
+def test_the_readme_states_the_bill_the_command_prints(bill):
+    """README's totals for the paper's configuration are what `launch-plan --cost` prints."""
+    readme = (ROOT / "README.md").read_text()
+    said = float(re.search(r"about ([\d,]+)\s+H200 GPU-hours", readme)[1].replace(",", ""))
+    without = float(re.search(r"without Figure 3, about ([\d,]+)\*\*", readme)[1].replace(",", ""))
+    total = float(re.search(r"^total: ([\d,]+) GPU-hours", bill, re.M)[1].replace(",", ""))
+    printed = float(re.search(r"without Figure 3's runs: ([\d,]+)", bill)[1].replace(",", ""))
+    assert said == pytest.approx(total, rel=0.01) and without == pytest.approx(printed, rel=0.01)

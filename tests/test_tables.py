@@ -592,3 +592,12 @@ def test_the_tables_read_the_metrics_files_dvc_yaml_defines(tmp_path, profile):
             and not o.metric
         }
     assert written == set(dag_metrics(load_params(tmp_path / "params.yaml")))
+
+
+def test_table7_states_that_the_transfer_trains_without_a_teacher(results):
+    """The official transfer of a distilled model kept distilling (facebookresearch/deit#45);
+    this one does not, and the table says so."""
+    _, out = results
+    text = (out / "table7_transfer.md").read_text()
+    assert "Deviation: the transfer trains without a teacher" in text
+    assert "facebookresearch/deit#45" in text

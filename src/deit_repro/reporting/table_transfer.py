@@ -45,6 +45,10 @@ def table7(c: Context) -> Table:
         "transfer set with a from-scratch number (§5.4). From scratch is trained for the "
         f"datasets of `transfer.scratch` only ({', '.join(c.params.transfer.scratch) or 'none'}); "
         "– elsewhere.",
+        "Deviation: the transfer trains without a teacher (plain cross-entropy through the "
+        "joint output); the authors kept distilling their distilled models during transfer "
+        "(facebookresearch/deit#45), with a teacher for each downstream set that is not "
+        "trained here.",
         c.paper_note(ref, scratch_ref, what="DeiT-B rows; from scratch: §5.4"),
     ]
     for ds in c.params.transfer.datasets:

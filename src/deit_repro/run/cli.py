@@ -1,4 +1,4 @@
-"""``deit-repro <stage> ...``: every stage of the DAG as a plain command.
+"""deit-repro STAGE ...: every stage of the DAG as a plain command.
 
 Parameters come from ``--params`` (default ``params.yaml``), loaded once; every path a stage reads
 or writes is an argument. This module only parses, dispatches and reports: what a stage computes,
@@ -331,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level",
         default=os.environ.get("DEIT_REPRO_LOG", "INFO"),
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="logging level (default: $DEIT_REPRO_LOG, else INFO)",
     )
     sub = p.add_subparsers(dest="stage", required=True, metavar="STAGE")
 
@@ -404,7 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = stage("prepare", _cmd_prepare, "materialise a dataset of the profile (with manifest)")
     sp.add_argument("--dataset", required=True, help="a key of datasets: in params.yaml")
-    sp.add_argument("--out", type=Path, required=True)
+    sp.add_argument(
+        "--out", type=Path, required=True, help="prepared dataset directory to write (data/NAME)"
+    )
     sp.add_argument(
         "--source-dir",
         type=Path,
@@ -430,7 +433,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp = stage("pretrain", _cmd_pretrain, "train a DeiT student (none | soft | hard distillation)")
     training(sp)
     sp.add_argument("--teacher", type=Path, default=None, help="teacher model directory")
-    sp.add_argument("--distill", choices=["none", "soft", "hard"], required=True)
+    sp.add_argument(
+        "--distill",
+        choices=["none", "soft", "hard"],
+        required=True,
+        help="distillation from --teacher: none, soft (KL on the teacher's softened output), "
+        "hard (its argmax)",
+    )
     sp.add_argument(
         "--dist-token",
         choices=["yes", "no", "auto"],
@@ -447,8 +456,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = stage("finetune", _cmd_finetune, "fine-tune a student at a higher resolution")
     training(sp)
-    sp.add_argument("--student", type=Path, required=True)
-    sp.add_argument("--teacher", type=Path, default=None)
+    sp.add_argument(
+        "--student", type=Path, required=True, help="the pretrained student's model directory"
+    )
+    sp.add_argument(
+        "--teacher",
+        type=Path,
+        default=None,
+        help="teacher model directory (a distilled student keeps distilling while fine-tuned)",
+    )
     sp.add_argument("--img-size", type=int, default=None, help="default: finetune.img_size")
     sp.add_argument(
         "--interpolation",
@@ -474,9 +490,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     sp = stage("evaluate", _cmd_evaluate, "accuracy per head, disagreement, throughput")
-    sp.add_argument("--data", type=Path, required=True)
-    sp.add_argument("--model", action="append", default=[], metavar="NAME=DIR", required=True)
-    sp.add_argument("--teacher", type=Path, default=None)
+    sp.add_argument("--data", type=Path, required=True, help="prepared dataset directory")
+    sp.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        required=True,
+        help="a model directory under a name (repeat); the tables read the names none, soft, "
+        "hard, deit and deit_ft (README, 'The DAG')",
+    )
+    sp.add_argument(
+        "--teacher",
+        type=Path,
+        default=None,
+        help="teacher model directory: its predictions join Table 4's disagreement matrix",
+    )
     sp.add_argument("--out", type=Path, required=True, help="JSON file to write")
     sp.add_argument(
         "--summary",
@@ -540,7 +569,13 @@ def build_parser() -> argparse.ArgumentParser:
         "launcher would submit for a training stage (nothing is submitted)",
     )
     # dest: `stage` is the subcommand's own name (the error prefix, the cost line)
-    sp.add_argument("--stage", dest="launch_stage", choices=LAUNCHED_STAGES, default="pretrain")
+    sp.add_argument(
+        "--stage",
+        dest="launch_stage",
+        choices=LAUNCHED_STAGES,
+        default="pretrain",
+        help="the training stage whose job to show (default: pretrain)",
+    )
     sp.add_argument(
         "--dataset",
         default=None,
@@ -589,13 +624,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("profile", type=Path, help="the base profile, e.g. profiles/imagenet.yaml")
     sp.add_argument("overlay", type=Path, nargs="+", help="overlays, applied in order")
-    sp.add_argument("--out", type=Path, default=Path("params.yaml"))
+    sp.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="the params file to write (params.yaml to run it; required: it replaces the file)",
+    )
     sp.set_defaults(func=_cmd_compose)
     sp = sub.add_parser(
         "schema",
         help="write the JSON schema of params.yaml (Snakemake validates its config with it)",
     )
-    sp.add_argument("--out", type=Path, default=Path("workflow/schemas/params.schema.yaml"))
+    sp.add_argument(
+        "--out",
+        type=Path,
+        default=Path("workflow/schemas/params.schema.yaml"),
+        help="where to write it (default: workflow/schemas/params.schema.yaml)",
+    )
     sp.set_defaults(func=_cmd_schema)
 
     sp = stage(
