@@ -30,67 +30,6 @@ def released(tmp_path_factory):
     return path, atomic.sha256_file(path), net
 
 
-def test_released_weights_are_evaluated_like_a_trained_model(
-    released, fashion_small, smoke_params, tmp_path
-):
-    path, digest, net = released
-    argv = [
-        "--log-level",
-        "WARNING",
-        "import-weights",
-        "--model",
-        "deit_tiny_distilled_patch16_224",
-        "--weights",
-        str(path),
-        "--sha256",
-        digest,
-        "--data",
-        str(fashion_small),
-        "--img-size",
-        "32",
-        "--out",
-        str(tmp_path / "ti"),
-    ]
-    assert cli.main(argv) == 0
-    saved = torch.load(tmp_path / "ti" / "model.pt", weights_only=True)
-    assert all(torch.equal(saved[k], v) for k, v in net.state_dict().items())
-    res = run_evaluate(
-        smoke_params,
-        data=fashion_small,
-        models={"ti": tmp_path / "ti"},
-        teacher=None,
-        out=tmp_path / "eval.json",
-        rt=Runtime(torch.device("cpu")),
-    )
-    heads = res["models"]["ti"]["heads"]
-    assert set(heads) == {"cls", "dist", "joint"} and res["models"]["ti"]["img_size"] == 32
-
-
-def test_a_released_file_with_another_sha256_is_refused(released, fashion_small, tmp_path, capsys):
-    path, digest, _ = released
-    wrong = ("0" if digest[0] != "0" else "1") + digest[1:]
-    code = cli.main(
-        [
-            "import-weights",
-            "--model",
-            "deit_tiny_distilled_patch16_224",
-            "--weights",
-            str(path),
-            "--sha256",
-            wrong,
-            "--data",
-            str(fashion_small),
-            "--img-size",
-            "32",
-            "--out",
-            str(tmp_path / "x"),
-        ]
-    )
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert code == 2 and f"has sha256 {digest}, not the pinned {wrong}" in err
-    assert not (tmp_path / "x").exists()
-
-
 def _import(path, pin: str, data, out, url: str | None = None) -> int:
     return cli.main(
         [
@@ -111,6 +50,34 @@ def _import(path, pin: str, data, out, url: str | None = None) -> int:
             str(out),
         ]
     )
+
+
+def test_released_weights_are_evaluated_like_a_trained_model(
+    released, fashion_small, smoke_params, tmp_path
+):
+    path, digest, net = released
+    assert _import(path, digest, fashion_small, tmp_path / "ti") == 0
+    saved = torch.load(tmp_path / "ti" / "model.pt", weights_only=True)
+    assert all(torch.equal(saved[k], v) for k, v in net.state_dict().items())
+    res = run_evaluate(
+        smoke_params,
+        data=fashion_small,
+        models={"ti": tmp_path / "ti"},
+        teacher=None,
+        out=tmp_path / "eval.json",
+        rt=Runtime(torch.device("cpu")),
+    )
+    heads = res["models"]["ti"]["heads"]
+    assert set(heads) == {"cls", "dist", "joint"} and res["models"]["ti"]["img_size"] == 32
+
+
+def test_a_released_file_with_another_sha256_is_refused(released, fashion_small, tmp_path, capsys):
+    path, digest, _ = released
+    wrong = ("0" if digest[0] != "0" else "1") + digest[1:]
+    code = _import(path, wrong, fashion_small, tmp_path / "x")
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and f"has sha256 {digest}, not the pinned {wrong}" in err
+    assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.parametrize("cut", ["", "4", "9", "63", "nonhex"])
