@@ -488,6 +488,7 @@ def test_a_failed_download_on_rank_0_stops_both_ranks_with_its_message(
         tmp_path, _download_on_rank, p, fashion_small, tmp_path / "teacher", timeout=60
     )
     (kind0, msg0, s0), (kind1, msg1, s1) = got[0], got[1]
+    print(f"rank 0 after {s0:.2f} s: {kind0}: {msg0}\nrank 1 after {s1:.2f} s: {kind1}: {msg1}")
     assert kind0 == kind1 == "CheckpointError" and msg0 == msg1, got
     assert msg0.startswith(f"cannot download teacher weights {url} ("), msg0
     assert s0 < 30 and s1 < 30, got
@@ -502,6 +503,7 @@ def test_a_nan_loss_on_one_rank_stops_both_ranks_at_the_same_step(
     recipe = dataclasses.replace(smoke_params.student.train, epochs=2)
     got = _on_two_gloo_ranks(tmp_path, _nan_on_rank_1, fashion_small, recipe, timeout=60)
     (kind0, msg0, s0), (kind1, msg1, s1) = got[0], got[1]
+    print(f"rank 0 after {s0:.2f} s: {kind0}: {msg0}\nrank 1 after {s1:.2f} s: {kind1}: {msg1}")
     assert kind0 == kind1 == "TrainingError" and msg0 == msg1, got
     assert msg0.startswith("loss is nan on rank 1 at epoch 1 step 2 (no checkpoint"), msg0
     assert s0 < 30 and s1 < 30, got
