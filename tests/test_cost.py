@@ -59,9 +59,9 @@ def test_the_measured_model_is_priced_at_its_measured_rate(bill):
 
 def test_the_total_is_the_sum_of_the_rows_and_scales_with_the_rates(bill, imagenet, tmp_path):
     rows = _rows(bill)
-    total = float(re.search(r"^total: ([\d,]+) GPU-hours", bill, re.M)[1].replace(",", ""))
+    total = float(re.search(r"^total: ([\d,.]+) GPU-hours", bill, re.M)[1].replace(",", ""))
     assert total == pytest.approx(sum(float(r[7].replace(",", "")) for r in rows.values()), abs=1)
-    without = float(re.search(r"without Figure 3's runs: ([\d,]+)", bill)[1].replace(",", ""))
+    without = float(re.search(r"without Figure 3's runs: ([\d,.]+)", bill)[1].replace(",", ""))
     fig3 = sum(float(r[7].replace(",", "")) for s, r in rows.items() if s.startswith("figure3"))
     assert without == pytest.approx(total - fig3, abs=1)
     slow = load_rates()
@@ -70,7 +70,7 @@ def test_the_total_is_the_sum_of_the_rows_and_scales_with_the_rates(bill, imagen
     path = tmp_path / "rates.json"
     path.write_text(json.dumps(slow))
     half = cost_table(imagenet, load_rates(path), tmp_path)
-    again = float(re.search(r"^total: ([\d,]+) GPU-hours", half, re.M)[1].replace(",", ""))
+    again = float(re.search(r"^total: ([\d,.]+) GPU-hours", half, re.M)[1].replace(",", ""))
     assert again == pytest.approx(2 * total, rel=0.01)
 
 
@@ -88,6 +88,29 @@ def test_the_readme_states_the_bill_the_command_prints(bill):
     readme = (ROOT / "README.md").read_text()
     said = float(re.search(r"about ([\d,]+)\s+H200 GPU-hours", readme)[1].replace(",", ""))
     without = float(re.search(r"without Figure 3, about ([\d,]+)\*\*", readme)[1].replace(",", ""))
-    total = float(re.search(r"^total: ([\d,]+) GPU-hours", bill, re.M)[1].replace(",", ""))
-    printed = float(re.search(r"without Figure 3's runs: ([\d,]+)", bill)[1].replace(",", ""))
+    total = float(re.search(r"^total: ([\d,.]+) GPU-hours", bill, re.M)[1].replace(",", ""))
+    printed = float(re.search(r"without Figure 3's runs: ([\d,.]+)", bill)[1].replace(",", ""))
     assert said == pytest.approx(total, rel=0.01) and without == pytest.approx(printed, rel=0.01)
+
+
+def test_an_image_tree_not_prepared_yet_is_counted_and_published_sizes_are_said(
+    imagenet, bill, tmp_path
+):
+    """Sizes come from a prepared manifest, else a listing of an ImageFolder tree, else the
+    source's published split, which the bill names."""
+    import dataclasses
+
+    from PIL import Image
+
+    from deit_repro.run.cost import dataset_size
+
+    for split, n in (("train", 3), ("val", 1)):
+        for cls in ("a", "b"):
+            (tmp_path / "tree" / split / cls).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (4, 4)).save(tmp_path / "tree" / split / cls / f"{i}.JPEG")
+    cfg = dataclasses.replace(imagenet.datasets["imagenet"], root=str(tmp_path / "tree"))
+    p = dataclasses.replace(imagenet, datasets={**imagenet.datasets, "imagenet": cfg})
+    assert dataset_size(p, "imagenet", tmp_path / "nodata") == (6, 2, 2)
+    assert dataset_size(imagenet, "imagenet", tmp_path / "nodata") == (1_281_167, 50_000, 1000)
+    assert "the sources' published splits" in bill and "imagenet, inat2018" in bill

@@ -46,6 +46,14 @@ _SPLITS = {
 }
 
 
+#: the datasets of the last ``training_jobs`` sized from published figures (nothing read here)
+PUBLISHED: set[str] = set()
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 100_000 else f"{n:,}"
+
+
 @dataclass(frozen=True)
 class Job:
     """One submitted training job (one seed of a stage's variant)."""
@@ -69,9 +77,19 @@ def dataset_size(params: Params, name: str, data_root: Path) -> tuple[int, int, 
         return m["splits"]["train"]["count"], m["splits"]["test"]["count"], m["num_classes"]
     cfg = params.datasets[name]
     train, test, classes = _SPLITS[cfg.source]
-    if cfg.source == "imagefolder" and cfg.root and Path(cfg.root, "train").is_dir():
-        train, classes = _tree_size(Path(cfg.root, "train"))
-        test, _ = _tree_size(Path(cfg.root, "val"))
+    root = Path(cfg.root) if cfg.root else None
+    if cfg.source == "imagefolder" and root and (root / "train").is_dir():
+        train, classes = _tree_size(root / "train")
+        test, _ = _tree_size(root / "val")
+    elif (
+        cfg.source.startswith("inat") and root and (root / f"train{cfg.source[4:]}.json").is_file()
+    ):
+        year = cfg.source[4:]
+        listed = {s: json.loads((root / f"{s}{year}.json").read_text()) for s in ("train", "val")}
+        train, test = len(listed["train"]["images"]), len(listed["val"]["images"])
+        classes = len({a["category_id"] for a in listed["train"]["annotations"]})
+    else:
+        PUBLISHED.add(name)
     if cfg.train_per_class:
         train = min(train, cfg.train_per_class * classes)
     if cfg.test_per_class:
@@ -134,6 +152,7 @@ def train_gflops(
 
 def training_jobs(params: Params, data_root: Path = Path("data")) -> list[Job]:
     """Every training job the DAG of ``params`` submits."""
+    PUBLISHED.clear()
     p, seeds, launch = params, len(params.seeds), params.launch
     jobs: list[Job] = []
     s_tr, s_te, s_cls = dataset_size(p, p.student.dataset, data_root)
@@ -246,18 +265,23 @@ def cost_table(params: Params, rates: dict[str, Any], data_root: Path = Path("da
         fig3 += gpu_h if j.stage.startswith("figure3") else 0.0
         kind = f"{j.res.nodes}x{j.res.gpus_per_node}GPU" if j.res.gpus_per_node else "CPU job"
         lines.append(
-            f"{j.stage:<26}{j.seeds:>5}{j.epochs:>7}{images / 1e6:>9.2f}M{j.gflop_per_image:>10.1f}"
+            f"{j.stage:<26}{j.seeds:>5}{j.epochs:>7}{_count(images):>10}{j.gflop_per_image:>10.1f}"
             f"{rate:>10,.0f}{mfu:>6.0%}{gpu_h:>9,.1f}{kind:>14}{wall:>8,.1f}"
             + (f"{'-':>10}" if j.evaluate_only else f"{cores:>10.1f}")
         )
     lines += [
         "",
-        f"total: {total:,.0f} GPU-hours ({total / 24:,.1f} GPU-days) on {rates['device']}",
-        f"without Figure 3's runs: {total - fig3:,.0f} GPU-hours",
+        f"total: {total:,.1f} GPU-hours ({total / 24:,.1f} GPU-days) on {rates['device']}",
+        f"without Figure 3's runs: {total - fig3:,.1f} GPU-hours",
         f"loader: up to {worst_cores:.1f} CPU cores per GPU to feed the fastest job "
         f"({rates['loader_images_per_s_per_core']:g} images/s per core: PIL decode + the "
         "paper's augmentation, measured on a CPU; a GPU job with fewer cores waits on its input)",
     ]
+    if PUBLISHED:
+        lines.append(
+            f"sizes of {', '.join(sorted(PUBLISHED))}: the sources' published splits (not "
+            "prepared here: data/<name>/manifest.json gives the real ones)"
+        )
     if any(j.res.gpus_per_node == 0 for j in jobs):
         lines.append(
             "CPU jobs (launch.<stage>.gpus_per_node 0): the GPU figures price the same work on "
