@@ -128,7 +128,8 @@ def test_a_flag_sbatch_option_is_true_and_false_leaves_it_out(tmp_path):
     data["launch"]["slurm"] = {
         "additional": {"exclusive": True, "requeue": False, "exclude": "node[1-2]", "nice": 10}
     }
-    script = sbatch_script(params_from_dict(data).launch, "pretrain", tmp_path, "job")
+    launch = params_from_dict(data).launch
+    script = sbatch_script(launch, launch.resources("pretrain"), tmp_path, "job")
     lines = set(script.splitlines())
     assert {"#SBATCH --exclusive", "#SBATCH --exclude='node[1-2]'", "#SBATCH --nice=10"} <= lines
     assert not [line for line in lines if "requeue" in line]
