@@ -277,26 +277,34 @@ def test_the_teacher_is_a_launched_stage_with_its_own_resources():
     assert LAUNCHED_STAGES == ("teacher", "pretrain", "finetune", "transfer")
     p = load_params(PROFILES / "imagenet.yaml")
     assert p.launch.teacher.gpus_per_node == 8 and p.launch.teacher.world_size == 16
-    out = subprocess.run(
-        [
-            str(Path(sys.executable).parent / "deit-repro"),
-            "launch-plan",
-            "--stage",
-            "teacher",
-            "--params",
-            "profiles/imagenet.yaml",
-            "--folder",
-            "/tmp/x/runs/teacher",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+
+    def plan(*arch: str) -> str:
+        return subprocess.run(
+            [
+                str(Path(sys.executable).parent / "deit-repro"),
+                "launch-plan",
+                "--stage",
+                "teacher",
+                *arch,
+                "--params",
+                "profiles/imagenet.yaml",
+                "--folder",
+                "/tmp/x/runs/teacher",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+
+    # The teacher trained here (Table 2's DeiT-B) gets the stage's allocation and recipe ...
+    out = plan("--arch", "vit")
     assert "#SBATCH --gpus-per-node=8" in out and "#SBATCH --nodes=2" in out
-    assert "deit-repro-teacher" in out
-    # The teacher trained here (Table 2's DeiT-B) is the recipe the plan scales.
-    assert "global batch 1024 = 64 per task" in out
+    assert "deit-repro-teacher" in out and "global batch 1024 = 64 per task" in out
+    # ... the released RegNetY-16GF, only evaluated, one GPU (the default: the convnet).
+    out = plan()
+    assert "#SBATCH --gpus-per-node=1" in out and "#SBATCH --nodes=1" in out
+    assert "released weights, downloaded and evaluated: one job for every seed" in out
 
 
 # ----------------------------------------------------------------------------- RandAugment
