@@ -529,3 +529,14 @@ def test_released_teacher_weights_get_one_gpu_not_the_teachers_training_allocati
     assert convnet.mem_gb == 40 and convnet.timeout_min == 60
     assert convnet.cpus_per_task == p.launch.teacher.cpus_per_task
     assert vit == p.launch.teacher and vit.world_size == 16
+
+
+def test_only_the_released_teacher_is_sized_down_not_the_stages_that_read_it():
+    """A profile with teacher.weights: its pretrain, finetune and transfer jobs keep their whole
+    allocation (2 DDP tasks in the rehearsal; 2 x 8 GPUs on the imagenet profile)."""
+    from deit_repro.stages.training import TrainingRun
+
+    p = load_params(PROFILES / "imagenet.yaml")
+    assert p.teacher.weights is not None
+    for stage in ("pretrain", "finetune", "transfer"):
+        assert TrainingRun(stage, p, {}).resources == getattr(p.launch, stage), stage

@@ -706,8 +706,11 @@ class TrainingRun:
 
     @property
     def resources(self):
-        """What one submitit job of this run asks for (:meth:`LaunchCfg.resources`)."""
-        return self.params.launch.resources(self.stage, evaluate_only=self.released_teacher)
+        """What one submitit job of this run asks for (:meth:`LaunchCfg.resources`): released
+        teacher weights are only evaluated; every other run trains on the stage's allocation
+        (``released_teacher`` alone is true for any stage of a profile with teacher.weights)."""
+        evaluate_only = self.stage == "teacher" and self.released_teacher
+        return self.params.launch.resources(self.stage, evaluate_only=evaluate_only)
 
     @property
     def threads(self) -> int:
