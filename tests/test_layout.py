@@ -256,3 +256,17 @@ def test_the_package_compiles_and_loads_every_profile_on_python_3_12(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "(3, 12)"
+
+
+def test_the_params_gate_reads_every_param_but_where_runs_happen():
+    """dvc.yaml's check_params stage tracks every top-level key of params.yaml except `launch`
+    (a change of launcher or partition re-runs nothing, the gate included)."""
+    import dataclasses
+
+    import yaml
+
+    from deit_repro.config import Params
+
+    gate = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["check_params"]
+    want = {f.name for f in dataclasses.fields(Params)} - {"launch"}
+    assert set(gate["params"]) == want
