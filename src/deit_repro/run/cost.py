@@ -46,10 +46,6 @@ _SPLITS = {
 }
 
 
-#: the datasets of the last ``training_jobs`` sized from published figures (nothing read here)
-PUBLISHED: set[str] = set()
-
-
 def _count(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 100_000 else f"{n:,}"
 
@@ -66,18 +62,27 @@ class Job:
     res: JobResources
     seeds: int  # jobs of this kind (one per seed; released teacher weights: one)
     evaluate_only: bool = False
+    published: str | None = None  # its dataset, when sized from the source's published split
 
 
 def dataset_size(params: Params, name: str, data_root: Path) -> tuple[int, int, int]:
     """(train images, test images, classes) of a dataset of the profile: its manifest if it is
-    prepared, else the source's published sizes, cut to ``*_per_class``."""
+    prepared, else a listing of its ImageFolder tree or iNaturalist JSON, else the source's
+    published sizes, cut to ``*_per_class``."""
+    return _sized(params, name, data_root)[:3]
+
+
+def _sized(params: Params, name: str, data_root: Path) -> tuple[int, int, int, bool]:
+    """:func:`dataset_size`, and whether the sizes are the published ones."""
     manifest = data_root / name / "manifest.json"
     if manifest.is_file():
         m = json.loads(manifest.read_text())
-        return m["splits"]["train"]["count"], m["splits"]["test"]["count"], m["num_classes"]
+        splits = m["splits"]
+        return splits["train"]["count"], splits["test"]["count"], m["num_classes"], False
     cfg = params.datasets[name]
     train, test, classes = _SPLITS[cfg.source]
     root = Path(cfg.root) if cfg.root else None
+    published = False
     if cfg.source == "imagefolder" and root and (root / "train").is_dir():
         train, classes = _tree_size(root / "train")
         test, _ = _tree_size(root / "val")
@@ -89,12 +94,12 @@ def dataset_size(params: Params, name: str, data_root: Path) -> tuple[int, int, 
         train, test = len(listed["train"]["images"]), len(listed["val"]["images"])
         classes = len({a["category_id"] for a in listed["train"]["annotations"]})
     else:
-        PUBLISHED.add(name)
+        published = True
     if cfg.train_per_class:
         train = min(train, cfg.train_per_class * classes)
     if cfg.test_per_class:
         test = min(test, cfg.test_per_class * classes)
-    return train, test, classes
+    return train, test, classes, published
 
 
 def _tree_size(split: Path) -> tuple[int, int]:
@@ -152,17 +157,19 @@ def train_gflops(
 
 def training_jobs(params: Params, data_root: Path = Path("data")) -> list[Job]:
     """Every training job the DAG of ``params`` submits."""
-    PUBLISHED.clear()
     p, seeds, launch = params, len(params.seeds), params.launch
     jobs: list[Job] = []
-    s_tr, s_te, s_cls = dataset_size(p, p.student.dataset, data_root)
-    t_tr, t_te, t_cls = dataset_size(p, p.teacher.dataset, data_root)
+    sized = {name: _sized(p, name, data_root) for name in p.datasets}
+    s_tr, s_te, s_cls, _ = sized[p.student.dataset]
+    t_tr, t_te, t_cls, _ = sized[p.teacher.dataset]
     convnet, vit = p.teacher.model, p.teacher.vit.model
     released = p.teacher.weights is not None
 
-    def add(stage, epochs, sizes, gflop, res_stage, *, n=seeds, evaluate_only=False):
+    def add(stage, epochs, sizes, gflop, res_stage, *, n=seeds, evaluate_only=False, data=None):
+        data = data or (p.teacher.dataset if res_stage == "teacher" else p.student.dataset)
         res = launch.resources(res_stage, evaluate_only=evaluate_only)
-        jobs.append(Job(stage, epochs, sizes[0], sizes[1], gflop, res, n, evaluate_only))
+        published = data if sized[data][3] else None
+        jobs.append(Job(stage, epochs, sizes[0], sizes[1], gflop, res, n, evaluate_only, published))
 
     if released:
         gf = train_gflops(None, distilled=False, img_size=convnet.img_size, classes=t_cls,
@@ -198,13 +205,13 @@ def training_jobs(params: Params, data_root: Path = Path("data")) -> list[Job]:
         add(f"finetune@{variant}", p.finetune.train.epochs, sizes, gf, "finetune")
 
     for ds in p.transfer.datasets:
-        tr, te, cls = dataset_size(p, ds, data_root)
+        tr, te, cls, _ = sized[ds]
         gf = train_gflops(m, distilled=True, img_size=px, classes=cls, teacher=None)
-        add(f"transfer@{ds}", p.transfer.recipe(ds).epochs, (tr, te), gf, "transfer")
+        add(f"transfer@{ds}", p.transfer.recipe(ds).epochs, (tr, te), gf, "transfer", data=ds)
         if ds in p.transfer.scratch:
             gf = train_gflops(m, distilled=False, img_size=px, classes=cls, teacher=None)
             epochs = p.transfer.recipe(ds, "scratch").epochs
-            add(f"transfer_scratch@{ds}", epochs, (tr, te), gf, "transfer")
+            add(f"transfer_scratch@{ds}", epochs, (tr, te), gf, "transfer", data=ds)
     return jobs
 
 
@@ -277,9 +284,10 @@ def cost_table(params: Params, rates: dict[str, Any], data_root: Path = Path("da
         f"({rates['loader_images_per_s_per_core']:g} images/s per core: PIL decode + the "
         "paper's augmentation, measured on a CPU; a GPU job with fewer cores waits on its input)",
     ]
-    if PUBLISHED:
+    published = sorted({j.published for j in jobs if j.published})
+    if published:
         lines.append(
-            f"sizes of {', '.join(sorted(PUBLISHED))}: the sources' published splits (not "
+            f"sizes of {', '.join(published)}: the sources' published splits (not "
             "prepared here: data/<name>/manifest.json gives the real ones)"
         )
     if any(j.res.gpus_per_node == 0 for j in jobs):
