@@ -48,9 +48,12 @@ class Metrics:
     Args:
         root: the metrics directory (metrics/).
         names: the files to read (``dag_metrics``); None: every ``*.json`` under ``root``.
+        extra: files outside the DAG that the user names (``tables --released``), by name.
     """
 
-    def __init__(self, root: Path, names: Iterable[str] | None = None):
+    def __init__(
+        self, root: Path, names: Iterable[str] | None = None, extra: dict[str, Path] | None = None
+    ):
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataError(
@@ -63,11 +66,27 @@ class Metrics:
         else:
             found = sorted(p for n in names if (p := self.root / f"{n}.json").is_file())
         self.files = {p.relative_to(self.root).with_suffix("").as_posix(): p for p in found}
+        for name, path in (extra or {}).items():
+            if not Path(path).is_file():
+                raise DataError(
+                    f"metrics file {path} does not exist", "run the command that writes it"
+                )
+            self.files[name] = Path(path)
         self._cache: dict[str, Any] = {}
         self.read: set[Path] = set()
 
     def path(self, name: str, suffix: str = ".json") -> str:
+        file = self.files.get(name)
+        if file is not None and suffix == ".json" and not file.is_relative_to(self.root):
+            return self.label(file)
         return f"{self.prefix}/{name}{suffix}"
+
+    def label(self, path: Path) -> str:
+        """How sources name a file: ``metrics/<name>`` inside the metrics directory, else the
+        path as the user gave it."""
+        if path.is_relative_to(self.root):
+            return f"{self.prefix}/{path.relative_to(self.root).as_posix()}"
+        return path.as_posix()
 
     def has(self, name: str) -> bool:
         return name in self.files

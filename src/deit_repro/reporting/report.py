@@ -27,7 +27,13 @@ from deit_repro.reporting.cells import DASH, Cell
 from deit_repro.reporting.claims import claims
 from deit_repro.reporting.context import Context
 from deit_repro.reporting.inputs import REFERENCE, Metrics, Predictions, Reference, dag_metrics
-from deit_repro.reporting.table_distillation import figure3, table2, table3, table4
+from deit_repro.reporting.table_distillation import (
+    figure3,
+    table2,
+    table3,
+    table4,
+    table4_released,
+)
 from deit_repro.reporting.table_finetune import table10
 from deit_repro.reporting.table_models import table1, table5
 from deit_repro.reporting.table_transfer import table7
@@ -83,6 +89,7 @@ def run_tables(
     out: Path,
     reference: Path = REFERENCE,
     models: Path | None = None,
+    released: Path | None = None,
 ) -> list[Path]:
     """Write every table and figure of this profile into ``out`` from ``metrics``.
 
@@ -94,11 +101,14 @@ def run_tables(
         reference: the paper's numbers (reference/paper/).
         models: the trained models (models/): the claims' per-image paired tests read each
             run's predictions.npy there; without it the claims have the seed tests alone.
+        released: an evaluate JSON of released checkpoints (``deit-repro evaluate --model
+            released/<timm name>=DIR``): their rows in Tables 1, 3, 4 and 5. Not a DAG output: the
+            tables stage of dvc.yaml never passes it.
 
     Returns:
         The files written, in order.
     """
-    m = Metrics(metrics, dag_metrics(params))
+    m = Metrics(metrics, dag_metrics(params), {"released": released} if released else None)
     ref, pred = Reference(reference), Predictions(models)
     c = Context(params, m, ref, pred)
     out = Path(out)
@@ -112,7 +122,7 @@ def run_tables(
             return f"{ref.prefix}/{p.relative_to(ref.root).as_posix()}"
         if pred.root is not None and p.is_relative_to(pred.root):
             return f"{pred.prefix}/{p.relative_to(pred.root).as_posix()}"
-        return f"{m.prefix}/{p.relative_to(m.root).as_posix()}"
+        return m.label(p)
 
     def emit(t: Table, png: bytes | None = None, data_only: bool = False) -> None:
         """Write a table (Markdown, CSV, LaTeX) or, ``data_only``, a figure's numbers (CSV, not
@@ -160,6 +170,8 @@ def run_tables(
     headline = table3(c)
     emit(headline)
     emit(table4(c))
+    if (t4r := table4_released(c)) is not None:
+        emit(t4r)
     t5, points = table5(c)
     emit(t5, figures.figure1(points, title=f"Top-1 vs throughput — profile {params.profile}"))
     emit(table7(c))
@@ -205,7 +217,7 @@ def _float_paths(m: Metrics, files: set[Path], label) -> list[dict[str, Any]]:
     the verdicts are what is expected to hold (README, "What reproduces where")."""
     groups: dict[str, dict[str, Any]] = {}
     for path in sorted(files, key=label):
-        if path.suffix != ".json" or not path.is_relative_to(m.root):
+        if path.suffix != ".json" or path not in m.files.values():
             continue
         try:
             fp = json.loads(path.read_text()).get("float_path")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from deit_repro.reporting import figures
+from deit_repro.reporting import figures, released
 from deit_repro.reporting.cells import DASH, NOT_RUN, Cell, Stat, Value, difference, num
 from deit_repro.reporting.context import Context, paper_variant
 from deit_repro.reporting.writers import Table
@@ -81,6 +81,14 @@ def table3(c: Context) -> Table:
     ref = "table3_distillation_methods"
     v = paper_variant(c.params)
     paper_cols = ([f"paper {v}"] if v != "DeiT-B" else []) + ["paper DeiT-B", "paper DeiT-B↑384"]
+    shipped = released.released_models(c)
+    # a released column per DeiT variant evaluated (and its ↑384 one when a 384 model was)
+    released_cols = {
+        f"released {rv}{'↑384' if px == 384 else ''}": (rv, px)
+        for rv in released.variants(shipped)
+        for px in (224, 384)
+        if px == 224 or any(r.variant == rv and r.img_size == 384 for r in shipped)
+    }
     t = Table(
         "table3_distillation",
         "Table 3 analogue: distillation methods",
@@ -91,6 +99,7 @@ def table3(c: Context) -> Table:
             f"top-1 @{c.pre_px}px",
             f"top-1 ↑{c.ft_px}px (fine-tuned)",
             "per seed",
+            *released_cols,
             *paper_cols,
             "paper source",
         ],
@@ -98,7 +107,14 @@ def table3(c: Context) -> Table:
     t.notes = [
         f"Headline model fine-tuned at {c.ft_px} px: metrics/finetune/bicubic.json.",
         c.paper_note(ref),
+        *filter(None, [released.note(c)]),
     ]
+    if released_cols:
+        t.notes.append(
+            "Released columns: `deit_<size>_patch16_<px>` in the no-distillation row, "
+            "`deit_<size>_distilled_patch16_<px>`'s heads in the DeiT⚗ rows; no released "
+            "checkpoint was trained with usual or hard distillation on a class token alone."
+        )
     paper_col = {
         f"paper {v}": f"top1_{v}_224",
         "paper DeiT-B": "top1_DeiT-B_224",
@@ -118,11 +134,28 @@ def table3(c: Context) -> Table:
                 f"top-1 @{c.pre_px}px": s,
                 f"top-1 ↑{c.ft_px}px (fine-tuned)": fine,
                 "per seed": _per_seed(s),
+                **{
+                    col: _released_cell(c, shipped, name, head, rv, px)
+                    for col, (rv, px) in released_cols.items()
+                },
                 **{col: c.ref.cell(ref, prow, paper_col[col]) for col in paper_cols},
                 "paper source": c.ref.source(ref, prow),
             }
         )
     return t
+
+
+def _released_cell(
+    c: Context, shipped: list[released.Released], name: str, head: str, variant: str, px: int
+) -> Cell:
+    """Table 3's cell of a released checkpoint: the plain DeiT for the no-distillation row, the
+    distilled one's ``head`` for the DeiT⚗ rows, a dash for usual and hard distillation (no
+    checkpoint was released for them)."""
+    if name == "pretrain/none":
+        return released.top1(c, released.find(shipped, variant, distilled=False, px=px), "cls")
+    if name == "pretrain/deit":
+        return released.top1(c, released.find(shipped, variant, distilled=True, px=px), head)
+    return Cell(DASH)
 
 
 #: Table 4's classifiers: (label, evaluate.json names to try, paper row / column)
@@ -146,45 +179,99 @@ TABLE4 = (
 )
 
 
-def classifier(c: Context, names: Sequence[str]) -> str | None:
-    if not c.m.has("evaluate"):
+def classifier(c: Context, names: Sequence[str], file: str = "evaluate") -> str | None:
+    if not c.m.has(file):
         return None
-    have = c.m.get("evaluate")["disagreement"]
+    have = c.m.get(file)["disagreement"]
     return next((n for n in names if n in have), None)
 
 
-def disagreement(c: Context, a: str | None, b: str | None) -> Stat | Cell:
+def disagreement(c: Context, a: str | None, b: str | None, file: str = "evaluate") -> Stat | Cell:
     """Fraction of test images on which two classifiers disagree (evaluate.json stores %)."""
-    if not c.m.has("evaluate"):
+    if not c.m.has(file):
         return Cell(NOT_RUN)
     if a is None or b is None:
         return Cell(DASH)
-    s = c.m.stat("evaluate", "disagreement", a, b)
+    s = c.m.stat(file, "disagreement", a, b)
     return s.scaled(0.01) if isinstance(s, Stat) else s
 
 
 def table4(c: Context) -> Table:
     """Disagreement between classifiers (paper Table 4), mean ± std over seeds, as a fraction."""
-    ref = "table4_disagreement"
-    ours = [label for label, *_ in TABLE4]
-    paper = [f"paper: {label}" for label in ours]
-    t = Table(
+    t = _table4(
+        c,
         "table4_disagreement",
         "Table 4 analogue: disagreement between classifiers",
-        ["classifier", *ours, *paper, "paper source"],
+        "evaluate",
+        [classifier(c, n) for _, n, _, _ in TABLE4],
     )
-    t.notes = [
+    t.notes.insert(
+        0,
         "Fraction (0-1, as the paper) of test images on which the row and column "
         "classifiers predict different classes, per seed from metrics/evaluate.json "
         "(stored there in %), mean ± std over seeds.",
-        c.paper_note(ref),
+    )
+    return t
+
+
+def table4_released(c: Context) -> Table | None:
+    """Table 4 of the released checkpoints (``tables --released``): the largest DeiT variant
+    with a released DeiT⚗ at 224 px, its plain DeiT, and the released convnet teacher; None
+    without a released DeiT⚗."""
+    shipped = released.released_models(c)
+    variant = next(
+        (
+            v
+            for v in reversed(released.variants(shipped))
+            if released.find(shipped, v, distilled=True, px=224)
+        ),
+        None,
+    )
+    if variant is None:
+        return None
+    deit = released.find(shipped, variant, distilled=True, px=224)
+    plain = released.find(shipped, variant, distilled=False, px=224)
+    teacher = next((r for r in shipped if r.variant is None), None)
+    assert deit is not None
+    names = [
+        "ground_truth",
+        teacher.name if teacher else None,
+        plain.name if plain else None,
+        f"{deit.name}/cls",
+        f"{deit.name}/dist",
+        f"{deit.name}/joint",
     ]
-    names = [classifier(c, n) for _, n, _, _ in TABLE4]
+    t = _table4(
+        c,
+        "table4_disagreement_released",
+        f"Table 4 analogue: disagreement between the released {variant} classifiers",
+        released.RELEASED,
+        names,
+    )
+    t.notes.insert(
+        0,
+        "Fraction (0-1, as the paper) of test images on which the row and column classifiers "
+        f"predict different classes: released {deit.timm}'s heads, "
+        f"{plain.timm if plain else 'no released plain DeiT'} and "
+        f"{teacher.timm if teacher else 'no released convnet teacher'}.",
+    )
+    t.notes.append(released.note(c))
+    return t
+
+
+def _table4(c: Context, name: str, title: str, file: str, names: list[str | None]) -> Table:
+    ref = "table4_disagreement"
+    ours = [label for label, *_ in TABLE4]
+    paper = [f"paper: {label}" for label in ours]
+    t = Table(name, title, ["classifier", *ours, *paper, "paper source"])
+    t.notes = [c.paper_note(ref)]
     for (label, _, paper_row, _), a in zip(TABLE4, names):
         prow = c.ref.row(ref, row_classifier=paper_row)
         row: dict[str, Value] = {"classifier": label}
         for (other, _, _, paper_col), b in zip(TABLE4, names):
-            row[other] = disagreement(c, a, b)
+            cell = disagreement(c, a, b, file)
+            # a released model is one set of weights: its number is the same for every seed
+            row[other] = released.once(cell, 3) if file == released.RELEASED else cell
             row[f"paper: {other}"] = c.ref.cell(ref, prow, paper_col)
         row["paper source"] = c.ref.source(ref, prow)
         t.add_row(row, digits=3)

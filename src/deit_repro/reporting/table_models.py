@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from deit_repro.reporting import figures
+from deit_repro.reporting import figures, released
 from deit_repro.reporting.cells import DASH, NOT_RUN, Cell, Stat, num, pointer
 from deit_repro.reporting.context import Context, paper_variant, student_dims
 from deit_repro.reporting.writers import Table
@@ -89,6 +89,7 @@ def table1(c: Context) -> Table:
         f"Dims from params `student.model`; the paper's row is {variant}, the variant "
         "closest to the profile's student.",
         c.paper_note(ref),
+        *filter(None, [released.note(c)]),
     ]
     name = c.params.student.model.name or "custom ViT"
     for label, key in (
@@ -115,6 +116,32 @@ def table1(c: Context) -> Table:
                 "paper resolution": c.ref.cell(ref, prow, "training_resolution"),
                 "paper images/s": c.ref.cell(ref, prow, "throughput_im_per_s"),
                 "paper source": c.ref.source(ref, prow),
+            }
+        )
+    for r in released.released_models(c):
+        if r.variant is None:  # Table 1 lists the DeiT variants only
+            continue
+        vrow = c.ref.row(ref, model=r.variant)
+        t.add_row(
+            {
+                "model": f"released {r.timm}",
+                "embedding dim": released.field(c, r, "embed_dim"),
+                "heads": released.field(c, r, "num_heads"),
+                "layers": released.field(c, r, "depth"),
+                "params": released.params_cell(c, r),
+                "resolution": Cell(
+                    str(r.img_size),
+                    (c.m.path(released.RELEASED) + "#" + pointer("models", r.name, "img_size"),),
+                ),
+                "images/s": released.images_per_s(c, r),
+                "paper model": r.variant,
+                "paper embedding dim": c.ref.cell(ref, vrow, "embedding_dim"),
+                "paper heads": c.ref.cell(ref, vrow, "heads"),
+                "paper layers": c.ref.cell(ref, vrow, "layers"),
+                "paper params": c.ref.cell(ref, vrow, "params"),
+                "paper resolution": c.ref.cell(ref, vrow, "training_resolution"),
+                "paper images/s": c.ref.cell(ref, vrow, "throughput_im_per_s"),
+                "paper source": c.ref.source(ref, vrow),
             }
         )
     return t
@@ -189,6 +216,7 @@ def table5(c: Context) -> tuple[Table, list[figures.Point]]:
         _throughput_note(c),
         "DeiT⚗ top-1: class+distillation head.",
         c.paper_note(ref, what="300-epoch rows"),
+        *filter(None, [released.note(c)]),
     ]
     points = []
     for label, family, key, _name, top1, paper_net, series in _table5_models(c):
@@ -224,6 +252,39 @@ def table5(c: Context) -> tuple[Table, list[figures.Point]]:
                     top1.std,
                     series,
                     sources=(*getattr(ips, "sources", ()), *top1.sources),
+                )
+            )
+    for r in released.released_models(c):
+        paper_net = r.paper_network
+        prow = _table5_row(c, paper_net) if paper_net else None
+        top1 = released.top1(c, r)
+        ips = released.images_per_s(c, r)
+        t.add_row(
+            {
+                "network": f"released {r.timm}",
+                "family": "convnet" if r.variant is None else "transformer",
+                "params": released.params_cell(c, r),
+                "resolution": Cell(str(r.img_size)),
+                "images/s": ips,
+                "top-1": top1,
+                "paper network": paper_net if prow is not None else DASH,
+                "paper params": c.ref.cell(ref, prow, "params"),
+                "paper resolution": c.ref.cell(ref, prow, "image_size"),
+                "paper images/s (V100)": c.ref.cell(ref, prow, "throughput_im_per_s_V100_16GB"),
+                "paper top-1": c.ref.cell(ref, prow, "imagenet_top1"),
+                "paper source": c.ref.source(ref, prow),
+            }
+        )
+        if ips.text != DASH and top1.text != DASH:
+            points.append(
+                figures.Point(
+                    f"released {r.timm}",
+                    "convnet" if r.variant is None else "transformer",
+                    float(r.info["throughput"]["images_per_s"]),
+                    float(top1.text),
+                    0.0,
+                    "",  # each released model is a point of its own
+                    sources=(*ips.sources, *top1.sources),
                 )
             )
     return t, points

@@ -33,7 +33,12 @@ def _cmd_prepare(args, params: Params) -> None:
             f"({', '.join(sorted(params.datasets))})",
             "add it under datasets:",
         )
-    manifest = run_prepare(params.datasets[args.dataset], out=args.out, source_dir=args.source_dir)
+    manifest = run_prepare(
+        params.datasets[args.dataset],
+        out=args.out,
+        source_dir=args.source_dir,
+        splits=("test",) if args.splits == "test" else ("train", "test"),
+    )
     counts = {s: v["count"] for s, v in manifest["splits"].items()}
     print(
         f"prepared {args.dataset} -> {args.out}: {counts}, content hash "
@@ -272,7 +277,12 @@ def _cmd_tables(args, params: Params) -> None:
     from deit_repro.reporting.report import run_tables
 
     written = run_tables(
-        params, metrics=args.metrics, out=args.out, reference=args.reference, models=args.models
+        params,
+        metrics=args.metrics,
+        out=args.out,
+        reference=args.reference,
+        models=args.models,
+        released=args.released,
     )
     print("wrote " + ", ".join(str(p) for p in written))
 
@@ -414,6 +424,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="where the raw data is (default: the source's usual place)",
     )
+    sp.add_argument(
+        "--splits",
+        choices=["both", "test"],
+        default="both",
+        help="test: an image tree's val/ alone (ImageNet for evaluating released checkpoints, "
+        "README 'Evaluate-only'); the training stages need both",
+    )
 
     sp = stage("teacher", _cmd_teacher, "train the convnet teacher or load released weights")
     training(sp)
@@ -498,7 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=DIR",
         required=True,
         help="a model directory under a name (repeat); the tables read the names none, soft, "
-        "hard, deit and deit_ft (README, 'The DAG')",
+        "hard, deit and deit_ft (README, 'The DAG'), and released checkpoints (import-weights) "
+        "as released/<timm name> (README, 'Evaluate-only')",
     )
     sp.add_argument(
         "--teacher",
@@ -667,6 +685,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=Path("reference/paper"),
         help="the paper's numbers as CSV (default: reference/paper)",
+    )
+    sp.add_argument(
+        "--released",
+        type=Path,
+        default=None,
+        help="an evaluate JSON of released checkpoints (evaluate --model released/<timm name>=DIR"
+        "): their rows in Tables 1, 3, 4 and 5 (README, 'Evaluate-only')",
     )
     sp.add_argument("--out", type=Path, required=True, help="results directory")
     return p

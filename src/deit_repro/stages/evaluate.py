@@ -1,5 +1,11 @@
 """The evaluate stage: top-1/top-5 per head (class, distillation, joint) and the disagreement
-between classifiers (paper Table 4), for every seed, with their mean ± std."""
+between classifiers (paper Table 4), for every seed, with their mean ± std.
+
+Released checkpoints (``deit-repro import-weights``) are evaluated the same way, and each also
+gets what the tables' released rows need besides accuracy: its timm name, source and digest, its
+ViT dims (Table 1) and its inference throughput measured as the throughput stage measures the
+profile's architectures (Tables 1 and 5). README, "Evaluate-only (released checkpoints)".
+"""
 
 from __future__ import annotations
 
@@ -11,19 +17,47 @@ import torch
 
 from deit_repro import atomic, provenance
 from deit_repro.config import Params
-from deit_repro.core.datasets import eval_batches, open_dataset
+from deit_repro.core.datasets import Dataset, eval_batches, open_dataset
 from deit_repro.core.engine import Runtime, accuracy_table, disagreement, predict
 from deit_repro.core.model_dirs import load_model, resolve_model_dir
 from deit_repro.core.models import count_params, reported_head, student_heads
 from deit_repro.core.records import aggregate, round_metrics
+from deit_repro.data.store import load_prepared, read_manifest
+from deit_repro.stages.throughput import measure_throughput
 
 _logger = logging.getLogger(__name__)
 
 
+class _TestSplitOnly(Dataset):
+    """A dataset prepared with its test split alone (``prepare --splits test``: ImageNet's
+    ``val/`` for released checkpoints, without the 1.28 M training images)."""
+
+    @property
+    def in_chans(self) -> int:
+        shape = self.test.manifest.get("image_shape")
+        return int(shape[0]) if shape else 3
+
+
+def open_for_evaluation(path: Path) -> Dataset:
+    """A prepared dataset as evaluate reads it: both splits, or the test split alone when only
+    that one was prepared."""
+    if "train" in read_manifest(path)["splits"]:
+        return open_dataset(path)
+    test = load_prepared(path, "test", verify=True)
+    return _TestSplitOnly(
+        path=Path(path),
+        train=None,
+        test=test,
+        classes=list(test.classes),
+        content_hash=test.manifest["content_hash"],
+    )
+
+
 def _evaluate_one(
-    params: Params, ds, path: Path, rt: Runtime
-) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Accuracy of every head of one model, and each head's predicted classes."""
+    params: Params, ds: Dataset, path: Path, rt: Runtime
+) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any] | None]:
+    """Accuracy of every head of one model, each head's predicted classes, and for released
+    weights what the tables' released rows need (``_released``)."""
     model, meta = load_model(path)
     model.to(rt.device).eval()
     pred = predict(
@@ -37,7 +71,34 @@ def _evaluate_one(
         "top1": reported_head(heads)["top1"],
     }
     classes = {h: v.argmax(dim=1) for h, v in pred.items() if h != "labels"}
-    return entry, classes
+    return entry, classes, _released(params, model, meta, ds, rt)
+
+
+def _released(
+    params: Params, model: torch.nn.Module, meta: dict[str, Any], ds: Dataset, rt: Runtime
+) -> dict[str, Any] | None:
+    """A released checkpoint's timm name, source, digest, dims and measured throughput (fp32,
+    the largest batch of ``throughput.batch_sizes`` that fits, as the throughput stage); None
+    for a model the DAG trained."""
+    if not meta.get("released"):
+        return None
+    info: dict[str, Any] = {
+        "model": meta["kwargs"]["name"],
+        "role": meta["role"],
+        "distilled": bool(meta.get("dist_token", False)),
+        "source": meta.get("source"),
+        "sha256": meta.get("sha256"),
+    }
+    if hasattr(model, "blocks") and hasattr(model, "embed_dim"):  # a ViT: Table 1's dims
+        info.update(
+            embed_dim=int(model.embed_dim),
+            num_heads=int(model.blocks[0].attn.num_heads),
+            depth=len(model.blocks),
+        )
+    info["throughput"] = measure_throughput(
+        model, img_size=meta["img_size"], in_chans=ds.in_chans, cfg=params.throughput, rt=rt
+    )
+    return info
 
 
 def run_evaluate(
@@ -60,15 +121,18 @@ def run_evaluate(
         params: the parsed params (eval settings, seeds).
         data: the prepared dataset.
         models: display name -> model directory (students; any of them may be distilled).
+            Released checkpoints go by ``released/<timm name>`` (README), though the tables
+            find them by the ``released`` block whatever the name.
         teacher: the teacher's model directory (its predictions enter the disagreement matrix).
         out: the JSON file to write.
     """
     torch.set_num_threads(params.one_process_threads)  # one process evaluates every seed
     rt = rt or Runtime.detect()
-    ds = open_dataset(data)
+    ds = open_for_evaluation(data)
     labels = ds.test.labels
     entries = ({"teacher": teacher} if teacher is not None else {}) | dict(models)
-    cache: dict[Path, tuple[dict[str, Any], dict[str, torch.Tensor]]] = {}
+    cache: dict[Path, tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any] | None]] = {}
+    released: dict[str, dict[str, Any]] = {}
     per_seed = []
     for seed in params.seeds:
         predictions: dict[str, torch.Tensor] = {"ground_truth": labels}
@@ -77,8 +141,10 @@ def run_evaluate(
             run = resolve_model_dir(path, seed)
             if run not in cache:
                 cache[run] = _evaluate_one(params, ds, run, rt)
-            entry, classes = cache[run]
+            entry, classes, info = cache[run]
             seed_models[name] = entry
+            if info is not None:
+                released[name] = info
             for head, cls in classes.items():
                 predictions[name if len(classes) == 1 else f"{name}/{head}"] = cls
             _logger.info(
@@ -115,6 +181,8 @@ def run_evaluate(
             },
             "classifiers": names,
             **aggregate(per_seed, params.seeds),
+            # only when released weights were evaluated: the DAG's file keeps its bytes
+            **({"released": released} if released else {}),
             "float_path": provenance.float_path(),
         }
     )

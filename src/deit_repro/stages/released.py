@@ -1,13 +1,19 @@
 """The import-weights command: released checkpoints as model directories, the evaluate-only path.
 
-A user with ImageNet but no cluster fills the paper's tables from the released weights: each
-checkpoint (a URL or a local file, pinned by sha256 and loaded with ``weights_only=True``) becomes a
-model directory like the ones the training stages write, so ``deit-repro evaluate`` and
-``deit-repro tables`` read it unchanged::
+A user with ImageNet but no cluster fills the tables' released rows (Tables 1, 3, 4, 5) from the
+released weights: each checkpoint (a URL or a local file, pinned by sha256 and loaded with
+``weights_only=True``) becomes a model directory like the ones the training stages write; evaluate
+measures it under the name ``released/<timm name>``, and ``tables --released`` reads that file::
 
+    deit-repro prepare --dataset imagenet --splits test --out data/imagenet_val
     deit-repro import-weights --model deit_base_distilled_patch16_224 \\
       --weights https://dl.fbaipublicfiles.com/deit/deit_base_distilled_patch16_224-df68dfff.pth \\
-      --sha256 df68dfff --data data/imagenet --out models/released/deit_base_distilled
+      --sha256 df68dfff --data data/imagenet_val \\
+      --out models/released/deit_base_distilled
+    deit-repro evaluate --data data/imagenet_val \\
+      --model released/deit_base_distilled_patch16_224=models/released/deit_base_distilled \\
+      --out metrics/released.json
+    deit-repro tables --metrics metrics --released metrics/released.json --out results
 """
 
 from __future__ import annotations
@@ -19,9 +25,9 @@ from typing import Any
 from deit_repro import atomic
 from deit_repro.config import WeightsCfg, check_sha256_pin
 from deit_repro.errors import ConfigError
-from deit_repro.core.datasets import open_dataset
 from deit_repro.core.model_dirs import build_model, fetch_weights, load_weights_file, save_model
 from deit_repro.core.models import load_state_dict_checked
+from deit_repro.stages.evaluate import open_for_evaluation
 
 _logger = logging.getLogger(__name__)
 
@@ -51,8 +57,10 @@ def import_weights(
         The model description written to ``out/model.json``.
     """
     pin = WeightsCfg(url=weights, sha256=check_sha256_pin(sha256, "--sha256"))
-    path = fetch_weights(pin, None, cache_dir or out.parent / ".downloads", "released weights")
-    ds = open_dataset(data)
+    path = fetch_weights(
+        pin, None, cache_dir or out.parent / ".downloads", f"released {model} weights"
+    )
+    ds = open_for_evaluation(data)  # both splits, or val/ alone (prepare --splits test)
     size = img_size or (384 if model.endswith("_384") else 224)
     role = "student" if model.startswith("deit") else "teacher"
     if role == "student":
