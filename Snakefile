@@ -35,7 +35,9 @@ configfile: os.path.join(ROOT, "params.yaml")
 # The schema is generated from the loader's own declarations (`deit-repro schema`).
 validate(config, os.path.join(ROOT, "workflow", "schemas", "params.schema.yaml"))
 
-from deit_repro.config import LAUNCHED_STAGES  # noqa: E402  (declared once, with their resources)
+from deit_repro.config import LAUNCHED_STAGES, params_from_dict  # noqa: E402
+
+PARAMS = params_from_dict(config)  # the typed params: what each launched job asks for
 
 LAUNCHER = config.get("launch", {}).get("launcher", "in-process")
 # A GPU profile (its training jobs have GPUs: imagenet) evaluates and measures throughput on one
@@ -121,6 +123,31 @@ def _local(stage):
     return launches or stage["family"] == "check_params"
 
 
+def _message(stage):
+    """What `snakemake -n` (and the run's log) prints for a local rule instead of its resources:
+    that it runs on this host and, for a training stage, the jobs it submits itself, sized by
+    params launch.<stage> (the profile's set-resources do not apply to it). None: the default
+    listing of an executor job."""
+    if not _local(stage):
+        return None
+    sub = stage["cmd"].split()[1]
+    if sub not in LAUNCHED_STAGES:
+        return f"{stage['name']} (local rule): loads params.yaml on this host, no job submitted"
+    # released teacher weights are only evaluated: one GPU (LaunchCfg.resources)
+    only_evaluated = (
+        sub == "teacher" and PARAMS.teacher.weights and "--arch vit" not in stage["cmd"]
+    )
+    r = PARAMS.launch.resources(sub, evaluate_only=bool(only_evaluated))
+    jobs = "one job" if only_evaluated else "one job per seed"
+    return (
+        f"{stage['name']} (local rule): runs on this host and waits on the {LAUNCHER} jobs it "
+        f"submits itself through submitit, {jobs} of {r.nodes} node(s) x {r.gpus_per_node} "
+        f"GPU(s), {r.tasks_per_node} task(s) x {r.cpus_per_task} CPU(s) per node, "
+        f"{r.mem_gb:g} GB per node, {r.timeout_min} min (params launch.{sub}); the profile's "
+        "resources for this rule do not apply"
+    )
+
+
 # Outputs without a file extension are directories (data/<name>, models/...).
 def _out(path):
     return directory(path) if os.path.splitext(path)[1] == "" else path
@@ -197,6 +224,8 @@ for _s in DVC_STAGES:
             cmd=_s["cmd"],
             stage=_s["stage"],
             dvc_params=_s["params"],
+        message:
+            _message(_s)
         shell:
             # flock: DVC takes its repository lock without waiting; jobs finishing together
             # commit one after the other.

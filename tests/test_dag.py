@@ -166,7 +166,7 @@ def test_snakemake_runs_the_same_dag_with_the_same_results(dvc_reference, tmp_pa
     repo = make_repo(tmp_path / "repo")
     out = run([SNAKEMAKE, "--cores", "2"], repo)
     rules = set(re.findall(r"^rule (\w+):", out, re.M)) | set(
-        re.findall(r"^localrule (\w+):", out, re.M)
+        re.findall(r"^Job \d+: (\w+) \(local rule\)", out, re.M)  # the Snakefile's _message
     )
     assert rules == {re.sub(r"\W", "_", s) for s in STAGES} | {"all"}
     assert metric_files(repo) == dvc_reference["metrics"]  # byte for byte

@@ -87,8 +87,11 @@ def test_snakemake_plans_the_full_paper_dag_on_the_imagenet_profile(imagenet_rep
     seconds = time.perf_counter() - t0
     assert plan.returncode == 0, plan.stderr
     out = plan.stdout + plan.stderr
-    planned = set(re.findall(r"^(?:local)?rule (\w+):", out, re.M)) - {"all"}
-    assert planned == set(stages)
+    executor_jobs = set(re.findall(r"^(?:local)?rule (\w+):", out, re.M)) - {"all"}
+    # a local rule prints its message instead (the Snakefile's _message)
+    local = dict(re.findall(r"^Job \d+: (\w+) \(local rule\): (.*)$", out, re.M))
+    planned = executor_jobs | set(local)
+    assert planned == set(stages) and not executor_jobs & set(local)
     # The paper's DAG: ImageNet + the five transfer sets prepared, the released teacher fetched,
     # Table 3's students, the 384 fine-tunes, transfer pretrained vs scratch on every set.
     assert {
@@ -116,8 +119,20 @@ def test_snakemake_plans_the_full_paper_dag_on_the_imagenet_profile(imagenet_rep
     assert transfer == {f"transfer_{d}" for d in six} | {"transfer_scratch_cifar10"}
     for rule, cmd in stages.items():
         assert cmd in out, f"{rule}: {cmd!r} is not what Snakemake would run"
-    # (That its training stages are local rules submitting their own jobs is shown for real by
-    # tests/test_slurm.py::test_snakemake_slurm_profile_runs_the_smoke_dag.)
+    # Every training rule is marked as the local rule it is, with the jobs it submits itself
+    # (params launch.*); the rest are the executor's jobs. (That they run so is shown for real
+    # by tests/test_slurm.py::test_snakemake_slurm_profile_runs_the_smoke_dag.)
+    training = {r for r in planned if r.split("_")[0] in ("teacher", "pretrain", "figure3")}
+    training |= {r for r in planned if r.startswith(("finetune", "transfer"))}
+    assert set(local) == training | {"check_params"}, sorted(local)
+    assert "no job submitted" in local["check_params"]
+    assert local["pretrain_deit"].startswith(
+        "runs on this host and waits on the slurm jobs it submits itself through submitit, one "
+        "job per seed of 2 node(s) x 8 GPU(s), 8 task(s) x 10 CPU(s) per node"
+    ), local["pretrain_deit"]
+    # the released RegNetY-16GF is only evaluated: one job on one GPU
+    assert "one job of 1 node(s) x 1 GPU(s), 1 task(s)" in local["teacher_convnet"]
+    assert "one job per seed of 2 node(s) x 8 GPU(s)" in local["teacher_vit"]
     print(f"snakemake -n on the imagenet profile: {len(planned)} jobs in {seconds:.1f} s")
 
 
