@@ -12,8 +12,9 @@ measures it under the name ``released/<timm name>``, and ``tables --released`` r
       --out models/released/deit_base_distilled
     deit-repro evaluate --data data/imagenet_val \\
       --model released/deit_base_distilled_patch16_224=models/released/deit_base_distilled \\
-      --out metrics/released.json
-    deit-repro tables --metrics metrics --released metrics/released.json --out results
+      --out released/metrics/released.json
+    deit-repro tables --metrics released/metrics --released released/metrics/released.json \\
+      --out released/results
 """
 
 from __future__ import annotations
