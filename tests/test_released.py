@@ -280,7 +280,16 @@ def test_a_training_stage_refuses_a_dataset_of_val_alone(tmp_path, capsys):
     data = tmp_path / "imagenet_val"
     argv = ["prepare", "--params", str(pfile), "--dataset", "imagenet", "--splits", "test"]
     assert cli.main([*argv, "--out", str(data)]) == 0
-    with pytest.raises(Exception, match="has no split 'train'"):
+    capsys.readouterr()
+    argv = ["pretrain", "--params", str(pfile), "--launcher", "in-process", "--distill", "none"]
+    assert cli.main([*argv, "--data", str(data), "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert (
+        f"prepared dataset {data} holds the test split alone (prepare --splits test): training "
+        "needs its train split; prepare it again without --splits" in err
+    ), err
+    assert not (tmp_path / "m").exists()
+    with pytest.raises(Exception, match="has no split 'train'"):  # and below the CLI
         open_dataset(data)
 
 

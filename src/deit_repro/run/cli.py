@@ -58,6 +58,7 @@ def _train(args, run) -> list[dict]:
 
     from deit_repro.run import launch, seeds
 
+    _need_train_split(args.data)
     if args.restart:  # how to treat a stale checkpoint, not what is computed
         run = dataclasses.replace(run, options={**run.options, "restart": True})
     specs = run.specs(args.out, args.run_dir, args.seed)
@@ -87,6 +88,24 @@ def _train(args, run) -> list[dict]:
             runs = seeds.fork_runs(run, specs, jobs, tick=tick)
     run.summarise(runs, specs, metrics=args.metrics, history=args.history, live=live)
     return runs
+
+
+def _need_train_split(data: Path) -> None:
+    """A dataset prepared with ``--splits test`` (val/ alone, for released checkpoints) cannot
+    train: said before any job is submitted. (A dataset the submit host cannot see is left to
+    the job, which opens it.)"""
+    import json
+
+    manifest = Path(data) / "manifest.json"
+    if not manifest.is_file():
+        return
+    splits = json.loads(manifest.read_text()).get("splits", {})
+    if "train" not in splits:
+        raise ConfigError(
+            f"prepared dataset {data} holds the {' and '.join(sorted(splits))} split alone "
+            "(prepare --splits test): training needs its train split",
+            "prepare it again without --splits (both splits)",
+        )
 
 
 def _throttled(sync, every_s: float = 5.0):

@@ -5,13 +5,13 @@ released weights: each checkpoint (a URL or a local file, pinned by sha256 and l
 ``weights_only=True``) becomes a model directory like the ones the training stages write; evaluate
 measures it under the name ``released/<timm name>``, and ``tables --released`` reads that file::
 
-    deit-repro prepare --dataset imagenet --splits test --out data/imagenet_val
+    deit-repro prepare --dataset imagenet --splits test --out released/data/imagenet_val
     deit-repro import-weights --model deit_base_distilled_patch16_224 \\
       --weights https://dl.fbaipublicfiles.com/deit/deit_base_distilled_patch16_224-df68dfff.pth \\
-      --sha256 df68dfff --data data/imagenet_val \\
-      --out models/released/deit_base_distilled
-    deit-repro evaluate --data data/imagenet_val \\
-      --model released/deit_base_distilled_patch16_224=models/released/deit_base_distilled \\
+      --sha256 df68dfff --data released/data/imagenet_val \\
+      --out released/models/deit_base_distilled
+    deit-repro evaluate --data released/data/imagenet_val \\
+      --model released/deit_base_distilled_patch16_224=released/models/deit_base_distilled \\
       --out released/metrics/released.json
     deit-repro tables --metrics released/metrics --released released/metrics/released.json \\
       --out released/results
