@@ -71,7 +71,9 @@ def check_rehearsal(work: Path, smoke: bool) -> dict:
     """Teacher on the device, sharded evaluation, DeiT-Ti⚗ distilled, interrupted and resumed."""
     from deit_repro.core.engine import Runtime
     from deit_repro.stages.prepare import run_prepare
-    from deit_repro.stages.training import run_pretrain, run_teacher
+    import deit_repro.stages.trainer as trainer
+    from deit_repro.stages.pretrain import pretrain
+    from deit_repro.stages.teacher import train_teacher
 
     data = work / "data"
     if not data.exists():
@@ -92,7 +94,7 @@ def check_rehearsal(work: Path, smoke: bool) -> dict:
     rt = Runtime.detect(p.student.train.amp)
     (weights,) = (data / "weights").glob("regnety_160-*.pth")
     t0 = time.perf_counter()
-    teacher = run_teacher(
+    teacher = train_teacher(
         p, data=prepared, out=work / "teacher", run_dir=None, seed=0, weights=weights, rt=rt
     )
     teacher_s = time.perf_counter() - t0
@@ -110,8 +112,6 @@ def check_rehearsal(work: Path, smoke: bool) -> dict:
 
         return real_fit(**{**kwargs, "on_epoch_end": stop})
 
-    import deit_repro.stages.training as training
-
     run_dir = work / "runs" / "deit"
     kwargs = dict(
         data=prepared,
@@ -123,15 +123,15 @@ def check_rehearsal(work: Path, smoke: bool) -> dict:
         seed=0,
         rt=rt,
     )
-    training.fit = fit_once_then_stop
+    trainer.fit = fit_once_then_stop
     try:
-        run_pretrain(p, **kwargs)
+        pretrain(p, **kwargs)
         raise AssertionError("the interrupted run finished")
     except Interrupt:
         pass
     finally:
-        training.fit = real_fit
-    metrics = run_pretrain(p, **kwargs)
+        trainer.fit = real_fit
+    metrics = pretrain(p, **kwargs)
     run = json.loads((run_dir / "run.json").read_text())
     assert run["resumed_from_epoch"] == 0, run  # epoch 1 of 2 came from the checkpoint
     return {

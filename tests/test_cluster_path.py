@@ -27,7 +27,8 @@ from deit_repro.core.engine import Runtime, accuracy_table, shard_evaluate
 from deit_repro.core.losses import DistillationLoss
 from deit_repro.core.models import create_student, create_teacher, student_heads
 from deit_repro.stages.prepare import run_prepare
-from deit_repro.stages.training import run_teacher, transfer_run
+from deit_repro.stages.teacher import TeacherRun, train_teacher
+from deit_repro.stages.transfer import TransferRun
 
 PROFILES = ROOT / "profiles"
 
@@ -242,11 +243,11 @@ def test_a_transfer_run_reads_its_datasets_recipe(tmp_path):
     d = to_dict(load_params(PROFILES / "smoke.yaml"))
     d["transfer"]["recipes"] = {"digits": {**d["transfer"]["train"], "epochs": 3}}
     p = params_from_dict(d)
-    run = transfer_run(p, data=tmp_path / "digits", init="pretrained", student=tmp_path / "s")
-    assert run.options["dataset"] == "digits"
+    run = TransferRun(params=p, data=tmp_path / "digits", init="pretrained", student=tmp_path / "s")
+    assert run.dataset == "digits"
     assert p.transfer.recipe("digits").epochs == 3 and p.transfer.train.epochs != 3
     with pytest.raises(ConfigError, match="not in transfer.datasets"):
-        transfer_run(p, data=tmp_path / "cifar10", init="scratch", student=None)
+        TransferRun(params=p, data=tmp_path / "cifar10", init="scratch")
     d["transfer"]["recipes"] = {"cifar10": d["transfer"]["train"]}
     with pytest.raises(ConfigError, match="transfer.recipes"):
         params_from_dict(d)
@@ -374,7 +375,7 @@ def test_every_rank_evaluates_with_rank_0s_batchnorm_statistics(tmp_path):
 
 
 def _teacher_on_rank(rt: Runtime, params, data, weights, out) -> dict:
-    return run_teacher(params, data=data, out=out, run_dir=None, seed=0, weights=weights, rt=rt)
+    return train_teacher(params, data=data, out=out, run_dir=None, seed=0, weights=weights, rt=rt)
 
 
 def test_released_teacher_weights_in_a_ddp_job_are_written_by_rank_0_alone(
@@ -402,7 +403,7 @@ def test_released_teacher_weights_in_a_ddp_job_are_written_by_rank_0_alone(
         tmp_path, _teacher_on_rank, p, fashion_small, weights, tmp_path / "teacher", timeout=300
     )
     assert got[1] == {}
-    one = run_teacher(
+    one = train_teacher(
         p,
         data=fashion_small,
         out=tmp_path / "single",
@@ -435,7 +436,9 @@ def _failure(fn, *args) -> tuple[str, str, float]:
 
 def _download_on_rank(rt: Runtime, params, data, out) -> tuple[str, str, float]:
     run_dir = out.parent / "run"
-    return _failure(lambda: run_teacher(params, data=data, out=out, run_dir=run_dir, seed=0, rt=rt))
+    return _failure(
+        lambda: train_teacher(params, data=data, out=out, run_dir=run_dir, seed=0, rt=rt)
+    )
 
 
 def _nan_on_rank_1(rt: Runtime, data, recipe) -> tuple[str, str, float]:
@@ -520,11 +523,9 @@ def test_a_nan_loss_on_one_rank_stops_both_ranks_at_the_same_step(
 def test_released_teacher_weights_get_one_gpu_not_the_teachers_training_allocation():
     """The imagenet profile downloads RegNetY-16GF and only evaluates it: one node, one task,
     one GPU, that task's memory, an hour; Table 2's DeiT-B teacher still trains on 2 x 8 GPUs."""
-    from deit_repro.stages.training import TrainingRun
-
     p = load_params(PROFILES / "imagenet.yaml")
-    convnet = TrainingRun("teacher", p, {"arch": "convnet"}).resources
-    vit = TrainingRun("teacher", p, {"arch": "vit"}).resources
+    convnet = TeacherRun(params=p, data=Path("data/imagenet"), arch="convnet").resources
+    vit = TeacherRun(params=p, data=Path("data/imagenet"), arch="vit").resources
     assert (convnet.nodes, convnet.tasks_per_node, convnet.gpus_per_node) == (1, 1, 1)
     assert convnet.mem_gb == 40 and convnet.timeout_min == 60
     assert convnet.cpus_per_task == p.launch.teacher.cpus_per_task
@@ -534,9 +535,16 @@ def test_released_teacher_weights_get_one_gpu_not_the_teachers_training_allocati
 def test_only_the_released_teacher_is_sized_down_not_the_stages_that_read_it():
     """A profile with teacher.weights: its pretrain, finetune and transfer jobs keep their whole
     allocation (2 DDP tasks in the rehearsal; 2 x 8 GPUs on the imagenet profile)."""
-    from deit_repro.stages.training import TrainingRun
+    from deit_repro.stages.finetune import FinetuneRun
+    from deit_repro.stages.pretrain import PretrainRun
 
     p = load_params(PROFILES / "imagenet.yaml")
     assert p.teacher.weights is not None
-    for stage in ("pretrain", "finetune", "transfer"):
-        assert TrainingRun(stage, p, {}).resources == getattr(p.launch, stage), stage
+    data = Path("data/imagenet")
+    runs = {
+        "pretrain": PretrainRun(params=p, data=data, distill="none", dist_token=False),
+        "finetune": FinetuneRun(params=p, data=data, student=Path("models/pretrain/deit")),
+        "transfer": TransferRun(params=p, data=Path("data/cifar10"), init="scratch"),
+    }
+    for stage, run in runs.items():
+        assert run.resources == getattr(p.launch, stage), stage

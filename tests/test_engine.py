@@ -17,7 +17,8 @@ from deit_repro.errors import CheckpointError, ConfigError, TrainingError
 from deit_repro.core.losses import DistillationLoss
 from deit_repro.core.models import create_student, set_training_outputs
 from deit_repro.core.datasets import open_dataset, train_batches
-from deit_repro.stages.training import run_pretrain, run_teacher
+from deit_repro.stages.pretrain import pretrain
+from deit_repro.stages.teacher import train_teacher
 
 CPU = Runtime(torch.device("cpu"))
 
@@ -216,7 +217,7 @@ def test_one_epoch_on_real_fashion_mnist_is_far_above_chance(fashion_5k, smoke_p
             train=_recipe(smoke_params, batch_size=32, drop_path=0.0, aug=light),
         ),
     )
-    m = run_pretrain(
+    m = pretrain(
         params,
         data=fashion_5k,
         teacher=None,
@@ -287,7 +288,7 @@ def test_lr_is_scaled_by_the_global_batch(smoke_params):
 
 
 def test_teacher_then_distilled_student_train_end_to_end(fashion_small, smoke_params, tmp_path):
-    t = run_teacher(
+    t = train_teacher(
         smoke_params,
         data=fashion_small,
         out=tmp_path / "teacher",
@@ -298,7 +299,7 @@ def test_teacher_then_distilled_student_train_end_to_end(fashion_small, smoke_pa
     assert 0.0 <= t["top1"] <= 100.0 and t["heads"]["cls"]["top5"] >= t["top1"]
     assert t["arch"] == "resnet_small"
     # Table 2's transformer teacher, and a student distilled from it.
-    v = run_teacher(
+    v = train_teacher(
         smoke_params,
         data=fashion_small,
         out=tmp_path / "teacher_vit",
@@ -308,7 +309,7 @@ def test_teacher_then_distilled_student_train_end_to_end(fashion_small, smoke_pa
         rt=CPU,
     )
     assert v["arch"] == "vit" and v["heads"]["cls"]["top5"] >= v["top1"]
-    m = run_pretrain(
+    m = pretrain(
         smoke_params,
         data=fashion_small,
         teacher=tmp_path / "teacher_vit",
@@ -320,7 +321,7 @@ def test_teacher_then_distilled_student_train_end_to_end(fashion_small, smoke_pa
         rt=CPU,
     )
     assert m["distill"] == "soft" and set(m["heads"]) == {"cls", "dist", "joint"}
-    m = run_pretrain(
+    m = pretrain(
         smoke_params,
         data=fashion_small,
         teacher=tmp_path / "teacher",
@@ -364,7 +365,7 @@ def test_the_timm_per_image_pipeline_trains_deterministically(
     )
     weights = []
     for run in ("a", "b"):
-        m = run_pretrain(
+        m = pretrain(
             params,
             data=fashion_small,
             teacher=None,
@@ -678,10 +679,12 @@ def test_a_figure3_budget_is_a_run_with_its_own_whole_schedule():
     schedule (what reading an intermediate evaluation would measure) is still near the peak."""
     from deit_repro.config import load_params
     from deit_repro.core.engine import optimizer_and_scheduler
-    from deit_repro.stages.training import pretrain_run
+    from deit_repro.stages.pretrain import PretrainRun
 
     params = load_params(Path(__file__).resolve().parents[1] / "profiles" / "fashion.yaml")
-    run = pretrain_run(params, data=Path("data/x"), teacher=None, distill="none", epochs=6)
+    run = PretrainRun(
+        params=params, data=Path("data/x"), distill="none", dist_token=False, epochs=6
+    )
     short, long = run.params.student.train, params.student.train
     assert (short.epochs, long.epochs) == (6, 18)
     assert dataclasses.replace(short, epochs=18) == long  # only the budget differs
@@ -697,7 +700,7 @@ def test_a_figure3_budget_is_a_run_with_its_own_whole_schedule():
     assert lr_at(short, 5) < 0.1 * peak  # the last epoch of the 6-epoch run: decayed
     assert lr_at(long, 5) > 0.8 * peak  # the same epoch of the 18-epoch run: near the peak
     with pytest.raises(ConfigError, match="warmup"):
-        pretrain_run(params, data=Path("data/x"), teacher=None, distill="none", epochs=2)
+        PretrainRun(params=params, data=Path("data/x"), distill="none", dist_token=False, epochs=2)
 
 
 def test_a_finished_run_resumed_with_other_eval_settings_reports_one_evaluation(
@@ -710,8 +713,8 @@ def test_a_finished_run_resumed_with_other_eval_settings_reports_one_evaluation(
 
     import numpy as np
 
-    def pretrain(params, out):
-        return run_pretrain(
+    def pretrain_to(params, out):
+        return pretrain(
             params,
             data=fashion_small,
             teacher=None,
@@ -722,11 +725,11 @@ def test_a_finished_run_resumed_with_other_eval_settings_reports_one_evaluation(
             seed=0,
         )
 
-    first = pretrain(smoke_params, tmp_path / "a")
+    first = pretrain_to(smoke_params, tmp_path / "a")
     cropped = dataclasses.replace(
         smoke_params, eval=dataclasses.replace(smoke_params.eval, crop_pct=0.6)
     )
-    again = pretrain(cropped, tmp_path / "b")
+    again = pretrain_to(cropped, tmp_path / "b")
     assert json.loads((tmp_path / "run" / "run.json").read_text())["resumed_from_epoch"] == 0
     assert again["eval"]["crop_pct"] == 0.6 and again["top1"] != first["top1"]
     for out, metrics in ((tmp_path / "a", first), (tmp_path / "b", again)):

@@ -105,12 +105,13 @@ def test_a_gpu_job_without_cuda_is_refused_not_run_on_cpu(tmp_path):
     or a GPU it was not built for) is the job's one-line error, never a silent gloo run on CPUs."""
     from deit_repro.config import params_from_dict
     from deit_repro.run.launch import TrainingJob
-    from deit_repro.stages.training import RunSpec, pretrain_run
+    from deit_repro.stages.pretrain import PretrainRun
+    from deit_repro.stages.trainer import RunSpec
 
     data = smoke_dict()
     data["launch"]["pretrain"].update(gpus_per_node=1, tasks_per_node=1)
     params = params_from_dict(data)
-    run = pretrain_run(params, data=tmp_path / "data", teacher=None, distill="none")
+    run = PretrainRun(params=params, data=tmp_path / "data", distill="none", dist_token=False)
     result = TrainingJob(run, RunSpec(0, tmp_path / "out", tmp_path / "run"))()
     assert result["exit_code"] == 2
     assert result["error"].startswith("launch.pretrain.gpus_per_node is 1 but torch ")

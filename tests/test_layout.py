@@ -64,7 +64,7 @@ def _graph() -> dict[str, tuple[str, ...]]:
 
 def test_the_import_graph_is_read_from_the_source():
     # Function-level imports count: the CLI imports the stages inside its command functions.
-    assert "deit_repro.stages.training" in code_deps.imports_of("deit_repro.run.cli")
+    assert "deit_repro.stages.pretrain" in code_deps.imports_of("deit_repro.run.cli")
     assert "deit_repro.core.records" in code_deps.imports_of("deit_repro.stages.evaluate")
     closure = code_deps.closure("deit_repro.stages.evaluate")
     assert "deit_repro.core.batches" in closure  # the eval crop, through core.datasets
@@ -157,16 +157,21 @@ def test_the_deps_check_names_the_stage_and_the_missing_file(tmp_path):
     assert not [p for p in uncovered_code_deps(tmp_path) if not p.startswith("evaluate:")]
 
 
-def _hash_in_copy(tmp_path: Path, edit: str | None) -> str:
-    """``code_hash`` of the training stage in a copy of the package, after appending a comment
-    to the file ``edit`` (relative to the package)."""
+#: each training stage's module (code_deps.COMPUTED_BY): its checkpoints' fingerprint
+TRAINING = ("teacher", "pretrain", "finetune", "transfer")
+
+
+def _hashes_in_copy(tmp_path: Path, edit: str | None) -> dict[str, str]:
+    """``code_hash`` of each training stage's module in a copy of the package, after appending a
+    comment to the file ``edit`` (relative to the package)."""
     copy = tmp_path / (edit or "none").replace("/", "_") / "deit_repro"
     shutil.copytree(SRC, copy, ignore=shutil.ignore_patterns("__pycache__"))
     if edit:
         with open(copy / edit, "a") as fh:
             fh.write("# an edit\n")
     code = (
-        "from deit_repro.code_deps import code_hash; print(code_hash('deit_repro.stages.training'))"
+        "from deit_repro.code_deps import code_hash; "
+        f"print(*(code_hash('deit_repro.stages.' + s) for s in {TRAINING!r}))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code],
@@ -176,12 +181,12 @@ def _hash_in_copy(tmp_path: Path, edit: str | None) -> str:
         env={"PYTHONPATH": str(copy.parent)},
         check=True,
     )
-    return out.stdout.strip()
+    return dict(zip(TRAINING, out.stdout.split()))
 
 
 def test_the_checkpoint_fingerprint_hashes_the_computing_code_only(tmp_path):
-    base = _hash_in_copy(tmp_path, None)
-    assert len(base) == 16
+    base = _hashes_in_copy(tmp_path, None)
+    assert all(len(h) == 16 for h in base.values()) and len(set(base.values())) == 4, base
     for orchestration_or_report in (
         "run/launch.py",
         "run/forkserver.py",
@@ -189,15 +194,25 @@ def test_the_checkpoint_fingerprint_hashes_the_computing_code_only(tmp_path):
         "reporting/claims.py",
         "stages/evaluate.py",
     ):
-        assert _hash_in_copy(tmp_path, orchestration_or_report) == base, orchestration_or_report
+        assert _hashes_in_copy(tmp_path, orchestration_or_report) == base, orchestration_or_report
     for computing in (
         "core/engine.py",
         "core/batches.py",
         "data/store.py",
         "config.py",
-        "stages/training.py",
+        "stages/trainer.py",
     ):
-        assert _hash_in_copy(tmp_path, computing) != base, computing
+        changed = _hashes_in_copy(tmp_path, computing)
+        assert all(changed[s] != base[s] for s in TRAINING), computing
+
+
+@pytest.mark.parametrize("stage", TRAINING)
+def test_an_edit_to_one_training_stage_leaves_the_others_fingerprints_alone(tmp_path, stage):
+    """Editing stages/<stage>.py changes that stage's checkpoint fingerprint only: an unfinished
+    pretrain job keeps resuming while the transfer stage's code changes."""
+    base = _hashes_in_copy(tmp_path, None)
+    changed = _hashes_in_copy(tmp_path, f"stages/{stage}.py")
+    assert {s for s in TRAINING if changed[s] != base[s]} == {stage}
 
 
 @pytest.mark.parametrize("command", [["check"], ["format", "--check"]])

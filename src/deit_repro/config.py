@@ -17,13 +17,16 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union, get_args
 
 import yaml
 
 from deit_repro.errors import ConfigError
 
+#: the distillation modes (paper Table 3): declared once, read by the params, the loss, the
+#: pretrain stage and the CLI
 DistillKind = Literal["none", "soft", "hard"]
+DISTILL_MODES: tuple[str, ...] = get_args(DistillKind)
 
 
 def _bounded(default: Any = dataclasses.MISSING, *, expect: str, **schema: Any) -> Any:

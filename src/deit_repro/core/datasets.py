@@ -44,7 +44,7 @@ class Dataset:
 
     @property
     def in_chans(self) -> int:
-        shape = self.train.manifest.get("image_shape")
+        shape = self.test.manifest.get("image_shape")
         return int(shape[0]) if shape else 3
 
     @property
@@ -52,19 +52,22 @@ class Dataset:
         return getattr(self.train, "images", None) is not None
 
 
-def open_dataset(path: Path) -> Dataset:
+def open_dataset(path: Path, *, need_train: bool = True) -> Dataset:
     """Load a prepared dataset (both splits), each data file checked against the sha256 of its
-    manifest; errors name the path, the file and the prepare command."""
+    manifest; errors name the path, the file and the prepare command. ``need_train=False``
+    (evaluation) also opens a dataset prepared with its test split alone (``prepare --splits
+    test``); its ``train`` is then None."""
     # Shape and class-count checks cannot see two swapped labels or one changed pixel; the hash
     # is computed on the bytes being loaded, so it costs no second read.
-    train = load_prepared(path, "train", verify=True)
     test = load_prepared(path, "test", verify=True)
+    only_test = not need_train and "train" not in test.manifest["splits"]
+    train = None if only_test else load_prepared(path, "train", verify=True)
     return Dataset(
         path=Path(path),
         train=train,
         test=test,
-        classes=list(train.classes),
-        content_hash=train.manifest["content_hash"],
+        classes=list(test.classes),
+        content_hash=test.manifest["content_hash"],
     )
 
 

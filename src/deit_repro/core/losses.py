@@ -9,19 +9,17 @@ rows "usual distillation" and "hard distillation" apply the teacher term to the 
 from __future__ import annotations
 
 import logging
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deit_repro.config import DISTILL_MODES, DistillKind
 from deit_repro.errors import ConfigError
 
 _logger = logging.getLogger(__name__)
 
 __all__ = ["DISTILL_MODES", "DistillationLoss"]
-
-DISTILL_MODES = ("none", "soft", "hard")
 
 
 class DistillationLoss(nn.Module):
@@ -82,7 +80,7 @@ class DistillationLoss(nn.Module):
         base_criterion: nn.Module,
         teacher: nn.Module | None,
         *,
-        distill: Literal["none", "soft", "hard"],
+        distill: DistillKind,
         alpha: float,
         tau: float,
     ):

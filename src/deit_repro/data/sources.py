@@ -406,16 +406,21 @@ def load_imagefolder(
     verify_images: bool = True,
     on_bad_image: str = "error",
     name: str = "imagefolder",
+    splits: Sequence[str] = ("train", "test"),
 ) -> RawDataset:
     """List an ImageNet-layout tree ``root/{train,val}/<class>/<image>`` (``val`` becomes ``test``).
 
-    Classes are the sorted class folder names, as in torchvision's ``ImageFolder``.
+    Classes are the sorted class folder names, as in torchvision's ``ImageFolder``. With
+    ``splits=("test",)`` only ``val/`` is read (evaluating released checkpoints needs no training
+    image): its class folders are the classes, so they must be all of them (ImageNet's 1,000) for
+    a released head's class indices to mean the same classes.
 
     Args:
         root: the dataset root.
         verify_images: decode every file whole (``check_images``) and apply ``on_bad_image``.
         on_bad_image: ``"error"`` or ``"skip"``.
         name: dataset name for the manifest.
+        splits: ``("train", "test")``, or ``("test",)`` for ``val/`` alone.
 
     Raises:
         DataError: missing root or split folder, no classes, a class without images, class folders
@@ -426,7 +431,11 @@ def load_imagefolder(
         "https://image-net.org/download-images, with the val images sorted into class folders)"
     )
     root = _require_dir(None if root is None else Path(root), "ImageFolder dataset", how)
-    split_dirs = {"train": root / "train", "test": root / "val"}
+    split_dirs = {
+        split: folder
+        for split, folder in (("train", root / "train"), ("test", root / "val"))
+        if split in splits
+    }
     classes_per_split = {}
     for split, split_dir in split_dirs.items():
         if not split_dir.is_dir():
@@ -434,8 +443,8 @@ def load_imagefolder(
         classes_per_split[split] = _class_dirs(split_dir)
         if not classes_per_split[split]:
             raise DataError(f"no class folders in {split_dir}", how)
-    classes = classes_per_split["train"]
-    if classes_per_split["test"] != classes:
+    classes = next(iter(classes_per_split.values()))
+    if classes_per_split.get("test", classes) != classes:
         only_train = sorted(set(classes) - set(classes_per_split["test"]))[:5]
         only_val = sorted(set(classes_per_split["test"]) - set(classes))[:5]
         raise DataError(
@@ -732,6 +741,7 @@ def load_source(
     test_fraction: float = 0.2,
     verify_images: bool = True,
     on_bad_image: str = "error",
+    splits: Sequence[str] = ("train", "test"),
 ) -> RawDataset:
     """Load ``source`` (one of ``SOURCES``) with the options that apply to it.
 
@@ -744,9 +754,11 @@ def load_source(
         test_fraction: digits' held-out share.
         verify_images: open every image file with PIL (file-list sources).
         on_bad_image: ``"error"`` or ``"skip"`` for unreadable image files.
+        splits: ``("train", "test")``; ``("test",)``: an image tree's ``val/`` alone.
 
     Raises:
-        ConfigError: unknown ``source`` or ``on_bad_image``.
+        ConfigError: unknown ``source`` or ``on_bad_image``; the test split alone of a source
+            that is not an image tree.
         DataError: the data is missing or malformed.
     """
     if on_bad_image not in ON_BAD_IMAGE:
@@ -755,7 +767,7 @@ def load_source(
     loaders: dict[str, Callable[[], RawDataset]] = {
         "fashion_mnist": lambda: load_fashion_mnist(source_dir, download=download),
         "digits": lambda: load_digits(test_fraction=test_fraction, seed=seed),
-        "imagefolder": lambda: load_imagefolder(source_dir, **files_opts),
+        "imagefolder": lambda: load_imagefolder(source_dir, splits=splits, **files_opts),
         "cifar10": lambda: load_cifar10(source_dir, download=download),
         "cifar100": lambda: load_cifar100(source_dir, download=download),
         "flowers102": lambda: load_flowers102(source_dir, download=download, **files_opts),
@@ -765,6 +777,12 @@ def load_source(
     }
     if source not in loaders:
         raise ConfigError(f"source = {source!r} is not one of {list(SOURCES)}")
+    if tuple(splits) != ("train", "test") and source != "imagefolder":
+        raise ConfigError(
+            f"--splits test applies to image trees (source imagefolder, e.g. ImageNet), not to "
+            f"source {source!r}",
+            "prepare both splits of this dataset (drop --splits)",
+        )
     if source == "digits" and source_dir is not None:
         _logger.warning(
             "source digits ships inside scikit-learn; ignoring source_dir %s", source_dir

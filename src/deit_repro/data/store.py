@@ -354,7 +354,7 @@ def load_prepared(path: str | os.PathLike, split: str, *, verify: bool = False) 
     if split not in manifest["splits"]:
         raise DataError(
             f"prepared dataset {path} has no split {split!r} (it has {sorted(manifest['splits'])})",
-            "use one of those splits",
+            "prepare it again with both splits (deit-repro prepare without --splits)",
         )
     entry = manifest["splits"][split]
     names = _data_files(manifest["kind"], split)

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from deit_repro.config import LAUNCHED_STAGES, Params, load_params
+from deit_repro.config import DISTILL_MODES, LAUNCHED_STAGES, Params, load_params
 from deit_repro.errors import ConfigError, DeitReproError
 
 _logger = logging.getLogger("deit_repro")
@@ -54,13 +54,9 @@ def _train(args, run) -> list[dict]:
     Where the runs happen is ``params.launch.launcher`` (or ``--launcher``): in this process (and
     child processes for the seeds), or as submitit jobs on this machine or on SLURM.
     """
-    import dataclasses
-
     from deit_repro.run import launch, seeds
 
     _need_train_split(args.data)
-    if args.restart:  # how to treat a stale checkpoint, not what is computed
-        run = dataclasses.replace(run, options={**run.options, "restart": True})
     specs = run.specs(args.out, args.run_dir, args.seed)
     live = None
     if args.live is not None:
@@ -138,48 +134,57 @@ def _summary(runs: list[dict]) -> str:
 
 
 def _cmd_teacher(args, params: Params) -> None:
-    from deit_repro.stages.training import teacher_run
+    from deit_repro.stages.teacher import TeacherRun
 
-    run = teacher_run(params, data=args.data, weights=args.weights, arch=args.arch)
+    run = TeacherRun(
+        params=params, data=args.data, weights=args.weights, arch=args.arch, restart=args.restart
+    )
     print(f"teacher -> {args.out}: {_summary(_train(args, run))}")
 
 
 def _cmd_pretrain(args, params: Params) -> None:
-    from deit_repro.stages.training import pretrain_run
+    from deit_repro.stages.pretrain import PretrainRun, dist_token_of
 
-    run = pretrain_run(
-        params,
+    run = PretrainRun(
+        params=params,
         data=args.data,
         teacher=args.teacher,
         distill=args.distill,
-        dist_token=args.dist_token,
+        dist_token=dist_token_of(args.distill, args.dist_token),
         epochs=args.epochs,
+        restart=args.restart,
     )
     print(
-        f"pretrain {args.distill} token={run.options['dist_token']} -> {args.out}: "
+        f"pretrain {args.distill} token={run.dist_token} -> {args.out}: "
         f"{_summary(_train(args, run))}"
     )
 
 
 def _cmd_finetune(args, params: Params) -> None:
-    from deit_repro.stages.training import finetune_run
+    from deit_repro.stages.finetune import FinetuneRun
 
-    run = finetune_run(
-        params,
+    run = FinetuneRun(
+        params=params,
         data=args.data,
         student=args.student,
         teacher=args.teacher,
         img_size=args.img_size,
         interpolation=args.interpolation,
+        restart=args.restart,
     )
     print(f"finetune -> {args.out}: {_summary(_train(args, run))}")
 
 
 def _cmd_transfer(args, params: Params) -> None:
-    from deit_repro.stages.training import transfer_run
+    from deit_repro.stages.transfer import TransferRun
 
-    run = transfer_run(
-        params, data=args.data, init=args.init, student=args.student, dataset=args.dataset
+    run = TransferRun(
+        params=params,
+        data=args.data,
+        init=args.init,
+        student=args.student,
+        dataset=args.dataset,
+        restart=args.restart,
     )
     print(f"transfer ({args.init}) -> {args.out}: {_summary(_train(args, run))}")
 
@@ -471,7 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--teacher", type=Path, default=None, help="teacher model directory")
     sp.add_argument(
         "--distill",
-        choices=["none", "soft", "hard"],
+        choices=list(DISTILL_MODES),
         required=True,
         help="distillation from --teacher: none, soft (KL on the teacher's softened output), "
         "hard (its argmax)",

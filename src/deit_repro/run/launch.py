@@ -6,7 +6,7 @@ Snakemake's SLURM profile such a stage is a *local* rule (Snakefile): it is neve
 job that submits SLURM jobs. On timeout or preemption (SLURM's USR2, ``signal_delay_s`` before
 the kill) submitit requeues the job and it resumes from the run's last complete checkpoint,
 written every epoch (``deit_repro.core.engine.fit``); ``scontrol requeue`` restarts it the same
-way. Each job runs a :class:`deit_repro.stages.training.TrainingRun`, the very object an
+way. Each job runs a :class:`deit_repro.stages.trainer.StageRun`, the very object an
 in-process run calls: this module decides where runs happen, never what they compute.
 """
 
@@ -116,7 +116,7 @@ def make_executor(cluster: str, folder: Path, launch, res, name: str):
 class TrainingJob(submitit.helpers.Checkpointable):
     """One seed of a training stage as a submitit job: every task joins one DDP group.
 
-    Each task calls ``run(spec)``, the stage's own :class:`~deit_repro.stages.training.TrainingRun`
+    Each task calls ``run(spec)``, the stage's own :class:`~deit_repro.stages.trainer.StageRun`
     (pickled by submitit), so a job and an in-process run execute the same code. Requeued after
     a timeout or preemption, it simply runs again: ``fit`` resumes from the run directory's
     checkpoint.
@@ -284,7 +284,7 @@ def submit_runs(
     ``metrics.json``.
 
     Args:
-        run: the stage's :class:`~deit_repro.stages.training.TrainingRun`; ``run.stage``
+        run: the stage's :class:`~deit_repro.stages.trainer.StageRun`; ``run.stage``
             selects the ``launch.<stage>`` resources.
         specs: each run's seed, model directory and run directory (checkpoint, submitit logs).
         launch: ``params.launch``.

@@ -2,7 +2,7 @@
 
 A training stage command without ``--seed`` trains one run per seed of ``params.seeds``; here they
 are independent forked processes, up to ``--jobs`` at a time. Results do not depend on how many run
-side by side, only on each run's thread count (:attr:`TrainingRun.threads`), so this is
+side by side, only on each run's thread count (:attr:`StageRun.threads`), so this is
 orchestration: no stage depends on this file.
 """
 

@@ -22,35 +22,9 @@ from deit_repro.core.engine import Runtime, accuracy_table, disagreement, predic
 from deit_repro.core.model_dirs import load_model, resolve_model_dir
 from deit_repro.core.models import count_params, reported_head, student_heads
 from deit_repro.core.records import aggregate, round_metrics
-from deit_repro.data.store import load_prepared, read_manifest
 from deit_repro.stages.throughput import measure_throughput
 
 _logger = logging.getLogger(__name__)
-
-
-class _TestSplitOnly(Dataset):
-    """A dataset prepared with its test split alone (``prepare --splits test``: ImageNet's
-    ``val/`` for released checkpoints, without the 1.28 M training images)."""
-
-    @property
-    def in_chans(self) -> int:
-        shape = self.test.manifest.get("image_shape")
-        return int(shape[0]) if shape else 3
-
-
-def open_for_evaluation(path: Path) -> Dataset:
-    """A prepared dataset as evaluate reads it: both splits, or the test split alone when only
-    that one was prepared."""
-    if "train" in read_manifest(path)["splits"]:
-        return open_dataset(path)
-    test = load_prepared(path, "test", verify=True)
-    return _TestSplitOnly(
-        path=Path(path),
-        train=None,
-        test=test,
-        classes=list(test.classes),
-        content_hash=test.manifest["content_hash"],
-    )
 
 
 def _evaluate_one(
@@ -128,7 +102,7 @@ def run_evaluate(
     """
     torch.set_num_threads(params.one_process_threads)  # one process evaluates every seed
     rt = rt or Runtime.detect()
-    ds = open_for_evaluation(data)
+    ds = open_dataset(data, need_train=False)  # or ImageNet's val/ alone (prepare --splits test)
     labels = ds.test.labels
     entries = ({"teacher": teacher} if teacher is not None else {}) | dict(models)
     cache: dict[Path, tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any] | None]] = {}

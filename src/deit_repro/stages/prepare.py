@@ -24,14 +24,8 @@ from deit_repro.data.sources import (
     load_source,
     resize_arrays,
 )
-
-# The image-tree listing of data/sources.py, reused for val/ alone: that option is prepare's
-# own (every training stage depends on data/ and would re-run for it).
-from deit_repro.data.sources import _class_dirs as class_dirs
-from deit_repro.data.sources import _file_split as file_split
-from deit_repro.data.sources import _image_files as image_files
 from deit_repro.data.store import write_prepared
-from deit_repro.errors import ConfigError, DataError
+from deit_repro.errors import DataError
 
 _logger = logging.getLogger(__name__)
 
@@ -99,42 +93,6 @@ def _materialise(
     )
 
 
-def _val_alone(root: Path | None, *, verify_images: bool, on_bad_image: str) -> RawDataset:
-    """An ImageNet-layout tree's ``val/<class>/<image>`` alone, as the test split: what
-    evaluating released checkpoints reads (no training image needed). Its class folders are
-    the classes, sorted as ``load_imagefolder`` sorts them, so they must be all of them
-    (ImageNet's 1,000) for a released head's class indices to mean the same classes."""
-    how = (
-        "lay the validation images out as ROOT/val/<class>/*.JPEG (ImageNet: "
-        "https://image-net.org/download-images, sorted into the 1,000 class folders)"
-    )
-    if root is None or not Path(root).is_dir():
-        raise DataError(f"ImageFolder dataset {root} is not a directory", how)
-    val = Path(root) / "val"
-    if not val.is_dir():
-        raise DataError(f"ImageFolder split folder {val} is missing", how)
-    classes = class_dirs(val)
-    if not classes:
-        raise DataError(f"no class folders in {val}", how)
-    files: list[str] = []
-    labels: list[int] = []
-    for label, cls in enumerate(classes):
-        found = image_files(val / cls)
-        if not found:
-            raise DataError(f"class folder {val / cls} holds no images", how)
-        files += found
-        labels += [label] * len(found)
-    skipped: dict[str, list[str]] = {}
-    test = file_split(files, labels, verify_images, on_bad_image, "test", skipped)
-    return RawDataset(
-        name="imagefolder",
-        source="imagefolder",
-        classes=classes,
-        splits={"test": test},
-        skipped=skipped,
-    )
-
-
 def run_prepare(
     cfg: DatasetCfg,
     *,
@@ -181,24 +139,16 @@ def run_prepare(
     }
     if tuple(splits) != ("train", "test"):  # only then: a full dataset's manifest keeps its bytes
         params["splits"] = list(splits)
-    if tuple(splits) == ("test",):
-        if source != "imagefolder":
-            raise ConfigError(
-                f"--splits test applies to image trees (source imagefolder, e.g. ImageNet), not "
-                f"to source {source!r}",
-                "prepare both splits of this dataset (drop --splits)",
-            )
-        raw = _val_alone(source_dir, verify_images=verify_images, on_bad_image=on_bad_image)
-    else:
-        raw = load_source(
-            source,
-            source_dir=source_dir,
-            download=download,
-            seed=seed,
-            test_fraction=test_fraction,
-            verify_images=verify_images,
-            on_bad_image=on_bad_image,
-        )
+    raw = load_source(
+        source,
+        source_dir=source_dir,
+        download=download,
+        seed=seed,
+        test_fraction=test_fraction,
+        verify_images=verify_images,
+        on_bad_image=on_bad_image,
+        splits=splits,
+    )
     skipped = {k: list(v) for k, v in raw.skipped.items()}
     splits = {}
     for name, split in raw.splits.items():

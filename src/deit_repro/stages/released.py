@@ -20,17 +20,42 @@ measures it under the name ``released/<timm name>``, and ``tables --released`` r
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
+import torch.nn as nn
+
 from deit_repro import atomic
 from deit_repro.config import WeightsCfg, check_sha256_pin
-from deit_repro.errors import ConfigError
+from deit_repro.core.datasets import open_dataset
 from deit_repro.core.model_dirs import build_model, fetch_weights, load_weights_file, save_model
 from deit_repro.core.models import load_state_dict_checked
-from deit_repro.stages.evaluate import open_for_evaluation
+from deit_repro.errors import ConfigError
 
 _logger = logging.getLogger(__name__)
+
+
+def downloads() -> Path:
+    """Where released weights are downloaded, for ``import-weights`` and the teacher stage alike:
+    ``$DEIT_REPRO_DOWNLOADS``, else ``~/.cache/deit-repro/downloads`` (as torch.hub keeps its
+    checkpoints in ``~/.cache/torch``); a file already there with the pinned digest is reused."""
+    env = os.environ.get("DEIT_REPRO_DOWNLOADS")
+    return Path(env) if env else Path.home() / ".cache" / "deit-repro" / "downloads"
+
+
+def fetch(pin: WeightsCfg, what: str, *, local: Path | None = None) -> Path:
+    """The pinned released file: ``local`` if given (checked against the pin), else the url's
+    file (a path, ``file://``, or a download into :func:`downloads`)."""
+    return fetch_weights(pin, local, downloads(), what)
+
+
+def load(role: str, kwargs: dict[str, Any], path: Path, *, what: str) -> nn.Module:
+    """The model ``role`` (student | teacher) built from ``kwargs`` with the weights of ``path``
+    (``weights_only=True``; keys and shapes checked)."""
+    model = build_model(role, kwargs)
+    load_state_dict_checked(model, load_weights_file(path), what=f"{what} {path}")
+    return model
 
 
 def import_weights(
@@ -41,27 +66,25 @@ def import_weights(
     data: Path,
     out: Path,
     img_size: int | None = None,
-    cache_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Write a model directory for released weights of a timm DeiT (or convnet teacher).
 
     Args:
         model: exact timm name, e.g. ``deit_base_distilled_patch16_224`` or ``regnety_160``.
-        weights: a local file, or a URL downloaded into ``cache_dir``.
+        weights: a local file, or a URL downloaded into :func:`downloads`.
         sha256: the pinned digest (full, or the release file name's prefix, >= 8 hex digits).
-        data: the prepared dataset the model is evaluated on (classes and channels).
+        data: the prepared dataset the model is evaluated on (classes and channels): both
+            splits, or the test split alone (``prepare --splits test``).
         out: the model directory to write.
         img_size: input resolution; default: the one in the timm name (``..._384``) or 224.
-        cache_dir: where downloads go (default: ``out``'s parent ``.downloads``).
 
     Returns:
         The model description written to ``out/model.json``.
     """
     pin = WeightsCfg(url=weights, sha256=check_sha256_pin(sha256, "--sha256"))
-    path = fetch_weights(
-        pin, None, cache_dir or out.parent / ".downloads", f"released {model} weights"
-    )
-    ds = open_for_evaluation(data)  # both splits, or val/ alone (prepare --splits test)
+    what = f"released {model} weights"
+    path = fetch(pin, what)
+    ds = open_dataset(data, need_train=False)
     size = img_size or (384 if model.endswith("_384") else 224)
     role = "student" if model.startswith("deit") else "teacher"
     if role == "student":
@@ -80,8 +103,7 @@ def import_weights(
             f"--model {model} is neither a timm DeiT nor a convnet teacher",
             "use an exact timm name such as deit_base_distilled_patch16_224",
         )
-    net = build_model(role, kwargs)
-    load_state_dict_checked(net, load_weights_file(path), what=f"released weights {path}")
+    net = load(role, kwargs, path, what=what)
     extra = {"source": weights, "sha256": atomic.sha256_file(path), "released": True}
     if role == "student":
         extra.update(
