@@ -104,7 +104,8 @@ def test_resume_from_epoch_k_ends_with_the_same_weights(fashion_small, smoke_par
         assert torch.equal(a, b), k
     assert [r["train_loss"] for r in res_a.history] == [r["train_loss"] for r in res_b.history]
     ckpt = load_checkpoint(tmp_path / "b.pth")
-    assert {"model", "optimizer", "scheduler", "scaler", "ema", "epoch", "rng"} <= set(ckpt)
+    # no RNG state: every epoch reseeds from (seed, epoch, rank), which the equal weights show
+    assert {"model", "optimizer", "scheduler", "scaler", "ema", "epoch"} <= set(ckpt)
     assert ckpt["ema"] is not None and ckpt["epoch"] == 2
 
 

@@ -16,14 +16,12 @@ import contextlib
 import logging
 import math
 import os
-import random
 import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-import numpy as np
 import torch
 import torch.nn as nn
 
@@ -357,15 +355,6 @@ def shard_evaluate(
     )
 
 
-def shard_accuracy(
-    heads_fn: Callable[[torch.Tensor], dict[str, torch.Tensor]],
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    rt: Runtime,
-) -> dict[str, dict[str, float]]:
-    """``{head: {"top1", "top5"}}`` of :func:`shard_evaluate` (a collective too)."""
-    return shard_evaluate(heads_fn, batches, rt).table
-
-
 def disagreement(a: torch.Tensor, b: torch.Tensor) -> float:
     """Percentage of samples on which two classifiers' predicted classes differ (Table 4)."""
     return 100.0 * int((a != b).sum()) / len(a)
@@ -374,15 +363,6 @@ def disagreement(a: torch.Tensor, b: torch.Tensor) -> float:
 # --------------------------------------------------------------------------------------------------
 # Checkpoints
 # --------------------------------------------------------------------------------------------------
-
-
-def _rng_state() -> dict[str, Any]:
-    return {
-        "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-    }
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -489,8 +469,6 @@ class FitResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     resumed_from_epoch: int | None = None
     seconds: float = 0.0
-    #: the EMA weights when recipe.ema (reported separately; the raw model is the result, §6)
-    ema: nn.Module | None = None
 
 
 def _tqdm(iterable, total: int, desc: str, enabled: bool):
@@ -565,30 +543,16 @@ def fit(
             "lower batch_size in params.yaml",
         )
     optimizer, scheduler, num_epochs = optimizer_and_scheduler(raw, recipe, steps)
-    scaler = torch.amp.GradScaler(rt.device.type) if rt.amp_dtype == torch.float16 else None
+    # fp16 needs loss scaling; under bf16 or fp32 the disabled scaler passes every call through
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
     ema = ModelEmaV3(raw, decay=recipe.ema_decay) if recipe.ema else None
     mixup = mixup_fn(recipe, num_classes)
+    state = _TrainState(raw, optimizer, scheduler, scaler, ema)
     result = FitResult()
     start = 0
-
     if checkpoint_path is not None and checkpoint_path.exists():
-        ckpt = load_checkpoint(checkpoint_path)
-        if ckpt["fingerprint"] != fingerprint:
-            _replace_checkpoint(checkpoint_path, ckpt, fingerprint, restart=restart, rt=rt)
-        else:
-            raw.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            if scaler is not None and ckpt.get("scaler") is not None:
-                scaler.load_state_dict(ckpt["scaler"])
-            if ema is not None and ckpt.get("ema") is not None:
-                ema.load_state_dict(ckpt["ema"])
-            start = ckpt["epoch"] + 1
-            result.history = list(ckpt["history"])
-            result.resumed_from_epoch = ckpt["epoch"]
-            _logger.info(
-                "resumed %s from epoch %d of %d", checkpoint_path, ckpt["epoch"] + 1, num_epochs
-            )
+        start, result.history = _resume(checkpoint_path, fingerprint, state, restart=restart, rt=rt)
+        result.resumed_from_epoch = start - 1 if start else None
 
     last_good = checkpoint_path if start > 0 else None
     epoch_seconds: list[float] = []  # whole epochs of this process (training, eval, checkpoint)
@@ -598,77 +562,28 @@ def fit(
         train_batches.set_epoch(epoch)
         model.train()
         lr = optimizer.param_groups[0]["lr"]  # this epoch's: the scheduler steps after it
-        loss_sum, n_seen, t_epoch = 0.0, 0, time.perf_counter()
-        bar = _tqdm(train_batches, steps, f"{desc} {epoch + 1}/{num_epochs}", rt.is_main)
-        # Without a terminal (a SLURM log) tqdm is silent: the main rank logs lines instead.
-        every = (log_every or _log_interval(steps)) if rt.is_main and bar.disable else 0
-        mark = (t_epoch, 0, 0.0)  # time, images and loss sum at the last progress line
-        for step, (x, y) in enumerate(bar):
+        t_epoch = time.perf_counter()
+        progress = _Progress(desc, epoch, num_epochs, steps, rt, log_every, epoch_seconds, t_epoch)
+        loss_sum, n_seen = 0.0, 0
+        for step, (x, y) in enumerate(progress.wrap(train_batches)):
             x = x.to(rt.device, non_blocking=True)
             y = y.to(rt.device, non_blocking=True)
+            targets = y
             if mixup is not None:
                 x, targets = mixup(x, y)
-            else:
-                targets = y
-            with rt.autocast():
-                outputs = model(x)
-                loss = loss_fn(x, outputs, targets)
-            loss_value = loss.item()  # one sync, used by the check and the running mean
-            bad = rt.nonfinite(loss_value)  # before backward: DDP's all-reduce is there
-            if bad:
-                where = (
-                    f"last good checkpoint: {last_good}"
-                    if last_good
-                    else "no checkpoint was written yet"
-                )
-                what = (
-                    f"{bad[0][1]}"
-                    if rt.world_size == 1
-                    else ", ".join(f"{v} on rank {r}" for r, v in bad)
-                )
-                raise TrainingError(
-                    f"loss is {what} at epoch {epoch + 1} step {step + 1} ({where})",
-                    "lower the learning rate (lr_per_512) or "
-                    "enable clip_grad; facebookresearch/deit#29",
-                )
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                if recipe.clip_grad is not None:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(raw.parameters(), recipe.clip_grad)
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                if recipe.clip_grad is not None:
-                    nn.utils.clip_grad_norm_(raw.parameters(), recipe.clip_grad)
-                optimizer.step()
-            if ema is not None:
-                ema.update(raw)
-            loss_sum += loss_value * x.shape[0]
+            loss = _train_step(
+                model,
+                loss_fn,
+                x,
+                targets,
+                state,
+                recipe.clip_grad,
+                rt,
+                where=lambda: (epoch, step, last_good),
+            )
+            loss_sum += loss * x.shape[0]
             n_seen += x.shape[0]
-            if every and (step + 1) % every == 0:
-                now = time.perf_counter()
-                per_epoch = (now - t_epoch) / (step + 1) * steps
-                eta_epoch = per_epoch - (now - t_epoch)
-                later = (statistics.fmean(epoch_seconds) if epoch_seconds else per_epoch) * (
-                    num_epochs - epoch - 1
-                )
-                _logger.info(
-                    "%s epoch %d/%d step %d/%d: %.1f images/s, loss %.4f, ETA epoch %s, run %s",
-                    desc,
-                    epoch + 1,
-                    num_epochs,
-                    step + 1,
-                    steps,
-                    # every rank trains the same per-rank batch: the job's rate is world x ours
-                    (n_seen - mark[1]) * rt.world_size / max(now - mark[0], 1e-9),
-                    (loss_sum - mark[2]) / max(n_seen - mark[1], 1),
-                    _hms(eta_epoch),
-                    _hms(eta_epoch + later),
-                )
-                mark = (now, n_seen, loss_sum)
+            progress.step(step, n_seen, loss_sum)
         if rt.world_size > 1:  # the loss over the global batch, as one process would report it
             loss_sum, seen = rt.sum_over_ranks([loss_sum, n_seen])
             n_seen = int(seen)
@@ -679,7 +594,7 @@ def fit(
             "train_images_per_s": n_seen / (time.perf_counter() - t_epoch),
         }
         last = epoch == num_epochs - 1
-        # Every rank evaluates its shard (``evaluate`` is a collective, see shard_accuracy).
+        # Every rank evaluates its shard (``evaluate`` is a collective, see shard_evaluate).
         if evaluate is not None and (
             last or (recipe.eval_every and (epoch + 1) % recipe.eval_every == 0)
         ):
@@ -705,21 +620,8 @@ def fit(
 
         def end_epoch() -> None:
             if checkpoint_path is not None:
-                atomic.torch_save(
-                    {
-                        "format": CHECKPOINT_FORMAT,
-                        "fingerprint": fingerprint,
-                        "epoch": epoch,
-                        "num_epochs": num_epochs,
-                        "model": raw.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "scaler": scaler.state_dict() if scaler is not None else None,
-                        "ema": ema.state_dict() if ema is not None else None,
-                        "rng": _rng_state(),
-                        "history": result.history,
-                    },
-                    checkpoint_path,
+                _save_checkpoint(
+                    checkpoint_path, fingerprint, state, epoch, num_epochs, result.history
                 )
             if on_epoch_end is not None:
                 on_epoch_end(result.history)
@@ -730,5 +632,161 @@ def fit(
         last_good = checkpoint_path or last_good
         epoch_seconds.append(time.perf_counter() - t_epoch)
     result.seconds = time.perf_counter() - t0
-    result.ema = ema.module if ema is not None else None
     return result
+
+
+@dataclass
+class _TrainState:
+    """What a checkpoint holds besides the history: the model (unwrapped from DDP), the
+    optimizer, the LR scheduler, the fp16 loss scaler and the EMA weights."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    ema: nn.Module | None
+
+
+def _resume(
+    path: Path, fingerprint: str, state: _TrainState, *, restart: bool, rt: Runtime
+) -> tuple[int, list[dict[str, Any]]]:
+    """The epoch to start from and the history so far: the checkpoint's, loaded into ``state``,
+    when its fingerprint is this run's; else (0, []) once the checkpoint of another
+    configuration is dealt with (:func:`_replace_checkpoint`)."""
+    ckpt = load_checkpoint(path)
+    if ckpt["fingerprint"] != fingerprint:
+        _replace_checkpoint(path, ckpt, fingerprint, restart=restart, rt=rt)
+        return 0, []
+    state.model.load_state_dict(ckpt["model"])
+    state.optimizer.load_state_dict(ckpt["optimizer"])
+    state.scheduler.load_state_dict(ckpt["scheduler"])
+    if ckpt.get("scaler"):
+        state.scaler.load_state_dict(ckpt["scaler"])
+    if state.ema is not None and ckpt.get("ema") is not None:
+        state.ema.load_state_dict(ckpt["ema"])
+    _logger.info("resumed %s from epoch %d of %d", path, ckpt["epoch"] + 1, ckpt["num_epochs"])
+    return ckpt["epoch"] + 1, list(ckpt["history"])
+
+
+def _save_checkpoint(
+    path: Path,
+    fingerprint: str,
+    state: _TrainState,
+    epoch: int,
+    num_epochs: int,
+    history: list[dict[str, Any]],
+) -> None:
+    """The complete checkpoint after ``epoch``, written atomically (a crash keeps the last
+    complete one). No RNG state: every epoch reseeds from (seed, epoch, rank)."""
+    atomic.torch_save(
+        {
+            "format": CHECKPOINT_FORMAT,
+            "fingerprint": fingerprint,
+            "epoch": epoch,
+            "num_epochs": num_epochs,
+            "model": state.model.state_dict(),
+            "optimizer": state.optimizer.state_dict(),
+            "scheduler": state.scheduler.state_dict(),
+            "scaler": state.scaler.state_dict(),
+            "ema": state.ema.state_dict() if state.ema is not None else None,
+            "history": history,
+        },
+        path,
+    )
+
+
+def _train_step(
+    model: nn.Module,
+    loss_fn: Callable[[torch.Tensor, Any, torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    state: _TrainState,
+    clip_grad: float | None,
+    rt: Runtime,
+    where: Callable[[], tuple[int, int, Path | None]],
+) -> float:
+    """One optimisation step; the loss's value. A non-finite loss on any rank stops every rank
+    before backward (where DDP's all-reduce is), naming the epoch, the step and the last good
+    checkpoint (``where()``)."""
+    with rt.autocast():
+        outputs = model(x)
+        loss = loss_fn(x, outputs, targets)
+    value = loss.item()  # one sync, used by the check and the running mean
+    bad = rt.nonfinite(value)
+    if bad:
+        epoch, step, last_good = where()
+        kept = (
+            f"last good checkpoint: {last_good}" if last_good else "no checkpoint was written yet"
+        )
+        what = (
+            f"{bad[0][1]}" if rt.world_size == 1 else ", ".join(f"{v} on rank {r}" for r, v in bad)
+        )
+        raise TrainingError(
+            f"loss is {what} at epoch {epoch + 1} step {step + 1} ({kept})",
+            "lower the learning rate (lr_per_512) or enable clip_grad; facebookresearch/deit#29",
+        )
+    state.optimizer.zero_grad(set_to_none=True)
+    state.scaler.scale(loss).backward()
+    if clip_grad is not None:
+        state.scaler.unscale_(state.optimizer)
+        nn.utils.clip_grad_norm_(state.model.parameters(), clip_grad)
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    if state.ema is not None:
+        state.ema.update(state.model)
+    return value
+
+
+class _Progress:
+    """One epoch's progress: a tqdm bar on a terminal; without one (a SLURM log) tqdm is silent
+    and the main rank logs a line every ``log_every`` steps instead, with throughput, loss and
+    the epoch's and the run's ETA."""
+
+    def __init__(
+        self,
+        desc: str,
+        epoch: int,
+        num_epochs: int,
+        steps: int,
+        rt: Runtime,
+        log_every: int | None,
+        epoch_seconds: list[float],
+        t_epoch: float,
+    ):
+        self.desc, self.epoch, self.num_epochs, self.steps = desc, epoch, num_epochs, steps
+        self.rt, self.log_every, self.epoch_seconds = rt, log_every, epoch_seconds
+        self.t_epoch = t_epoch
+        self.mark = (t_epoch, 0, 0.0)  # time, images and loss sum at the last progress line
+        self.every = 0
+
+    def wrap(self, batches):
+        bar = _tqdm(
+            batches, self.steps, f"{self.desc} {self.epoch + 1}/{self.num_epochs}", self.rt.is_main
+        )
+        if self.rt.is_main and bar.disable:
+            self.every = self.log_every or _log_interval(self.steps)
+        return bar
+
+    def step(self, step: int, n_seen: int, loss_sum: float) -> None:
+        if not self.every or (step + 1) % self.every:
+            return
+        now = time.perf_counter()
+        per_epoch = (now - self.t_epoch) / (step + 1) * self.steps
+        eta_epoch = per_epoch - (now - self.t_epoch)
+        mean_epoch = statistics.fmean(self.epoch_seconds) if self.epoch_seconds else per_epoch
+        later = mean_epoch * (self.num_epochs - self.epoch - 1)
+        t, n, loss = self.mark
+        _logger.info(
+            "%s epoch %d/%d step %d/%d: %.1f images/s, loss %.4f, ETA epoch %s, run %s",
+            self.desc,
+            self.epoch + 1,
+            self.num_epochs,
+            step + 1,
+            self.steps,
+            # every rank trains the same per-rank batch: the job's rate is world x ours
+            (n_seen - n) * self.rt.world_size / max(now - t, 1e-9),
+            (loss_sum - loss) / max(n_seen - n, 1),
+            _hms(eta_epoch),
+            _hms(eta_epoch + later),
+        )
+        self.mark = (now, n_seen, loss_sum)
