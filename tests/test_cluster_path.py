@@ -238,7 +238,7 @@ def test_each_transfer_dataset_has_its_recipe_and_only_cifar10_a_scratch_baselin
 
 
 def test_a_transfer_run_reads_its_datasets_recipe(tmp_path):
-    from deit_repro.config import to_dict
+    from deit_repro.typed_yaml import to_dict
 
     d = to_dict(load_params(PROFILES / "smoke.yaml"))
     d["transfer"]["recipes"] = {"digits": {**d["transfer"]["train"], "epochs": 3}}

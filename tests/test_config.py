@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from conftest import ROOT, SMOKE, smoke_dict
-from deit_repro.config import config_hash, load_params, params_from_dict
+from deit_repro.config import load_params, params_from_dict
+from deit_repro.typed_yaml import config_hash
 from deit_repro.errors import ConfigError
 
 

@@ -21,7 +21,8 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from deit_repro.config import compose_params, overlay, params_from_dict
+from deit_repro.config import compose_params, params_from_dict
+from deit_repro.typed_yaml import overlay
 from deit_repro.errors import ConfigError
 
 PROFILES = ROOT / "profiles"

@@ -49,6 +49,7 @@ FLOORS: tuple[tuple[str, ...], ...] = (
         f"{PACKAGE}.provenance",
         f"{PACKAGE}.code_deps",
     ),
+    (f"{PACKAGE}.typed_yaml",),  # frozen dataclasses from YAML, their JSON schema
     (f"{PACKAGE}.config",),  # the typed params.yaml
     (f"{PACKAGE}.data",),  # dataset sources and the prepared on-disk format
     (f"{PACKAGE}.core", f"{PACKAGE}.reporting"),  # what computes: models, engine, ...; tables

@@ -11,37 +11,24 @@ Every field is documented by a ``#:`` comment; units are stated where a number h
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union, get_args
 
-import yaml
-
 from deit_repro.errors import ConfigError
+from deit_repro.typed_yaml import (
+    bounded,
+    build,
+    check,
+    dataclass_schema,
+    overlay,
+    read_yaml,
+)
 
 #: the distillation modes (paper Table 3): declared once, read by the params, the loss, the
 #: pretrain stage and the CLI
 DistillKind = Literal["none", "soft", "hard"]
 DISTILL_MODES: tuple[str, ...] = get_args(DistillKind)
-
-
-def _bounded(default: Any = dataclasses.MISSING, *, expect: str, **schema: Any) -> Any:
-    """A field whose value must satisfy JSON-schema keywords (``minimum``, ``exclusiveMinimum``,
-    ``maximum``, ``exclusiveMaximum``, ``enum``, ``pattern``, ``minItems``, ``items``).
-
-    The loader checks them (:func:`_violates`) and :func:`params_schema` writes them into
-    ``workflow/schemas/params.schema.yaml``: one declaration, so the Python loader and the schema
-    Snakemake validates with cannot disagree on a range. ``expect`` is the phrase of
-    the error message. Checks across fields stay in ``__post_init__`` (a schema cannot say them).
-    """
-    meta = {"schema": schema, "expect": expect}
-    if isinstance(default, (list, dict, set)):
-        raise TypeError("mutable default")  # a bug in this module
-    return field(default=default, metadata=meta)
 
 
 _POSITIVE = dict(expect="a positive integer", exclusiveMinimum=0)
@@ -77,20 +64,20 @@ class DatasetCfg:
 
     #: fashion_mnist | digits | imagefolder | cifar10 | cifar100 | flowers102 | stanford_cars |
     #: inat2018 | inat2019
-    source: str = _bounded(expect="one of " + str(sorted(SOURCES)), enum=sorted(SOURCES))
+    source: str = bounded(expect="one of " + str(sorted(SOURCES)), enum=sorted(SOURCES))
     #: where the raw data lies (ImageNet's ImageFolder root, torchvision's root); null = the
     #: source's usual place (Fashion-MNIST: the Debian package). `--source-dir` overrides it.
     root: Optional[str] = None
     #: class-balanced subset of the training split (images per class); null = all
-    train_per_class: Optional[int] = _bounded(None, **_POSITIVE_OR_NULL)
+    train_per_class: Optional[int] = bounded(None, **_POSITIVE_OR_NULL)
     #: class-balanced subset of the test split; null = all
-    test_per_class: Optional[int] = _bounded(None, **_POSITIVE_OR_NULL)
+    test_per_class: Optional[int] = bounded(None, **_POSITIVE_OR_NULL)
     #: resize (shorter side + centre crop, bicubic) when preparing; null = native size
-    image_size: Optional[int] = _bounded(None, **_POSITIVE_OR_NULL)
+    image_size: Optional[int] = bounded(None, **_POSITIVE_OR_NULL)
     #: an unreadable image in an image tree: refuse ("error") or skip and count it ("skip")
     on_bad_image: Literal[ON_BAD_IMAGE] = "error"
     #: held-out fraction for sources without an official test split (digits)
-    test_fraction: float = _bounded(0.2, expect="in (0, 1)", exclusiveMinimum=0, exclusiveMaximum=1)
+    test_fraction: float = bounded(0.2, expect="in (0, 1)", exclusiveMinimum=0, exclusiveMaximum=1)
     #: seed of the subset / split draw
     seed: int = 0
     #: let torchvision download the data where a network exists
@@ -107,31 +94,31 @@ class ModelCfg:
     #: custom teachers only: resnet_small | regnety_small | vit
     arch: str = "vit"
     #: training resolution in pixels (square); input channels come from the dataset
-    img_size: int = _bounded(224, **_POSITIVE)
-    patch_size: int = _bounded(16, **_POSITIVE)
-    embed_dim: int = _bounded(192, **_POSITIVE)
-    depth: int = _bounded(12, **_POSITIVE)
-    num_heads: int = _bounded(3, **_POSITIVE)
-    mlp_ratio: float = _bounded(4.0, expect="positive", exclusiveMinimum=0)
+    img_size: int = bounded(224, **_POSITIVE)
+    patch_size: int = bounded(16, **_POSITIVE)
+    embed_dim: int = bounded(192, **_POSITIVE)
+    depth: int = bounded(12, **_POSITIVE)
+    num_heads: int = bounded(3, **_POSITIVE)
+    mlp_ratio: float = bounded(4.0, expect="positive", exclusiveMinimum=0)
     #: custom convnet teachers: channels and blocks per stage
     channels: tuple[int, ...] = (16, 32, 64)
     depths: tuple[int, ...] = (1, 1, 1)
 
     def __post_init__(self) -> None:
         if self.name is None and self.arch == "vit":
-            _check(
+            check(
                 self.img_size % self.patch_size == 0,
                 "patch_size",
                 self.patch_size,
                 f"a divisor of img_size={self.img_size}",
             )
-            _check(
+            check(
                 self.embed_dim % self.num_heads == 0,
                 "num_heads",
                 self.num_heads,
                 f"a divisor of embed_dim={self.embed_dim}",
             )
-        _check(
+        check(
             len(self.channels) == len(self.depths),
             "depths",
             self.depths,
@@ -147,26 +134,26 @@ class AugCfg:
     #: "timm": per-image timm create_transform (PIL), the ImageNet path
     pipeline: Literal["tensor", "timm"] = "timm"
     #: random-resized-crop area range
-    scale: tuple[float, float] = _bounded(
+    scale: tuple[float, float] = bounded(
         (0.08, 1.0), expect="0 < min <= max <= 1", items={"exclusiveMinimum": 0, "maximum": 1}
     )
-    ratio: tuple[float, float] = _bounded(
+    ratio: tuple[float, float] = bounded(
         (0.75, 4.0 / 3.0), expect="0 < min <= max", items={"exclusiveMinimum": 0}
     )
-    hflip: float = _bounded(0.5, **_UNIT)
+    hflip: float = bounded(0.5, **_UNIT)
     #: timm RandAugment string (paper: rand-m9-mstd0.5-inc1); null = off; timm pipeline only
     rand_augment: Optional[str] = "rand-m9-mstd0.5-inc1"
     color_jitter: float = 0.3
     #: random erasing probability (paper: 0.25) and mode
-    reprob: float = _bounded(0.25, **_UNIT)
+    reprob: float = bounded(0.25, **_UNIT)
     remode: Literal["pixel", "rand", "const"] = "pixel"
     interpolation: Literal["bicubic", "bilinear"] = "bicubic"
 
     def __post_init__(self) -> None:
-        _check(self.scale[0] <= self.scale[1], "scale", self.scale, "0 < min <= max <= 1")
-        _check(self.ratio[0] <= self.ratio[1], "ratio", self.ratio, "0 < min <= max")
+        check(self.scale[0] <= self.scale[1], "scale", self.scale, "0 < min <= max <= 1")
+        check(self.ratio[0] <= self.ratio[1], "ratio", self.ratio, "0 < min <= max")
         if self.pipeline == "tensor":
-            _check(
+            check(
                 self.rand_augment is None and self.color_jitter == 0.0,
                 "rand_augment",
                 self.rand_augment,
@@ -179,42 +166,42 @@ class AugCfg:
 class TrainCfg:
     """One training recipe (paper Table 9; official main.py defaults)."""
 
-    epochs: int = _bounded(300, **_POSITIVE)
+    epochs: int = bounded(300, **_POSITIVE)
     #: global batch over all processes (images per optimizer step)
-    batch_size: int = _bounded(1024, **_POSITIVE)
+    batch_size: int = bounded(1024, **_POSITIVE)
     #: learning rate per 512 images: the effective lr is lr_per_512 * batch_size / 512 (paper §6)
-    lr_per_512: float = _bounded(5e-4, expect="positive", exclusiveMinimum=0)
-    min_lr: float = _bounded(1e-5, expect=">= 0", minimum=0)
-    warmup_lr: float = _bounded(1e-6, expect=">= 0", minimum=0)
-    warmup_epochs: int = _bounded(5, expect=">= 0", minimum=0)
-    weight_decay: float = _bounded(0.05, expect=">= 0", minimum=0)
+    lr_per_512: float = bounded(5e-4, expect="positive", exclusiveMinimum=0)
+    min_lr: float = bounded(1e-5, expect=">= 0", minimum=0)
+    warmup_lr: float = bounded(1e-6, expect=">= 0", minimum=0)
+    warmup_epochs: int = bounded(5, expect=">= 0", minimum=0)
+    weight_decay: float = bounded(0.05, expect=">= 0", minimum=0)
     opt: str = "adamw"
     opt_eps: float = 1e-8
     momentum: float = 0.9
     #: gradient-norm clip; null = none (paper)
     clip_grad: Optional[float] = None
     sched: str = "cosine"
-    label_smoothing: float = _bounded(0.1, expect="in [0, 1)", minimum=0, exclusiveMaximum=1)
-    drop_path: float = _bounded(0.1, expect="in [0, 1)", minimum=0, exclusiveMaximum=1)
+    label_smoothing: float = bounded(0.1, expect="in [0, 1)", minimum=0, exclusiveMaximum=1)
+    drop_path: float = bounded(0.1, expect="in [0, 1)", minimum=0, exclusiveMaximum=1)
     #: Mixup / CutMix alphas (0 = off), probability and switch probability
-    mixup: float = _bounded(0.8, expect=">= 0 (0 = off)", minimum=0)
-    cutmix: float = _bounded(1.0, expect=">= 0 (0 = off)", minimum=0)
-    mixup_prob: float = _bounded(1.0, **_UNIT)
-    mixup_switch_prob: float = _bounded(0.5, **_UNIT)
+    mixup: float = bounded(0.8, expect=">= 0 (0 = off)", minimum=0)
+    cutmix: float = bounded(1.0, expect=">= 0 (0 = off)", minimum=0)
+    mixup_prob: float = bounded(1.0, **_UNIT)
+    mixup_switch_prob: float = bounded(0.5, **_UNIT)
     #: repeated augmentation: copies of each image per epoch (paper: 3; 1 = off)
-    repeated_aug: int = _bounded(3, expect=">= 1 (1 = off)", minimum=1)
+    repeated_aug: int = bounded(3, expect=">= 1 (1 = off)", minimum=1)
     ema: bool = False
-    ema_decay: float = _bounded(0.99996, expect="in (0, 1)", exclusiveMinimum=0, exclusiveMaximum=1)
+    ema_decay: float = bounded(0.99996, expect="in (0, 1)", exclusiveMinimum=0, exclusiveMaximum=1)
     #: mixed precision on CUDA: auto (bf16 where supported) | bf16 | fp16 | off; CPU runs fp32
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     #: evaluate on the test split every n epochs for the accuracy-vs-epoch curve (0 = final only)
-    eval_every: int = _bounded(1, expect=">= 0", minimum=0)
+    eval_every: int = bounded(1, expect=">= 0", minimum=0)
     #: dataloader workers for the per-image 'timm' pipeline
-    num_workers: int = _bounded(0, expect=">= 0", minimum=0)
+    num_workers: int = bounded(0, expect=">= 0", minimum=0)
     aug: AugCfg = field(default_factory=AugCfg)
 
     def __post_init__(self) -> None:
-        _check(
+        check(
             self.warmup_epochs < self.epochs or self.warmup_epochs == 0,
             "warmup_epochs",
             self.warmup_epochs,
@@ -234,12 +221,12 @@ class TrainCfg:
 class EvalCfg:
     """Test-time preprocessing (official: resize to size/0.875, centre crop, bicubic)."""
 
-    crop_pct: float = _bounded(0.875, expect="in (0, 1]", exclusiveMinimum=0, maximum=1)
+    crop_pct: float = bounded(0.875, expect="in (0, 1]", exclusiveMinimum=0, maximum=1)
     interpolation: Literal["bicubic", "bilinear"] = "bicubic"
     #: per process: a DDP job evaluates its shard of the test split on every rank
-    batch_size: int = _bounded(256, **_POSITIVE)
+    batch_size: int = bounded(256, **_POSITIVE)
     #: dataloader workers decoding the test images of an image tree (in-memory splits need none)
-    num_workers: int = _bounded(0, expect=">= 0", minimum=0)
+    num_workers: int = bounded(0, expect=">= 0", minimum=0)
 
 
 #: a sha256 pin of released weights (params.yaml's teacher.weights.sha256, import-weights
@@ -270,7 +257,7 @@ class WeightsCfg:
     #: the full sha256 (64 hex digits, either case), or the 8 hex digits torch.hub's check_hash
     #: reads from a release's file name (regnety_160-a5fe301d.pth): nothing shorter, nothing
     #: in between, so that a pin always pins
-    sha256: str = _bounded(expect=f"a sha256 pin: {SHA256_PIN_RULE}", pattern=SHA256_PIN)
+    sha256: str = bounded(expect=f"a sha256 pin: {SHA256_PIN_RULE}", pattern=SHA256_PIN)
 
 
 @dataclass(frozen=True)
@@ -304,15 +291,15 @@ class StudentCfg:
 @dataclass(frozen=True)
 class SoftCfg:
     #: weight of the distillation term (paper §5.1 text: λ = 0.1)
-    alpha: float = _bounded(0.1, **_UNIT)
+    alpha: float = bounded(0.1, **_UNIT)
     #: softmax temperature (paper §5.1 text: τ = 3.0)
-    tau: float = _bounded(3.0, expect="positive", exclusiveMinimum=0)
+    tau: float = bounded(3.0, expect="positive", exclusiveMinimum=0)
 
 
 @dataclass(frozen=True)
 class HardCfg:
     #: weight of the hard-label term (paper eq. 2: 1/2)
-    alpha: float = _bounded(0.5, **_UNIT)
+    alpha: float = bounded(0.5, **_UNIT)
 
 
 @dataclass(frozen=True)
@@ -333,7 +320,7 @@ class DistillationCfg:
 class FinetuneCfg:
     """Fine-tuning at a higher resolution (paper §6, 224 -> 384)."""
 
-    img_size: int = _bounded(expect="a positive integer", exclusiveMinimum=0)
+    img_size: int = bounded(expect="a positive integer", exclusiveMinimum=0)
     train: TrainCfg
     #: positional-embedding resampling: bicubic (paper) or bilinear (ablation, Table 10)
     interpolation: Literal["bicubic", "bilinear"] = "bicubic"
@@ -348,7 +335,7 @@ class Figure3Cfg:
 
     #: epoch budgets trained besides ``student.train.epochs`` (that budget is the pretrain
     #: stage's own runs, pretrain@none and pretrain@deit, also when it is listed here)
-    budgets: tuple[int, ...] = _bounded(
+    budgets: tuple[int, ...] = bounded(
         (), expect="a list of positive epoch counts", items={"minimum": 1}
     )
 
@@ -375,7 +362,7 @@ class TransferCfg:
     def __post_init__(self) -> None:
         for key, names in (("recipes", sorted(self.recipes)), ("scratch", self.scratch)):
             for name in names:
-                _check(
+                check(
                     name in self.datasets,
                     key,
                     name,
@@ -393,33 +380,33 @@ class TransferCfg:
 class ThroughputCfg:
     """Inference throughput measured the paper's way (largest batch that fits, mean of repeats)."""
 
-    batch_sizes: tuple[int, ...] = _bounded(
+    batch_sizes: tuple[int, ...] = bounded(
         (1024, 512, 256, 128, 64),
         expect="a non-empty list of positive integers",
         minItems=1,
         items={"exclusiveMinimum": 0},
     )
-    warmup: int = _bounded(3, expect=">= 0", minimum=0)
-    repeats: int = _bounded(10, **_POSITIVE)
+    warmup: int = bounded(3, expect=">= 0", minimum=0)
+    repeats: int = bounded(10, **_POSITIVE)
 
 
 @dataclass(frozen=True)
 class JobResources:
     """What one training job of a stage gets from the cluster (submitit launchers only)."""
 
-    nodes: int = _bounded(1, **_POSITIVE)
+    nodes: int = bounded(1, **_POSITIVE)
     #: GPUs per node; 0 = a CPU job (DDP over gloo instead of NCCL)
-    gpus_per_node: int = _bounded(0, expect=">= 0", minimum=0)
+    gpus_per_node: int = bounded(0, expect=">= 0", minimum=0)
     #: processes per node: one per GPU on GPU nodes (official run_with_submitit.py)
-    tasks_per_node: int = _bounded(1, **_POSITIVE)
-    cpus_per_task: int = _bounded(1, **_POSITIVE)
+    tasks_per_node: int = bounded(1, **_POSITIVE)
+    cpus_per_task: int = bounded(1, **_POSITIVE)
     #: memory per node in GB
-    mem_gb: float = _bounded(4.0, expect="positive", exclusiveMinimum=0)
+    mem_gb: float = bounded(4.0, expect="positive", exclusiveMinimum=0)
     #: wall-clock limit of one allocation; a longer run is checkpointed and requeued
-    timeout_min: int = _bounded(60, **_POSITIVE)
+    timeout_min: int = bounded(60, **_POSITIVE)
 
     def __post_init__(self) -> None:
-        _check(
+        check(
             self.gpus_per_node in (0, self.tasks_per_node),
             "tasks_per_node",
             self.tasks_per_node,
@@ -457,9 +444,9 @@ class LaunchCfg:
     #: in-process | local (submitit's local executor: processes on this machine) | slurm
     launcher: Literal["in-process", "local", "slurm"] = "in-process"
     #: seconds between SLURM's USR2 warning and the kill: time to finish the checkpoint
-    signal_delay_s: int = _bounded(120, expect=">= 0", minimum=0)
+    signal_delay_s: int = bounded(120, expect=">= 0", minimum=0)
     #: how many times a timed-out or preempted job is requeued (submitit max_num_timeout)
-    max_requeues: int = _bounded(30, expect=">= 0", minimum=0)
+    max_requeues: int = bounded(30, expect=">= 0", minimum=0)
     #: the teachers' training (teacher.vit always, the convnet unless teacher.weights); released
     #: weights, only downloaded and evaluated, get one task of it (:meth:`resources`)
     teacher: JobResources = field(default_factory=JobResources)
@@ -472,7 +459,7 @@ class LaunchCfg:
         if self.launcher == "local":
             for stage in LAUNCHED_STAGES:
                 res = getattr(self, stage)
-                _check(
+                check(
                     res.nodes == 1,
                     f"{stage}.nodes",
                     res.nodes,
@@ -517,17 +504,17 @@ class Params:
     finetune: FinetuneCfg
     transfer: TransferCfg
     #: seeds of the repeated runs (mean ± std)
-    seeds: tuple[int, ...] = _bounded((0,), expect="a non-empty list", minItems=1)
+    seeds: tuple[int, ...] = bounded((0,), expect="a non-empty list", minItems=1)
     #: torch intra-op threads per run on CPU (fixed: results depend on it); the seeds of a
     #: training stage run side by side, and the one-process stages (teacher, evaluate) get
     #: threads x len(seeds)
-    threads: int = _bounded(1, **_POSITIVE)
+    threads: int = bounded(1, **_POSITIVE)
     distillation: DistillationCfg = field(default_factory=DistillationCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
     throughput: ThroughputCfg = field(default_factory=ThroughputCfg)
     #: torch threads of a stage that runs one process where a training stage runs one per seed
     #: (the teacher, evaluate); null: threads x len(seeds)
-    process_threads: Optional[int] = _bounded(None, **_POSITIVE_OR_NULL)
+    process_threads: Optional[int] = bounded(None, **_POSITIVE_OR_NULL)
     figure3: Figure3Cfg = field(default_factory=Figure3Cfg)
     #: where the training stages run (not a DVC param: see LaunchCfg)
     launch: LaunchCfg = field(default_factory=LaunchCfg)
@@ -568,10 +555,10 @@ class Params:
             ("student.dataset", self.student.dataset),
             *(("transfer.datasets", d) for d in self.transfer.datasets),
         ):
-            _check(name in self.datasets, where, name, f"one of datasets: {sorted(self.datasets)}")
+            check(name in self.datasets, where, name, f"one of datasets: {sorted(self.datasets)}")
         budgets, warmup = self.figure3.budgets, self.student.train.warmup_epochs
         for b in budgets:
-            _check(
+            check(
                 b > warmup,
                 "figure3.budgets",
                 list(budgets),
@@ -579,275 +566,14 @@ class Params:
             )
         # A budget equal to student.train.epochs is allowed (an experiment on the schedule must
         # not need an edit of the budgets): the figure then reads the pretrain stage's runs.
-        _check(
+        check(
             len(set(budgets)) == len(budgets), "figure3.budgets", list(budgets), "distinct budgets"
         )
 
 
 # --------------------------------------------------------------------------------------------------
-# Loading
+# Loading (the generic machinery is deit_repro.typed_yaml)
 # --------------------------------------------------------------------------------------------------
-
-
-class _Invalid(ValueError):
-    """A value check failed inside a dataclass; re-raised with the full key path."""
-
-    def __init__(self, key: str, value: Any, expected: str):
-        super().__init__(key)
-        self.key, self.value, self.expected = key, value, expected
-
-
-def _check(ok: bool, key: str, value: Any, expected: str) -> None:
-    if not ok:
-        raise _Invalid(key, value, expected)
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is tuple:
-        return "a list"
-    if origin is dict:
-        return "a mapping"
-    if dataclasses.is_dataclass(tp):
-        return "a mapping"
-    return {
-        type(None): "null",
-        int: "an integer",
-        float: "a number",
-        str: "a string",
-        bool: "true/false",
-    }.get(tp, str(tp))
-
-
-def _convert(value: Any, tp: Any, key: str) -> Any:
-    """Convert a YAML value to ``tp``, or raise ConfigError naming ``key``."""
-    origin = typing.get_origin(tp)
-    wrong = ConfigError(
-        f"params key '{key}' = {value!r} has the wrong type (expected {_type_name(tp)})",
-        "fix its value in params.yaml",
-    )
-    if tp is Any:
-        return value
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            raise ConfigError(
-                f"params key '{key}' = {value!r} is not one of "
-                f"{', '.join(repr(a) for a in typing.get_args(tp))}",
-                "fix its value in params.yaml",
-            )
-        return value
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise wrong
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(value, arg, key)
-            except ConfigError:
-                if dataclasses.is_dataclass(arg) and isinstance(value, dict):
-                    raise  # the right shape: the error is about a key inside it, keep its name
-                continue
-        raise wrong
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise wrong
-        args = typing.get_args(tp)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise ConfigError(
-                f"params key '{key}' = {value!r} needs exactly {len(args)} values",
-                "fix its value in params.yaml",
-            )
-        return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise wrong
-        _, vt = typing.get_args(tp)
-        return {str(k): _convert(v, vt, f"{key}.{k}") for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise wrong
-        return _build(tp, value, key)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise wrong
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise wrong
-        return value
-    if tp is float:
-        if isinstance(value, str) and _is_number(value):
-            # YAML 1.1 (PyYAML) reads 5e-4 as a string: a float needs a dot, as in 5.0e-4.
-            raise ConfigError(
-                f"params key '{key}' = {value!r} is a string to YAML, not a number",
-                "write the mantissa with a dot (e.g. 5.0e-4, not 5e-4)",
-            )
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise wrong
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise wrong
-        return value
-    raise TypeError(f"unsupported config type {tp!r} at {key}")  # a bug in this module
-
-
-def _build(cls: type, data: dict, prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    path = (prefix + ".") if prefix else ""
-    # str(): YAML keys may be ints or bools (``1:``, ``on:``), which do not sort with strings.
-    unknown = sorted(str(k) for k in data if k not in fields)
-    if unknown:
-        close = _closest(unknown[0], fields)
-        raise ConfigError(
-            f"unknown params key '{path}{unknown[0]}'",
-            f"did you mean '{path}{close}'?"
-            if close
-            else f"valid keys here: {', '.join(sorted(fields))}",
-        )
-    kwargs = {}
-    for name, f in fields.items():
-        if name in data:
-            kwargs[name] = _convert(data[name], hints[name], path + name)
-            spec = f.metadata.get("schema")
-            if spec and kwargs[name] is not None and _violates(kwargs[name], spec):
-                raise ConfigError(
-                    f"params key '{path}{name}' = {kwargs[name]!r} is out of range "
-                    f"(expected {f.metadata['expect']})",
-                    "fix its value in params.yaml",
-                )
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"params key '{path}{name}' is missing", "add it to params.yaml")
-    try:
-        return cls(**kwargs)
-    except _Invalid as err:
-        raise ConfigError(
-            f"params key '{path}{err.key}' = {err.value!r} is out of range "
-            f"(expected {err.expected})",
-            "fix its value in params.yaml",
-        ) from None
-
-
-def _violates(value: Any, spec: dict[str, Any]) -> bool:
-    """Whether ``value`` breaks one of the JSON-schema keywords of a :func:`_bounded` field
-    (the same keywords the generated schema holds; jsonschema checks them for Snakemake)."""
-    import re
-
-    for key, bound in spec.items():
-        if key == "items":
-            if any(_violates(v, bound) for v in value):
-                return True
-        elif key == "minItems":
-            if len(value) < bound:
-                return True
-        elif key == "enum":
-            if value not in bound:
-                return True
-        elif key == "pattern":
-            if re.search(bound, value) is None:
-                return True
-        elif not {
-            "minimum": value >= bound,
-            "exclusiveMinimum": value > bound,
-            "maximum": value <= bound,
-            "exclusiveMaximum": value < bound,
-        }[key]:
-            return True
-    return False
-
-
-# --------------------------------------------------------------------------------------------------
-# JSON schema (workflow/schemas/params.schema.yaml)
-# --------------------------------------------------------------------------------------------------
-
-
-def _type_schema(tp: Any, defs: dict[str, Any]) -> dict[str, Any]:
-    """A type's schema; dataclasses go to ``defs`` once and are referenced (``$ref``)."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return {}
-    if origin is Literal:
-        return {"enum": list(typing.get_args(tp))}
-    if origin in (Union, types.UnionType):
-        return {"anyOf": [_type_schema(a, defs) for a in typing.get_args(tp)]}
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return {"type": "array", "items": _type_schema(args[0], defs)}
-        return {
-            "type": "array",
-            "prefixItems": [_type_schema(a, defs) for a in args],
-            "minItems": len(args),
-            "maxItems": len(args),
-        }
-    if origin is dict:
-        return {
-            "type": "object",
-            "additionalProperties": _type_schema(typing.get_args(tp)[1], defs),
-        }
-    if dataclasses.is_dataclass(tp):
-        if tp.__name__ not in defs:
-            defs[tp.__name__] = {}  # placeholder: recursion-safe, keeps first-seen order
-            defs[tp.__name__] = _dataclass_schema(tp, defs)
-        return {"$ref": f"#/$defs/{tp.__name__}"}
-    return {
-        "type": {
-            type(None): "null",
-            int: "integer",
-            float: "number",
-            str: "string",
-            bool: "boolean",
-        }[tp]
-    }
-
-
-def _with_bounds(schema: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
-    """Attach range keywords to the non-null branch of a type schema."""
-    if "anyOf" in schema:
-        return {
-            "anyOf": [
-                b if b.get("type") == "null" else _with_bounds(b, spec) for b in schema["anyOf"]
-            ]
-        }
-    out = dict(schema)
-    for key, bound in spec.items():
-        if key == "items":
-            if "prefixItems" in out:
-                out["prefixItems"] = [{**s, **bound} for s in out["prefixItems"]]
-            else:
-                out["items"] = {**out["items"], **bound}
-        else:
-            out[key] = bound
-    return out
-
-
-def _dataclass_schema(cls: type, defs: dict[str, Any]) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    props, required = {}, []
-    for f in dataclasses.fields(cls):
-        schema = _type_schema(hints[f.name], defs)
-        if f.metadata.get("schema"):
-            schema = _with_bounds(schema, f.metadata["schema"])
-        props[f.name] = schema
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            required.append(f.name)
-    out: dict[str, Any] = {"type": "object", "additionalProperties": False, "properties": props}
-    if required:
-        out["required"] = required
-    if cls.__doc__ and not cls.__doc__.startswith(cls.__name__ + "("):
-        out = {"description": " ".join(cls.__doc__.split()), **out}
-    return out
 
 
 def params_schema() -> dict[str, Any]:
@@ -855,7 +581,7 @@ def params_schema() -> dict[str, Any]:
     ranges). Checks across fields (a patch size dividing the image size, warmup < epochs, dataset
     names that exist) are the loader's alone: a JSON schema cannot state them."""
     defs: dict[str, Any] = {}
-    top = _dataclass_schema(Params, defs)
+    top = dataclass_schema(Params, defs)
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$comment": "Generated by `deit-repro schema` from src/deit_repro/config.py; "
@@ -866,21 +592,6 @@ def params_schema() -> dict[str, Any]:
     }
 
 
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _closest(word: str, options) -> str | None:
-    import difflib
-
-    match = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
-    return match[0] if match else None
-
-
 def params_from_dict(data: dict) -> Params:
     """Build and validate :class:`Params` from a parsed params.yaml."""
     if not isinstance(data, dict):
@@ -888,39 +599,15 @@ def params_from_dict(data: dict) -> Params:
             "params.yaml must be a mapping at the top level",
             "see the project's params.yaml for the layout",
         )
-    return _build(Params, data)
-
-
-def overlay(base: Any, over: Any) -> Any:
-    """``base`` with ``over`` laid on it: mappings merge key by key, anything else (a number, a
-    list) is replaced. Neither argument is modified, and YAML aliases of ``base`` (one recipe
-    referenced by several sections) become independent copies, so an overlay of one section
-    never changes another."""
-    base = json.loads(json.dumps(base))
-    if not (isinstance(base, dict) and isinstance(over, dict)):
-        return json.loads(json.dumps(over))
-    for key, value in over.items():
-        base[key] = overlay(base[key], value) if key in base else json.loads(json.dumps(value))
-    return base
-
-
-def _read_yaml(path: Path) -> Any:
-    try:
-        return yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"params file {path} not found", "pass an existing file") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(
-            f"params file {path} is not valid YAML ({err})", "fix its syntax"
-        ) from None
+    return build(Params, data)
 
 
 def compose_params(base: Path, *overlays: Path) -> dict:
     """A profile with overlays laid on it in order (e.g. profiles/imagenet.yaml +
     profiles/rehearsal.yaml), validated as a whole; the plain dict to write as params.yaml."""
-    data = _read_yaml(Path(base))
+    data = read_yaml(Path(base), missing="pass an existing file")
     for path in overlays:
-        over = _read_yaml(Path(path))
+        over = read_yaml(Path(path), missing="pass an existing file")
         if not isinstance(over, dict):
             raise ConfigError(f"overlay {path} is not a mapping", "see profiles/rehearsal.yaml")
         data = overlay(data, over)
@@ -935,20 +622,7 @@ def compose_params(base: Path, *overlays: Path) -> dict:
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Load params.yaml once into frozen typed objects (a ConfigError names any bad key)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(
-            f"params file {path} not found", "run from the repository root or pass --params PATH"
-        )
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise ConfigError(
-            f"params file {path} is not valid YAML{where} ({err.__class__.__name__}"
-            f": {str(err).splitlines()[0]})",
-            "fix the YAML syntax",
-        ) from None
+    data = read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(
             f"params file {path} is {'empty' if data is None else 'not a mapping'}",
@@ -958,19 +632,3 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         return params_from_dict(data)
     except ConfigError as err:  # name the file too: --params may point anywhere
         raise ConfigError(f"{err.what} in {path}", err.fix) from None
-
-
-def to_dict(obj: Any) -> Any:
-    """Plain (JSON/YAML-able) form of a config object: the resolved params recorded with runs."""
-    if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, dict):
-        return {k: to_dict(v) for k, v in obj.items()}
-    if isinstance(obj, tuple):
-        return [to_dict(v) for v in obj]
-    return obj
-
-
-def config_hash(obj: Any) -> str:
-    """A stable hash of a config (checkpoints refuse to resume under different params)."""
-    return hashlib.sha256(json.dumps(to_dict(obj), sort_keys=True).encode()).hexdigest()[:16]

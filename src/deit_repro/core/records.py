@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from deit_repro import atomic, provenance
-from deit_repro.config import to_dict
+from deit_repro.typed_yaml import to_dict
 
 #: top-level keys whose numbers are measurements (aggregated over seeds); every other key
 #: describes the run (alpha, tau, img_size, ...) and is kept as is when the seeds agree

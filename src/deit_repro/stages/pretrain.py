@@ -11,13 +11,14 @@ from typing import Any, ClassVar
 
 import torch
 
-from deit_repro.config import DISTILL_MODES, DistillKind, Params, to_dict
+from deit_repro.config import DISTILL_MODES, DistillKind, Params
 from deit_repro.core.datasets import open_dataset
 from deit_repro.core.engine import Runtime, base_criterion
 from deit_repro.core.losses import DistillationLoss
 from deit_repro.core.model_dirs import resolve_model_dir, student_kwargs, weights_hash
 from deit_repro.core.models import create_student, set_training_outputs
 from deit_repro.errors import ConfigError
+from deit_repro.typed_yaml import to_dict
 from deit_repro.stages.trainer import (
     Place,
     StageRun,

@@ -10,7 +10,8 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from deit_repro import atomic
-from deit_repro.config import JobResources, Params, to_dict
+from deit_repro.config import JobResources, Params
+from deit_repro.typed_yaml import to_dict
 from deit_repro.core.datasets import open_dataset
 from deit_repro.core.engine import Runtime, base_criterion
 from deit_repro.core.losses import DistillationLoss

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from deit_repro import atomic, provenance
 from deit_repro.code_deps import code_hash
-from deit_repro.config import JobResources, Params, TrainCfg, config_hash
+from deit_repro.config import JobResources, Params, TrainCfg
 from deit_repro.core.datasets import Dataset, eval_batches, train_batches
 from deit_repro.core.engine import Runtime, ShardEval, fit, shard_evaluate
 from deit_repro.core.live_metrics import StageLive
@@ -44,6 +44,7 @@ from deit_repro.core.records import (
     write_run,
 )
 from deit_repro.errors import CheckpointError
+from deit_repro.typed_yaml import config_hash
 
 _logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from deit_repro.config import Params, to_dict
+from deit_repro.config import Params
 from deit_repro.core.datasets import open_dataset
 from deit_repro.core.engine import Runtime, base_criterion
 from deit_repro.core.losses import DistillationLoss
@@ -18,6 +18,7 @@ from deit_repro.core.model_dirs import load_model, resolve_model_dir, student_kw
 from deit_repro.core.models import create_student, set_training_outputs
 from deit_repro.core.pos_embed import adapt_for_finetune
 from deit_repro.errors import ConfigError
+from deit_repro.typed_yaml import to_dict
 from deit_repro.stages.trainer import Place, StageRun, Trainee, train_and_save
 
 INITS = ("pretrained", "scratch")
