@@ -47,80 +47,23 @@ def _cmd_prepare(args, params: Params) -> None:
 
 
 def _train(args, run) -> list[dict]:
-    """Run a training stage: one run (``--seed`` given, or released teacher weights) into
-    ``--out``, or one run per seed of the profile into ``--out/seed<k>/``; then the aggregate to
-    ``--metrics``.
+    """Run a training stage where ``params.launch.launcher`` (or ``--launcher``) says
+    (:func:`deit_repro.run.launch.run_stage`); every seed's final metrics."""
+    from deit_repro.run.launch import run_stage
 
-    Where the runs happen is ``params.launch.launcher`` (or ``--launcher``): in this process (and
-    child processes for the seeds), or as submitit jobs on this machine or on SLURM.
-    """
-    from deit_repro.run import launch, seeds
-
-    _need_train_split(args.data)
-    specs = run.specs(args.out, args.run_dir, args.seed)
-    live = None
-    if args.live is not None:
-        from deit_repro.core.live_metrics import StageLive
-
-        # while they train, each run's rank 0 writes its history into its run directory
-        live = StageLive(args.live, [(s.run_dir or s.out) / "history.csv" for s in specs])
-    tick = _throttled(live.sync) if live is not None else None
-    launcher = getattr(args, "launcher", None) or run.params.launch.launcher
-    if launcher != "in-process" and run.stage in LAUNCHED_STAGES:
-        if args.run_dir is None:
-            raise ConfigError(
-                f"launcher {launcher!r} needs --run-dir (the jobs checkpoint and requeue from it)",
-                "pass --run-dir DIR or use --launcher in-process",
-            )
-        runs = launch.submit_runs(
-            run, specs, run.params.launch, cluster=launcher, log_level=args.log_level, tick=tick
-        )
-    else:
-        run.use_threads()  # before forking: the children inherit it
-        jobs = args.jobs or seeds.default_jobs(len(specs), run.threads)
-        if jobs == 1:  # one at a time: no need for child processes
-            runs = [run(spec) for spec in specs]
-        else:
-            runs = seeds.fork_runs(run, specs, jobs, tick=tick)
-    run.summarise(runs, specs, metrics=args.metrics, history=args.history, live=live)
-    return runs
-
-
-def _need_train_split(data: Path) -> None:
-    """A dataset prepared with ``--splits test`` (val/ alone, for released checkpoints) cannot
-    train: said before any job is submitted. (A dataset the submit host cannot see is left to
-    the job, which opens it.)"""
-    import json
-
-    manifest = Path(data) / "manifest.json"
-    if not manifest.is_file():
-        return
-    splits = json.loads(manifest.read_text()).get("splits", {})
-    if "train" not in splits:
-        raise ConfigError(
-            f"prepared dataset {data} holds the {' and '.join(sorted(splits))} split alone "
-            "(prepare --splits test): training needs its train split",
-            "prepare it again without --splits (both splits)",
-        )
-
-
-def _throttled(sync, every_s: float = 5.0):
-    """``sync`` at most every ``every_s`` seconds, its failures logged, not raised: the live log
-    is a view of training, and the stage's end writes it whole (or fails) anyway."""
-    import time
-
-    last = [0.0]
-
-    def tick() -> None:
-        if time.monotonic() - last[0] < every_s:
-            return
-        last[0] = time.monotonic()
-        try:
-            sync()
-        except Exception as err:  # noqa: BLE001 - a view; the runs must go on
-            _logger.warning("live log not updated: %s", err)
-
-    return tick
+    return run_stage(
+        run,
+        data=args.data,
+        out=args.out,
+        run_dir=args.run_dir,
+        seed=args.seed,
+        metrics=args.metrics,
+        history=args.history,
+        live=args.live,
+        launcher=args.launcher,
+        jobs=args.jobs,
+        log_level=args.log_level,
+    )
 
 
 def _summary(runs: list[dict]) -> str:
@@ -354,90 +297,91 @@ def _cmd_schema(args, params: Params | None) -> None:
     print(f"wrote {args.out}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="deit-repro", description=__doc__.splitlines()[0])
-    p.add_argument(
-        "--version",
-        action=_Version,
-        help="print the version and the directory of the code that runs, and exit",
+def _subcommand(sub, name: str, func, help: str) -> argparse.ArgumentParser:
+    """A stage's subcommand, with the --params option every stage reads."""
+    sp = sub.add_parser(name, help=help, description=help)
+    sp.add_argument(
+        "--params",
+        type=Path,
+        default=Path("params.yaml"),
+        help="experiment parameters (default: params.yaml)",
     )
-    p.add_argument(
-        "--log-level",
-        default=os.environ.get("DEIT_REPRO_LOG", "INFO"),
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="logging level (default: $DEIT_REPRO_LOG, else INFO)",
+    sp.set_defaults(func=func)
+    return sp
+
+
+def _summary_option(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument(
+        "--summary",
+        type=Path,
+        default=None,
+        help="JSON file of the headline numbers (the DVC metric); the whole result goes to --out",
     )
-    sub = p.add_subparsers(dest="stage", required=True, metavar="STAGE")
 
-    def stage(name: str, func, help: str) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help, description=help)
-        sp.add_argument(
-            "--params",
-            type=Path,
-            default=Path("params.yaml"),
-            help="experiment parameters (default: params.yaml)",
-        )
-        sp.set_defaults(func=func)
-        return sp
 
-    def training(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--data", type=Path, required=True, help="prepared dataset directory")
-        sp.add_argument("--out", type=Path, required=True, help="model directory to write")
-        sp.add_argument(
-            "--run-dir",
-            type=Path,
-            default=None,
-            help="the run's working directory: resumable checkpoint, live history, "
-            "run.json provenance (default: none; run.json goes to --out)",
-        )
-        sp.add_argument(
-            "--seed",
-            type=int,
-            default=None,
-            help="train this one seed into --out (default: every seed of params "
-            "seeds, into --out/seed<k>/)",
-        )
-        sp.add_argument(
-            "--metrics",
-            type=Path,
-            default=None,
-            help="JSON file for the metrics' mean ± std over the seeds",
-        )
-        sp.add_argument(
-            "--history",
-            type=Path,
-            default=None,
-            help="CSV file for the per-epoch metrics of every seed",
-        )
-        sp.add_argument(
-            "--live",
-            type=Path,
-            default=None,
-            help="DVCLive directory of the stage: per-epoch mean over the seeds while they "
-            "train, and the final numbers (metrics.json, plots/metrics/*.tsv)",
-        )
-        sp.add_argument(
-            "--jobs",
-            type=int,
-            default=None,
-            help="seeds trained at a time (default: cores / params threads)",
-        )
-        sp.add_argument(
-            "--launcher",
-            choices=["in-process", "local", "slurm"],
-            default=None,
-            help="where the runs train (default: params launch.launcher): here, "
-            "or one submitit job per seed on this machine or on SLURM",
-        )
-        sp.add_argument(
-            "--restart",
-            action="store_true",
-            help="when --run-dir holds an unfinished checkpoint of other params or code, "
-            "move it aside (<name>.replaced-<fingerprint>.pth) and start over instead of "
-            "stopping; a checkpoint of this run is still resumed from",
-        )
+def _training_options(sp: argparse.ArgumentParser) -> None:
+    """What every training stage takes: its data, outputs, seeds and where its runs happen."""
+    sp.add_argument("--data", type=Path, required=True, help="prepared dataset directory")
+    sp.add_argument("--out", type=Path, required=True, help="model directory to write")
+    sp.add_argument(
+        "--run-dir",
+        type=Path,
+        default=None,
+        help="the run's working directory: resumable checkpoint, live history, "
+        "run.json provenance (default: none; run.json goes to --out)",
+    )
+    sp.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="train this one seed into --out (default: every seed of params "
+        "seeds, into --out/seed<k>/)",
+    )
+    sp.add_argument(
+        "--metrics",
+        type=Path,
+        default=None,
+        help="JSON file for the metrics' mean ± std over the seeds",
+    )
+    sp.add_argument(
+        "--history",
+        type=Path,
+        default=None,
+        help="CSV file for the per-epoch metrics of every seed",
+    )
+    sp.add_argument(
+        "--live",
+        type=Path,
+        default=None,
+        help="DVCLive directory of the stage: per-epoch mean over the seeds while they "
+        "train, and the final numbers (metrics.json, plots/metrics/*.tsv)",
+    )
+    sp.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="seeds trained at a time (default: cores / params threads)",
+    )
+    sp.add_argument(
+        "--launcher",
+        choices=["in-process", "local", "slurm"],
+        default=None,
+        help="where the runs train (default: params launch.launcher): here, "
+        "or one submitit job per seed on this machine or on SLURM",
+    )
+    sp.add_argument(
+        "--restart",
+        action="store_true",
+        help="when --run-dir holds an unfinished checkpoint of other params or code, "
+        "move it aside (<name>.replaced-<fingerprint>.pth) and start over instead of "
+        "stopping; a checkpoint of this run is still resumed from",
+    )
 
-    sp = stage("prepare", _cmd_prepare, "materialise a dataset of the profile (with manifest)")
+
+def _add_prepare(sub) -> None:
+    sp = _subcommand(
+        sub, "prepare", _cmd_prepare, "materialise a dataset of the profile (with manifest)"
+    )
     sp.add_argument("--dataset", required=True, help="a key of datasets: in params.yaml")
     sp.add_argument(
         "--out", type=Path, required=True, help="prepared dataset directory to write (data/NAME)"
@@ -456,8 +400,12 @@ def build_parser() -> argparse.ArgumentParser:
         "README 'Evaluate-only'); the training stages need both",
     )
 
-    sp = stage("teacher", _cmd_teacher, "train the convnet teacher or load released weights")
-    training(sp)
+
+def _add_teacher(sub) -> None:
+    sp = _subcommand(
+        sub, "teacher", _cmd_teacher, "train the convnet teacher or load released weights"
+    )
+    _training_options(sp)
     sp.add_argument(
         "--weights",
         type=Path,
@@ -471,8 +419,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the distillation teacher (convnet) or Table 2's transformer teacher",
     )
 
-    sp = stage("pretrain", _cmd_pretrain, "train a DeiT student (none | soft | hard distillation)")
-    training(sp)
+
+def _add_pretrain(sub) -> None:
+    sp = _subcommand(
+        sub, "pretrain", _cmd_pretrain, "train a DeiT student (none | soft | hard distillation)"
+    )
+    _training_options(sp)
     sp.add_argument("--teacher", type=Path, default=None, help="teacher model directory")
     sp.add_argument(
         "--distill",
@@ -495,8 +447,10 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: student.train.epochs)",
     )
 
-    sp = stage("finetune", _cmd_finetune, "fine-tune a student at a higher resolution")
-    training(sp)
+
+def _add_finetune(sub) -> None:
+    sp = _subcommand(sub, "finetune", _cmd_finetune, "fine-tune a student at a higher resolution")
+    _training_options(sp)
     sp.add_argument(
         "--student", type=Path, required=True, help="the pretrained student's model directory"
     )
@@ -514,8 +468,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="positional-embedding resampling (default: finetune.interpolation)",
     )
 
-    sp = stage("transfer", _cmd_transfer, "fine-tune a pretrained student on another dataset")
-    training(sp)
+
+def _add_transfer(sub) -> None:
+    sp = _subcommand(
+        sub, "transfer", _cmd_transfer, "fine-tune a pretrained student on another dataset"
+    )
+    _training_options(sp)
     sp.add_argument(
         "--init",
         choices=["pretrained", "scratch"],
@@ -530,7 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
         "directory's name)",
     )
 
-    sp = stage("evaluate", _cmd_evaluate, "accuracy per head, disagreement, throughput")
+
+def _add_evaluate(sub) -> None:
+    sp = _subcommand(sub, "evaluate", _cmd_evaluate, "accuracy per head, disagreement, throughput")
     sp.add_argument("--data", type=Path, required=True, help="prepared dataset directory")
     sp.add_argument(
         "--model",
@@ -549,14 +509,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="teacher model directory: its predictions join Table 4's disagreement matrix",
     )
     sp.add_argument("--out", type=Path, required=True, help="JSON file to write")
-    sp.add_argument(
-        "--summary",
-        type=Path,
-        default=None,
-        help="JSON file of the headline numbers (the DVC metric); the whole result goes to --out",
-    )
+    _summary_option(sp)
 
-    sp = stage(
+
+def _add_throughput(sub) -> None:
+    sp = _subcommand(
+        sub,
         "throughput",
         _cmd_throughput,
         "inference throughput of the profile's models (largest batch that fits, mean of repeats)",
@@ -568,14 +526,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="prepared dataset giving the class count and channels",
     )
     sp.add_argument("--out", type=Path, required=True, help="JSON file to write")
-    sp.add_argument(
-        "--summary",
-        type=Path,
-        default=None,
-        help="JSON file of the headline numbers (the DVC metric); the whole result goes to --out",
-    )
+    _summary_option(sp)
 
-    sp = stage(
+
+def _add_import_weights(sub) -> None:
+    sp = _subcommand(
+        sub,
         "import-weights",
         _cmd_import_weights,
         "released weights (URL or file, pinned "
@@ -604,7 +560,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--out", type=Path, required=True, help="model directory to write")
 
-    sp = stage(
+
+def _add_launch_plan(sub) -> None:
+    sp = _subcommand(
+        sub,
         "launch-plan",
         _cmd_launch_plan,
         "dry run: print the sbatch file the submitit "
@@ -659,6 +618,8 @@ def build_parser() -> argparse.ArgumentParser:
         "sources' published sizes)",
     )
 
+
+def _add_compose(sub) -> None:
     sp = sub.add_parser(
         "compose",
         help="write a profile with overlays laid on it (e.g. the imagenet profile + the "
@@ -673,6 +634,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="the params file to write (params.yaml to run it; required: it replaces the file)",
     )
     sp.set_defaults(func=_cmd_compose)
+
+
+def _add_schema(sub) -> None:
     sp = sub.add_parser(
         "schema",
         help="write the JSON schema of params.yaml (Snakemake validates its config with it)",
@@ -685,7 +649,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.set_defaults(func=_cmd_schema)
 
-    sp = stage(
+
+def _add_check_params(sub) -> None:
+    sp = _subcommand(
+        sub,
         "check-params",
         _cmd_check_params,
         "load params.yaml with every check and write --out (the DAG's first stage: a bad value "
@@ -693,7 +660,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--out", type=Path, required=True, help="the file the other stages depend on")
 
-    sp = stage("tables", _cmd_tables, "regenerate the paper's tables from the metrics")
+
+def _add_tables(sub) -> None:
+    sp = _subcommand(sub, "tables", _cmd_tables, "regenerate the paper's tables from the metrics")
     sp.add_argument(
         "--metrics", type=Path, required=True, help="the metrics directory of the DAG (metrics/)"
     )
@@ -718,6 +687,38 @@ def build_parser() -> argparse.ArgumentParser:
         "): their rows in Tables 1, 3, 4 and 5 (README, 'Evaluate-only')",
     )
     sp.add_argument("--out", type=Path, required=True, help="results directory")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="deit-repro", description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--version",
+        action=_Version,
+        help="print the version and the directory of the code that runs, and exit",
+    )
+    p.add_argument(
+        "--log-level",
+        default=os.environ.get("DEIT_REPRO_LOG", "INFO"),
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="logging level (default: $DEIT_REPRO_LOG, else INFO)",
+    )
+    sub = p.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    for add in (
+        _add_prepare,
+        _add_teacher,
+        _add_pretrain,
+        _add_finetune,
+        _add_transfer,
+        _add_evaluate,
+        _add_throughput,
+        _add_import_weights,
+        _add_launch_plan,
+        _add_compose,
+        _add_schema,
+        _add_check_params,
+        _add_tables,
+    ):
+        add(sub)
     return p
 
 

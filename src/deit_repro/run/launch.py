@@ -380,3 +380,95 @@ def submit_runs(
     finally:
         signal.signal(signal.SIGTERM, previous)
     return results
+
+
+# --------------------------------------------------------------------------------------------------
+# Where a stage's runs happen
+# --------------------------------------------------------------------------------------------------
+
+
+def run_stage(
+    run,
+    *,
+    data: Path,
+    out: Path,
+    run_dir: Path | None,
+    seed: int | None,
+    metrics: Path | None,
+    history: Path | None,
+    live: Path | None,
+    launcher: str | None,
+    jobs: int | None,
+    log_level: str,
+) -> list[dict[str, Any]]:
+    """Run a training stage: one run (``seed`` given, or released teacher weights) into ``out``,
+    or one run per seed of the profile into ``out/seed<k>/``; then the aggregate to ``metrics``,
+    every seed's history to ``history`` and the stage's DVCLive log to ``live``.
+
+    Where the runs happen is ``launcher`` (None: ``params.launch.launcher``): in this process
+    (and a child process per seed, ``jobs`` at a time), or as submitit jobs on this machine or
+    on SLURM, which checkpoint and requeue from ``run_dir``.
+    """
+    from deit_repro.run import seeds
+
+    _need_train_split(data)
+    specs = run.specs(out, run_dir, seed)
+    stage_live = None
+    if live is not None:
+        from deit_repro.core.live_metrics import StageLive
+
+        # while they train, each run's rank 0 writes its history into its run directory
+        stage_live = StageLive(live, [(s.run_dir or s.out) / "history.csv" for s in specs])
+    tick = _throttled(stage_live.sync) if stage_live is not None else None
+    launcher = launcher or run.params.launch.launcher
+    if launcher != "in-process":
+        if run_dir is None:
+            raise ConfigError(
+                f"launcher {launcher!r} needs --run-dir (the jobs checkpoint and requeue from it)",
+                "pass --run-dir DIR or use --launcher in-process",
+            )
+        runs = submit_runs(
+            run, specs, run.params.launch, cluster=launcher, log_level=log_level, tick=tick
+        )
+    else:
+        run.use_threads()  # before forking: the children inherit it
+        jobs = jobs or seeds.default_jobs(len(specs), run.threads)
+        if jobs == 1:  # one at a time: no need for child processes
+            runs = [run(spec) for spec in specs]
+        else:
+            runs = seeds.fork_runs(run, specs, jobs, tick=tick)
+    run.summarise(runs, specs, metrics=metrics, history=history, live=stage_live)
+    return runs
+
+
+def _need_train_split(data: Path) -> None:
+    """A dataset prepared with ``--splits test`` (val/ alone, for released checkpoints) cannot
+    train: said before any job is submitted. (A dataset the submit host cannot see is left to
+    the job, which opens it.)"""
+    manifest = Path(data) / "manifest.json"
+    if not manifest.is_file():
+        return
+    splits = json.loads(manifest.read_text()).get("splits", {})
+    if "train" not in splits:
+        raise ConfigError(
+            f"prepared dataset {data} holds the {' and '.join(sorted(splits))} split alone "
+            "(prepare --splits test): training needs its train split",
+            "prepare it again without --splits (both splits)",
+        )
+
+
+def _throttled(sync: Callable[[], None], every_s: float = 5.0) -> Callable[[], None]:
+    """``sync`` at most every ``every_s`` seconds, its failures logged, not raised: the live log
+    is a view of training, and the stage's end writes it whole (or fails) anyway."""
+    last = [0.0]
+
+    def tick() -> None:
+        if time.monotonic() - last[0] < every_s:
+            return
+        last[0] = time.monotonic()
+        try:
+            sync()
+        except Exception as err:  # noqa: BLE001 - a view; the runs must go on
+            _logger.warning("live log not updated: %s", err)
+
+    return tick
