@@ -1,5 +1,5 @@
 # The same DAG as dvc.yaml, run by Snakemake: one rule per resolved DVC stage, derived through
-# DVC's own API (dvc.yaml stays the one definition; tests/test_engines.py proves both engines see
+# DVC's own API (dvc.yaml stays the one definition; tests/test_dvc_and_snakemake.py proves both engines see
 # the same stages, edges and commands).
 #
 #   snakemake --cores 2                              # local

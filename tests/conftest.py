@@ -15,6 +15,20 @@ from deit_repro.data.sources import DEBIAN_FASHION_DIR
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "profiles" / "smoke.yaml"
 
+#: CIFAR-10's class names in label order (its batches.meta; torchvision's ``classes``)
+CIFAR10_CLASSES = [
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+]
+
 
 def smoke_dict() -> dict:
     """smoke.yaml as a plain dict whose sections share nothing.

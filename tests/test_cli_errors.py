@@ -341,18 +341,6 @@ def test_bad_params_refused_before_anything_is_written(
     )
 
 
-def test_missing_params_file_names_the_flag(capsys, tmp_path, fashion_small):
-    missing = tmp_path / "nope.yaml"
-    refused_everywhere(
-        capsys,
-        tmp_path,
-        "teacher",
-        lambda out: ["teacher", "--params", missing, "--data", fashion_small, "--out", out],
-        f"params file {missing} not found",
-        "--params PATH",
-    )
-
-
 # ---------------------------------------------------------------------------------------- bad data
 
 
@@ -429,73 +417,7 @@ def test_truncated_raw_idx_names_the_file_and_sizes(capsys, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
-def test_directory_without_manifest_is_not_a_prepared_dataset(capsys, tmp_path):
-    raw = tmp_path / "raw_images"
-    raw.mkdir()
-    (raw / "train_images.npy").write_bytes(b"not really")
-    refused_everywhere(
-        capsys,
-        tmp_path,
-        "teacher",
-        lambda out: ["teacher", "--params", SMOKE, "--data", raw, "--out", out],
-        f"not a prepared dataset: {raw} (no manifest.json)",
-        "deit-repro prepare",
-    )
-
-
 # --------------------------------------------------------------------------------- bad checkpoints
-
-
-def test_class_count_mismatch_student_vs_dataset(capsys, tmp_path, trained, three_classes):
-    student = trained["student"]
-    refused_everywhere(
-        capsys,
-        tmp_path,
-        "finetune",
-        lambda out: [
-            "finetune",
-            "--params",
-            SMOKE,
-            "--data",
-            three_classes,
-            "--student",
-            student,
-            "--seed",
-            "0",
-            "--out",
-            out,
-        ],
-        f"model {student} has 10 classes",
-        f"dataset {three_classes} has 3",
-        "class count mismatch",
-    )
-
-
-def test_class_count_mismatch_teacher_vs_dataset(capsys, tmp_path, trained, three_classes):
-    teacher = trained["teacher"]
-    refused_everywhere(
-        capsys,
-        tmp_path,
-        "pretrain",
-        lambda out: [
-            "pretrain",
-            "--params",
-            SMOKE,
-            "--data",
-            three_classes,
-            "--teacher",
-            teacher,
-            "--distill",
-            "hard",
-            "--dist-token",
-            "yes",
-            "--out",
-            out,
-        ],
-        f"teacher {teacher} was trained on classes",
-        "(10), the dataset has 3",
-        "use a teacher trained on this dataset",
-    )
 
 
 def test_teacher_checkpoint_of_the_wrong_architecture(capsys, tmp_path, trained, fashion_small):
@@ -604,81 +526,91 @@ def test_weights_that_are_not_a_plain_state_dict(capsys, tmp_path, fashion_small
 # --------------------------------------------------------------------------------------- bad flags
 
 
-def test_dist_token_without_distillation(capsys, tmp_path, fashion_small):
-    refused_everywhere(
-        capsys,
-        tmp_path,
+# ------------------------------------------------------------------ refused before anything runs
+
+#: Each case: the stage, its options (``{name}``: a path of ``_paths``; ``--out`` is added) and
+#: what its one-line error must say. Every one is run onto a finished output (left byte-identical)
+#: and onto a fresh path (never created): ``refused_everywhere``.
+REFUSALS = {
+    "missing-params-file": (
+        "teacher",
+        "--params {missing} --data {fashion}",
+        ["params file {missing} not found", "--params PATH"],
+    ),
+    "directory-without-manifest": (
+        "teacher",
+        "--params {smoke} --data {raw}",
+        ["not a prepared dataset: {raw} (no manifest.json)", "deit-repro prepare"],
+    ),
+    "class-count-student-vs-dataset": (
+        "finetune",
+        "--params {smoke} --data {three} --student {student} --seed 0",
+        ["model {student} has 10 classes", "dataset {three} has 3", "class count mismatch"],
+    ),
+    "class-count-teacher-vs-dataset": (
         "pretrain",
-        lambda out: [
-            "pretrain",
-            "--params",
-            SMOKE,
-            "--data",
-            fashion_small,
-            "--out",
-            out,
-            "--distill",
-            "none",
-            "--dist-token",
-            "yes",
+        "--params {smoke} --data {three} --teacher {teacher} --distill hard --dist-token yes",
+        [
+            "teacher {teacher} was trained on classes",
+            "(10), the dataset has 3",
+            "use a teacher trained on this dataset",
         ],
-        "distillation token without distillation",
-        "--distill soft|hard with --dist-token yes",
-    )
-
-
-def test_distillation_without_a_teacher(capsys, tmp_path, fashion_small):
-    refused_everywhere(
-        capsys,
-        tmp_path,
+    ),
+    "dist-token-without-distillation": (
         "pretrain",
-        lambda out: [
-            "pretrain",
-            "--params",
-            SMOKE,
-            "--data",
-            fashion_small,
-            "--out",
-            out,
-            "--distill",
-            "hard",
-        ],
-        "--distill hard needs a teacher",
-        "pass --teacher DIR",
-    )
-
-
-@pytest.mark.parametrize("item", ["foo", "=runs/x", "deit="])
-def test_evaluate_model_must_be_name_eq_dir(capsys, tmp_path, fashion_small, item):
-    refused_everywhere(
-        capsys,
-        tmp_path,
-        "evaluate",
-        lambda out: [
+        "--params {smoke} --data {fashion} --distill none --dist-token yes",
+        ["distillation token without distillation", "--distill soft|hard with --dist-token yes"],
+    ),
+    "distillation-without-a-teacher": (
+        "pretrain",
+        "--params {smoke} --data {fashion} --distill hard",
+        ["--distill hard needs a teacher", "pass --teacher DIR"],
+    ),
+    **{
+        f"evaluate-model-{item}-is-not-name-eq-dir": (
             "evaluate",
-            "--params",
-            SMOKE,
-            "--data",
-            fashion_small,
-            "--model",
-            item,
-            "--out",
-            out,
+            f"--params {{smoke}} --data {{fashion}} --model {item}",
+            [f"--model {item!r} is not NAME=DIR", "--model deit=runs/x"],
+        )
+        for item in ("foo", "=runs/x", "deit=")
+    },
+    "prepare-dataset-not-in-params": (
+        "prepare",
+        "--params {smoke} --dataset cifar10",
+        [
+            "dataset 'cifar10' is not in params.yaml datasets (digits, fashion_mnist)",
+            "add it under datasets:",
         ],
-        f"--model {item!r} is not NAME=DIR",
-        "--model deit=runs/x",
-        out_is_file=True,
-    )
+    ),
+}
 
 
-def test_prepare_dataset_not_in_params(capsys, tmp_path):
+def _paths(request, tmp_path: Path, options: str) -> dict[str, Path]:
+    """The paths the options name; the module's trained models and datasets only when used."""
+    paths = {"smoke": SMOKE, "missing": tmp_path / "nope.yaml", "raw": tmp_path / "raw_images"}
+    if "{fashion}" in options:
+        paths["fashion"] = request.getfixturevalue("fashion_small")
+    if "{three}" in options:
+        paths["three"] = request.getfixturevalue("three_classes")
+    if "{student}" in options or "{teacher}" in options:
+        paths.update(request.getfixturevalue("trained"))
+    paths["raw"].mkdir()
+    (paths["raw"] / "train_images.npy").write_bytes(b"not really")  # no manifest.json
+    return paths
+
+
+@pytest.mark.parametrize("case", REFUSALS)
+def test_a_bad_command_line_is_refused_before_anything_is_written(capsys, tmp_path, request, case):
+    stage, options, needles = REFUSALS[case]
+    paths = _paths(request, tmp_path, options)
+    argv = [stage, *(o.format(**paths) for o in options.split())]
     refused_everywhere(
         capsys,
         tmp_path,
-        "prepare",
-        lambda out: ["prepare", "--params", SMOKE, "--dataset", "cifar10", "--out", out],
-        "dataset 'cifar10' is not in params.yaml datasets (digits, fashion_mnist)",
-        "add it under datasets:",
+        stage,
+        lambda out: [*argv, "--out", out],
+        *(n.format(**paths) for n in needles),
+        out_is_file=stage == "evaluate",
     )
 
 

@@ -13,6 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import CIFAR10_CLASSES
+
 from deit_repro.data import store
 from deit_repro.data.idx import find_idx_files, read_idx
 from deit_repro.data.sources import (
@@ -384,18 +386,7 @@ def test_cifar10_through_torchvision(tmp_path, monkeypatch):
         batches[name] = (rng.integers(0, 256, size=(4, 3072), dtype=np.uint8), [0, 1, 2, 9])
         with open(folder / name, "wb") as fh:
             pickle.dump({"data": batches[name][0], "labels": batches[name][1]}, fh)
-    names = [
-        "airplane",
-        "automobile",
-        "bird",
-        "cat",
-        "deer",
-        "dog",
-        "frog",
-        "horse",
-        "ship",
-        "truck",
-    ]
+    names = CIFAR10_CLASSES
     with open(folder / "batches.meta", "wb") as fh:
         pickle.dump({"label_names": names}, fh)
     # torchvision checks each file's md5 against the real CIFAR-10 release, which a fake cannot

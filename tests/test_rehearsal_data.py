@@ -19,24 +19,14 @@ import torchvision
 from PIL import Image
 from scipy.io import loadmat
 
+from conftest import CIFAR10_CLASSES
+
 from deit_repro.data.sources import decode_files, load_source
 from deit_repro.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "rehearsal_data.py"
 WNIDS = ["n01440764", "n01443537", "n01484850", "n01491361"]
-CIFAR10_CLASSES = [
-    "airplane",
-    "automobile",
-    "bird",
-    "cat",
-    "deer",
-    "dog",
-    "frog",
-    "horse",
-    "ship",
-    "truck",
-]
 CARS_CLASSES = [
     "AM General Hummer SUV 2000",
     "Acura RL Sedan 2012",
