@@ -31,7 +31,7 @@ METRICS = Path("metrics/pretrain/deit.json")
 
 def _params(tmp: Path) -> Path:
     data = smoke_dict()
-    # ~0.4 s an epoch: a kill lands mid-run, after a checkpoint, well before the end.
+    # ~0.4 s an epoch here; the kill is placed by checkpoint writes, whatever the speed
     data["student"]["model"].update(embed_dim=64, depth=4)
     data["student"]["train"].update(epochs=EPOCHS, eval_every=1)
     path = tmp / "params-kill.yaml"
@@ -57,23 +57,36 @@ def reference(tmp_path_factory):
 
 
 def _kill_mid_training(cmd: list[str], repo: Path, seed: int) -> float:
-    """Start ``cmd``; once the stage has written a checkpoint, SIGKILL its whole process group
-    (the engine and the training process) after a random delay. Returns the delay."""
+    """Start ``cmd``; SIGKILL its whole process group (the engine and the training process) at a
+    random point of a random epoch, located by the events the run emits: after the k-th
+    checkpoint write (k drawn in [2, EPOCHS - 3]), a random fraction of the last epoch's measured
+    duration later. No wall-clock budget: on any machine the kill lands mid-run, after a
+    checkpoint and before the last one. Returns the fraction."""
+    rng = random.Random(seed)
+    writes, fraction = rng.randint(2, EPOCHS - 3), rng.uniform(0.0, 0.9)
     proc = spawn(cmd, repo)
     try:
-        t0 = time.time()
-        while not (repo / CKPT).exists():
-            assert proc.poll() is None, f"{cmd} ended before its first checkpoint"
-            assert time.time() - t0 < 300, "no checkpoint after 300 s"
-            time.sleep(0.02)
-        delay = random.Random(seed).uniform(0.0, 1.5)
-        time.sleep(delay)
+        seen, times = None, []
+        t0 = time.monotonic()
+        while len(times) < writes:
+            assert proc.poll() is None, f"{cmd} ended after {len(times)} checkpoints"
+            assert time.monotonic() - t0 < 600, f"{len(times)} checkpoints after 600 s"
+            try:
+                st = os.stat(repo / CKPT)  # each epoch's checkpoint is a new file (a rename)
+                key = (st.st_ino, st.st_mtime_ns)
+            except FileNotFoundError:
+                key = None
+            if key is not None and key != seen:
+                seen = key
+                times.append(time.monotonic())
+            time.sleep(0.005)
+        time.sleep(fraction * (times[-1] - times[-2]))
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    return delay
+    return fraction
 
 
 def _assert_resumed_to_the_reference(repo: Path, ref: dict) -> None:
