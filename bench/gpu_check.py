@@ -72,8 +72,9 @@ def check_rehearsal(work: Path, smoke: bool) -> dict:
     from deit_repro.core.engine import Runtime
     from deit_repro.stages.prepare import run_prepare
     import deit_repro.stages.trainer as trainer
-    from deit_repro.stages.pretrain import pretrain
-    from deit_repro.stages.teacher import train_teacher
+    from deit_repro.stages.pretrain import PretrainRun
+    from deit_repro.stages.teacher import TeacherRun
+    from deit_repro.stages.trainer import RunSpec
 
     data = work / "data"
     if not data.exists():
@@ -94,8 +95,8 @@ def check_rehearsal(work: Path, smoke: bool) -> dict:
     rt = Runtime.detect(p.student.train.amp)
     (weights,) = (data / "weights").glob("regnety_160-*.pth")
     t0 = time.perf_counter()
-    teacher = train_teacher(
-        p, data=prepared, out=work / "teacher", run_dir=None, seed=0, weights=weights, rt=rt
+    teacher = TeacherRun(params=p, data=prepared, weights=weights).train(
+        RunSpec(0, work / "teacher", None), rt=rt
     )
     teacher_s = time.perf_counter() - t0
 
@@ -113,25 +114,19 @@ def check_rehearsal(work: Path, smoke: bool) -> dict:
         return real_fit(**{**kwargs, "on_epoch_end": stop})
 
     run_dir = work / "runs" / "deit"
-    kwargs = dict(
-        data=prepared,
-        teacher=work / "teacher",
-        out=work / "deit",
-        run_dir=run_dir,
-        distill="hard",
-        dist_token=True,
-        seed=0,
-        rt=rt,
+    deit = PretrainRun(
+        params=p, data=prepared, teacher=work / "teacher", distill="hard", dist_token=True
     )
+    spec = RunSpec(0, work / "deit", run_dir)
     trainer.fit = fit_once_then_stop
     try:
-        pretrain(p, **kwargs)
+        deit.train(spec, rt=rt)
         raise AssertionError("the interrupted run finished")
     except Interrupt:
         pass
     finally:
         trainer.fit = real_fit
-    metrics = pretrain(p, **kwargs)
+    metrics = deit.train(spec, rt=rt)
     run = json.loads((run_dir / "run.json").read_text())
     assert run["resumed_from_epoch"] == 0, run  # epoch 1 of 2 came from the checkpoint
     return {

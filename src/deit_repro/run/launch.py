@@ -243,26 +243,34 @@ def _live_state(job) -> str:
 
 
 def _wait_through_requeues(
-    job, poll_s: float = 5.0, grace_s: float = 120.0, tick: Callable[[], None] | None = None
+    job,
+    poll_s: float = 5.0,
+    grace_s: float = 120.0,
+    tick: Callable[[], None] | None = None,
+    look_s: float = 0.5,
 ) -> None:
     """Wait until the job has written its result or is over for good.
 
     submitit alone gives up 15 s after ``sacct`` says the job ended without a result file, which
     is what a requeued job looks like between its allocations (after USR2 or ``scontrol
     requeue``). Here an ended job gets ``grace_s`` for its result to appear, and a job the
-    controller shows as queued or running again is waited for.
+    controller shows as queued or running again is waited for. The result file is looked for
+    every ``look_s`` (a file test), the controller asked every ``poll_s`` only (``sacct`` is a
+    query a cluster's controller answers for every user).
     """
-    ended_at = None
+    ended_at, asked = None, -float("inf")
     while not job.paths.result_pickle.exists():
-        if tick is not None:
-            tick()
-        if _live_state(job) in _ALIVE:
-            ended_at = None
-        else:
-            ended_at = ended_at or time.time()
-            if time.time() - ended_at > grace_s:
-                return  # job.results() raises with submitit's own account of the failure
-        time.sleep(poll_s)
+        if time.monotonic() - asked >= poll_s:
+            asked = time.monotonic()
+            if tick is not None:
+                tick()
+            if _live_state(job) in _ALIVE:
+                ended_at = None
+            else:
+                ended_at = ended_at or time.time()
+                if time.time() - ended_at > grace_s:
+                    return  # job.results() raises with submitit's own account of the failure
+        time.sleep(look_s)
 
 
 def _interrupt(_signum, _frame) -> None:
