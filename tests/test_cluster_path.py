@@ -27,7 +27,8 @@ from deit_repro.core.engine import Runtime, accuracy_table, shard_evaluate
 from deit_repro.core.losses import DistillationLoss
 from deit_repro.core.models import create_student, create_teacher, student_heads
 from deit_repro.stages.prepare import run_prepare
-from deit_repro.stages.teacher import TeacherRun, train_teacher
+from deit_repro.stages.teacher import TeacherRun
+from deit_repro.stages.trainer import RunSpec
 from deit_repro.stages.transfer import TransferRun
 
 PROFILES = ROOT / "profiles"
@@ -375,7 +376,7 @@ def test_every_rank_evaluates_with_rank_0s_batchnorm_statistics(tmp_path):
 
 
 def _teacher_on_rank(rt: Runtime, params, data, weights, out) -> dict:
-    return train_teacher(params, data=data, out=out, run_dir=None, seed=0, weights=weights, rt=rt)
+    return TeacherRun(params=params, data=data, weights=weights).train(RunSpec(0, out, None), rt=rt)
 
 
 def test_released_teacher_weights_in_a_ddp_job_are_written_by_rank_0_alone(
@@ -403,14 +404,8 @@ def test_released_teacher_weights_in_a_ddp_job_are_written_by_rank_0_alone(
         tmp_path, _teacher_on_rank, p, fashion_small, weights, tmp_path / "teacher", timeout=300
     )
     assert got[1] == {}
-    one = train_teacher(
-        p,
-        data=fashion_small,
-        out=tmp_path / "single",
-        run_dir=None,
-        seed=0,
-        weights=weights,
-        rt=Runtime(torch.device("cpu")),
+    one = TeacherRun(params=p, data=fashion_small, weights=weights).train(
+        RunSpec(0, tmp_path / "single", None), rt=Runtime(torch.device("cpu"))
     )
     assert got[0]["heads"] == one["heads"]  # the shards' counts add up to the whole split
     assert (tmp_path / "teacher" / "model.pt").is_file()
@@ -437,7 +432,7 @@ def _failure(fn, *args) -> tuple[str, str, float]:
 def _download_on_rank(rt: Runtime, params, data, out) -> tuple[str, str, float]:
     run_dir = out.parent / "run"
     return _failure(
-        lambda: train_teacher(params, data=data, out=out, run_dir=run_dir, seed=0, rt=rt)
+        lambda: TeacherRun(params=params, data=data).train(RunSpec(0, out, run_dir), rt=rt)
     )
 
 

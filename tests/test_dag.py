@@ -165,7 +165,7 @@ def test_snakemake_runs_the_same_dag_with_the_same_results(dvc_reference, tmp_pa
     repro`, dvc.lock brought up to date, and then neither engine wants to run anything."""
     repo = make_repo(tmp_path / "repo")
     out = run([SNAKEMAKE, "--cores", "2"], repo)
-    rules = set(re.findall(r"^rule (\w+):", out, re.M)) | set(
+    rules = set(re.findall(r"^(?:local)?rule (\w+):", out, re.M)) | set(
         re.findall(r"^Job \d+: (\w+) \(local rule\)", out, re.M)  # the Snakefile's _message
     )
     assert rules == {re.sub(r"\W", "_", s) for s in STAGES} | {"all"}

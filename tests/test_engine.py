@@ -17,8 +17,9 @@ from deit_repro.errors import CheckpointError, ConfigError, TrainingError
 from deit_repro.core.losses import DistillationLoss
 from deit_repro.core.models import create_student, set_training_outputs
 from deit_repro.core.datasets import open_dataset, train_batches
-from deit_repro.stages.pretrain import pretrain
-from deit_repro.stages.teacher import train_teacher
+from deit_repro.stages.pretrain import PretrainRun
+from deit_repro.stages.teacher import TeacherRun
+from deit_repro.stages.trainer import RunSpec
 
 CPU = Runtime(torch.device("cpu"))
 
@@ -218,17 +219,9 @@ def test_one_epoch_on_real_fashion_mnist_is_far_above_chance(fashion_5k, smoke_p
             train=_recipe(smoke_params, batch_size=32, drop_path=0.0, aug=light),
         ),
     )
-    m = pretrain(
-        params,
-        data=fashion_5k,
-        teacher=None,
-        out=tmp_path / "out",
-        run_dir=None,
-        distill="none",
-        dist_token=False,
-        seed=0,
-        rt=CPU,
-    )
+    m = PretrainRun(
+        params=params, data=fashion_5k, teacher=None, distill="none", dist_token=False
+    ).train(RunSpec(0, tmp_path / "out", None), rt=CPU)
     assert m["epochs"] == 1
     # 10 classes: chance is 10 %. One epoch of 156 steps reached 56.6 % here (a plain AdamW loop
     # over the same data: 57.3 %); 45 % leaves room for thread-count noise.
@@ -289,50 +282,31 @@ def test_lr_is_scaled_by_the_global_batch(smoke_params):
 
 
 def test_teacher_then_distilled_student_train_end_to_end(fashion_small, smoke_params, tmp_path):
-    t = train_teacher(
-        smoke_params,
-        data=fashion_small,
-        out=tmp_path / "teacher",
-        run_dir=tmp_path / "ck",
-        seed=0,
-        rt=CPU,
+    t = TeacherRun(params=smoke_params, data=fashion_small).train(
+        RunSpec(0, tmp_path / "teacher", tmp_path / "ck"), rt=CPU
     )
     assert 0.0 <= t["top1"] <= 100.0 and t["heads"]["cls"]["top5"] >= t["top1"]
     assert t["arch"] == "resnet_small"
     # Table 2's transformer teacher, and a student distilled from it.
-    v = train_teacher(
-        smoke_params,
-        data=fashion_small,
-        out=tmp_path / "teacher_vit",
-        run_dir=None,
-        seed=0,
-        arch="vit",
-        rt=CPU,
+    v = TeacherRun(params=smoke_params, data=fashion_small, arch="vit").train(
+        RunSpec(0, tmp_path / "teacher_vit", None), rt=CPU
     )
     assert v["arch"] == "vit" and v["heads"]["cls"]["top5"] >= v["top1"]
-    m = pretrain(
-        smoke_params,
+    m = PretrainRun(
+        params=smoke_params,
         data=fashion_small,
         teacher=tmp_path / "teacher_vit",
-        out=tmp_path / "deit_vit",
-        run_dir=None,
         distill="soft",
         dist_token=True,
-        seed=0,
-        rt=CPU,
-    )
+    ).train(RunSpec(0, tmp_path / "deit_vit", None), rt=CPU)
     assert m["distill"] == "soft" and set(m["heads"]) == {"cls", "dist", "joint"}
-    m = pretrain(
-        smoke_params,
+    m = PretrainRun(
+        params=smoke_params,
         data=fashion_small,
         teacher=tmp_path / "teacher",
-        out=tmp_path / "deit",
-        run_dir=None,
         distill="hard",
         dist_token=True,
-        seed=0,
-        rt=CPU,
-    )
+    ).train(RunSpec(0, tmp_path / "deit", None), rt=CPU)
     assert set(m["heads"]) == {"cls", "dist", "joint"}
     assert m["distill"] == "hard" and m["dist_token"] is True and m["alpha"] == 0.5
     saved = torch.load(tmp_path / "deit" / "model.pt", weights_only=True)
@@ -366,17 +340,9 @@ def test_the_timm_per_image_pipeline_trains_deterministically(
     )
     weights = []
     for run in ("a", "b"):
-        m = pretrain(
-            params,
-            data=fashion_small,
-            teacher=None,
-            out=tmp_path / run,
-            run_dir=None,
-            distill="none",
-            dist_token=False,
-            seed=0,
-            rt=CPU,
-        )
+        m = PretrainRun(
+            params=params, data=fashion_small, teacher=None, distill="none", dist_token=False
+        ).train(RunSpec(0, tmp_path / run, None), rt=CPU)
         assert m["epochs"] == 1 and 0.0 <= m["top1"] <= 100.0
         weights.append(torch.load(tmp_path / run / "model.pt", weights_only=True))
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
@@ -715,16 +681,9 @@ def test_a_finished_run_resumed_with_other_eval_settings_reports_one_evaluation(
     import numpy as np
 
     def pretrain_to(params, out):
-        return pretrain(
-            params,
-            data=fashion_small,
-            teacher=None,
-            out=out,
-            run_dir=tmp_path / "run",
-            distill="none",
-            dist_token=False,
-            seed=0,
-        )
+        return PretrainRun(
+            params=params, data=fashion_small, teacher=None, distill="none", dist_token=False
+        ).train(RunSpec(0, out, tmp_path / "run"))
 
     first = pretrain_to(smoke_params, tmp_path / "a")
     cropped = dataclasses.replace(

@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from deit_repro.config import DISTILL_MODES, DistillKind, Params
+from deit_repro.config import DISTILL_MODES, DistillKind
 from deit_repro.core.datasets import open_dataset
 from deit_repro.core.engine import Runtime, base_criterion
 from deit_repro.core.losses import DistillationLoss
@@ -20,6 +20,7 @@ from deit_repro.core.models import create_student, set_training_outputs
 from deit_repro.errors import ConfigError
 from deit_repro.typed_yaml import to_dict
 from deit_repro.stages.trainer import (
+    RunSpec,
     Place,
     StageRun,
     Trainee,
@@ -84,81 +85,52 @@ class PretrainRun(StageRun):
                 self, "params", dataclasses.replace(p, student=student, figure3=figure3)
             )
 
-    def train(
-        self, seed: int, out: Path, run_dir: Path | None, rt: Runtime | None = None
-    ) -> dict[str, Any]:
-        return pretrain(
-            self.params,
-            data=self.data,
-            teacher=self.teacher,
-            out=out,
-            run_dir=run_dir,
-            distill=self.distill,
-            dist_token=self.dist_token,
-            seed=seed,
-            rt=rt,
-            restart=self.restart,
+    def train(self, spec: RunSpec, rt: Runtime | None = None) -> dict[str, Any]:
+        """Train a DeiT student: no distillation, soft or hard, with or without the distillation
+        token (paper §4, Table 3); student seed k distils from teacher seed k."""
+        params, data, teacher = self.params, self.data, self.teacher
+        distill, dist_token, restart = self.distill, self.dist_token, self.restart
+        seed, out, run_dir = spec.seed, spec.out, spec.run_dir
+        rt = rt or Runtime.detect(params.student.train.amp)
+        cfg = params.student
+        ds = open_dataset(data)
+        at = Place(params, ds, seed, out, run_dir, rt)
+        teacher_mod = None
+        if distill != "none":
+            assert teacher is not None
+            teacher = resolve_model_dir(teacher, seed)
+            teacher_mod = teacher_module(teacher, ds, rt)
+        alpha, tau = params.distillation.weights(distill)  # type: ignore[arg-type]
+        kwargs = student_kwargs(
+            cfg.model,
+            distilled=dist_token,
+            num_classes=ds.num_classes,
+            in_chans=ds.in_chans,
+            drop_path=cfg.train.drop_path,
         )
-
-
-def pretrain(
-    params: Params,
-    *,
-    data: Path,
-    teacher: Path | None,
-    out: Path,
-    run_dir: Path | None,
-    distill: str,
-    dist_token: bool,
-    seed: int,
-    rt: Runtime | None = None,
-    restart: bool = False,
-) -> dict:
-    """Train a DeiT student: no distillation, soft or hard, with or without the distillation
-    token (paper §4, Table 3); student seed k distils from teacher seed k."""
-    PretrainRun(  # the stage's checks
-        params=params, data=data, teacher=teacher, distill=distill, dist_token=dist_token
-    )
-    rt = rt or Runtime.detect(params.student.train.amp)
-    cfg = params.student
-    ds = open_dataset(data)
-    at = Place(params, ds, seed, out, run_dir, rt)
-    teacher_mod = None
-    if distill != "none":
-        assert teacher is not None
-        teacher = resolve_model_dir(teacher, seed)
-        teacher_mod = teacher_module(teacher, ds, rt)
-    alpha, tau = params.distillation.weights(distill)  # type: ignore[arg-type]
-    kwargs = student_kwargs(
-        cfg.model,
-        distilled=dist_token,
-        num_classes=ds.num_classes,
-        in_chans=ds.in_chans,
-        drop_path=cfg.train.drop_path,
-    )
-    torch.manual_seed(seed)
-    model = create_student(**kwargs)
-    set_training_outputs(model, dist_token)
-    loss = DistillationLoss(
-        base_criterion(cfg.train), teacher_mod, distill=distill, alpha=alpha, tau=tau
-    )
-    variant = {"distill": distill, "dist_token": dist_token, "alpha": alpha, "tau": tau}
-    t = Trainee(model, "student", kwargs, cfg.model.img_size, {"role": "student", **variant})
-    return train_and_save(
-        t,
-        at,
-        loss_fn=loss,
-        recipe=cfg.train,
-        code=__name__,
-        desc=f"pretrain {distill}",
-        restart=restart,
-        identity={
-            "stage": "pretrain",
-            "cfg": to_dict(cfg),
-            "variant": variant,
-            "seed": seed,
-            "data": ds.content_hash,
-            "teacher": weights_hash(teacher) if teacher_mod is not None else None,
-        },
-        provenance={"teacher": teacher_record(teacher if teacher_mod is not None else None)},
-    )
+        torch.manual_seed(seed)
+        model = create_student(**kwargs)
+        set_training_outputs(model, dist_token)
+        loss = DistillationLoss(
+            base_criterion(cfg.train), teacher_mod, distill=distill, alpha=alpha, tau=tau
+        )
+        variant = {"distill": distill, "dist_token": dist_token, "alpha": alpha, "tau": tau}
+        t = Trainee(model, "student", kwargs, cfg.model.img_size, {"role": "student", **variant})
+        return train_and_save(
+            t,
+            at,
+            loss_fn=loss,
+            recipe=cfg.train,
+            code=__name__,
+            desc=f"pretrain {distill}",
+            restart=restart,
+            identity={
+                "stage": "pretrain",
+                "cfg": to_dict(cfg),
+                "variant": variant,
+                "seed": seed,
+                "data": ds.content_hash,
+                "teacher": weights_hash(teacher) if teacher_mod is not None else None,
+            },
+            provenance={"teacher": teacher_record(teacher if teacher_mod is not None else None)},
+        )

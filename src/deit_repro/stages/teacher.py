@@ -10,7 +10,7 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from deit_repro import atomic
-from deit_repro.config import JobResources, Params
+from deit_repro.config import JobResources
 from deit_repro.typed_yaml import to_dict
 from deit_repro.core.datasets import open_dataset
 from deit_repro.core.engine import Runtime, base_criterion
@@ -20,6 +20,7 @@ from deit_repro.core.models import create_teacher
 from deit_repro.errors import ConfigError
 from deit_repro.stages import released
 from deit_repro.stages.trainer import (
+    RunSpec,
     Place,
     StageRun,
     Trainee,
@@ -76,103 +77,81 @@ class TeacherRun(StageRun):
         300-epoch teacher training needs (:meth:`LaunchCfg.resources`)."""
         return self.params.launch.resources(self.stage, evaluate_only=self.released)
 
-    def train(
-        self, seed: int, out: Path, run_dir: Path | None, rt: Runtime | None = None
-    ) -> dict[str, Any]:
-        return train_teacher(
-            self.params,
-            data=self.data,
-            out=out,
-            run_dir=run_dir,
-            seed=seed,
-            weights=self.weights,
-            arch=self.arch,
-            rt=rt,
-            restart=self.restart,
+    def train(self, spec: RunSpec, rt: Runtime | None = None) -> dict[str, Any]:
+        """Train a teacher, or load released weights (pinned sha256); record its accuracy.
+
+        ``arch="convnet"`` is the distillation teacher (``teacher.model``); ``arch="vit"`` the
+        transformer teacher of paper Table 2 (``teacher.vit``), always trained here.
+        """
+        params, data, weights, arch = self.params, self.data, self.weights, self.arch
+        restart = self.restart
+        seed, out, run_dir = spec.seed, spec.out, spec.run_dir
+        cfg = params.teacher
+        model_cfg, recipe = (
+            (cfg.model, cfg.train) if arch == "convnet" else (cfg.vit.model, cfg.vit.train)
         )
-
-
-def train_teacher(
-    params: Params,
-    *,
-    data: Path,
-    out: Path,
-    run_dir: Path | None,
-    seed: int,
-    weights: Path | None = None,
-    arch: str = "convnet",
-    rt: Runtime | None = None,
-    restart: bool = False,
-) -> dict:
-    """Train a teacher, or load released weights (pinned sha256); record its accuracy.
-
-    ``arch="convnet"`` is the distillation teacher (``teacher.model``); ``arch="vit"`` the
-    transformer teacher of paper Table 2 (``teacher.vit``), always trained here.
-    """
-    run = TeacherRun(params=params, data=data, arch=arch, weights=weights)  # checks arch
-    cfg = params.teacher
-    model_cfg, recipe = (
-        (cfg.model, cfg.train) if arch == "convnet" else (cfg.vit.model, cfg.vit.train)
-    )
-    rt = rt or Runtime.detect(recipe.amp)
-    ds = open_dataset(data)
-    at = Place(params, ds, seed, out, run_dir, rt)
-    img_size = model_cfg.img_size
-    kwargs = teacher_kwargs(
-        model_cfg, num_classes=ds.num_classes, in_chans=ds.in_chans, drop_path=recipe.drop_path
-    )
-    if run.released:
-        if cfg.weights is not None:
-            pin = cfg.weights
-            # In a DDP job rank 0 downloads; the others read its verified file (one download, no
-            # two ranks writing the same path), or raise its error with it (no internet on the
-            # compute node: every rank says so at once, none waits in a barrier).
-            rt.main_first(lambda: released.fetch(pin, "teacher weights", local=weights))
-            path = released.fetch(pin, "teacher weights", local=weights)
-        else:
-            assert weights is not None  # run.released
-            path = weights
-        model = released.load("teacher", kwargs, path, what="teacher weights")
-        model.to(rt.device).eval()
-        result = evaluation(model, at, img_size)  # every rank: its shard of the test split
-        metrics = flat(result.table)
-        if not rt.is_main:
-            return {}  # rank 0 writes the model directory
-        t = Trainee(model, "teacher", kwargs, img_size, {"role": "teacher", "source": str(path)})
-        history = [{"epoch": 0, "train_loss": None, **metrics}]
-        final = final_metrics(history, params, img_size, t.extra)
-        write_outputs(
+        rt = rt or Runtime.detect(recipe.amp)
+        ds = open_dataset(data)
+        at = Place(params, ds, seed, out, run_dir, rt)
+        img_size = model_cfg.img_size
+        kwargs = teacher_kwargs(
+            model_cfg, num_classes=ds.num_classes, in_chans=ds.in_chans, drop_path=recipe.drop_path
+        )
+        if self.released:
+            if cfg.weights is not None:
+                pin = cfg.weights
+                # In a DDP job rank 0 downloads; the others read its verified file (one
+                # download, no two ranks writing the same path), or raise its error with it (no
+                # internet on the compute node: every rank says so at once, none waits in a
+                # barrier).
+                rt.main_first(lambda: released.fetch(pin, "teacher weights", local=weights))
+                path = released.fetch(pin, "teacher weights", local=weights)
+            else:
+                assert weights is not None  # self.released
+                path = weights
+            model = released.load("teacher", kwargs, path, what="teacher weights")
+            model.to(rt.device).eval()
+            result = evaluation(model, at, img_size)  # every rank: its shard of the test split
+            metrics = flat(result.table)
+            if not rt.is_main:
+                return {}  # rank 0 writes the model directory
+            t = Trainee(
+                model, "teacher", kwargs, img_size, {"role": "teacher", "source": str(path)}
+            )
+            history = [{"epoch": 0, "train_loss": None, **metrics}]
+            final = final_metrics(history, params, img_size, t.extra)
+            write_outputs(
+                t,
+                at,
+                history,
+                final,
+                run_info={"sha256": atomic.sha256_file(path)},
+                classes=result.classes,
+            )
+            return final
+        torch.manual_seed(seed)
+        model = create_teacher(**kwargs)
+        loss = DistillationLoss(base_criterion(recipe), None, distill="none", alpha=0.0, tau=1.0)
+        t = Trainee(
+            model,
+            "teacher",
+            kwargs,
+            img_size,
+            {"role": "teacher", "arch": model_cfg.name or model_cfg.arch},
+        )
+        return train_and_save(
             t,
             at,
-            history,
-            final,
-            run_info={"sha256": atomic.sha256_file(path)},
-            classes=result.classes,
+            loss_fn=loss,
+            recipe=recipe,
+            code=__name__,
+            desc=f"teacher {arch}",
+            restart=restart,
+            identity={
+                "stage": "teacher",
+                "model": to_dict(model_cfg),
+                "train": to_dict(recipe),
+                "seed": seed,
+                "data": ds.content_hash,
+            },
         )
-        return final
-    torch.manual_seed(seed)
-    model = create_teacher(**kwargs)
-    loss = DistillationLoss(base_criterion(recipe), None, distill="none", alpha=0.0, tau=1.0)
-    t = Trainee(
-        model,
-        "teacher",
-        kwargs,
-        img_size,
-        {"role": "teacher", "arch": model_cfg.name or model_cfg.arch},
-    )
-    return train_and_save(
-        t,
-        at,
-        loss_fn=loss,
-        recipe=recipe,
-        code=__name__,
-        desc=f"teacher {arch}",
-        restart=restart,
-        identity={
-            "stage": "teacher",
-            "model": to_dict(model_cfg),
-            "train": to_dict(recipe),
-            "seed": seed,
-            "data": ds.content_hash,
-        },
-    )

@@ -376,12 +376,11 @@ class StageRun:
     def __call__(self, spec: RunSpec) -> dict[str, Any]:
         """Train one run; its final metrics (empty on DDP ranks other than 0)."""
         self.use_threads()
-        return self.train(spec.seed, spec.out, spec.run_dir)
+        return self.train(spec)
 
-    def train(
-        self, seed: int, out: Path, run_dir: Path | None, rt: Runtime | None = None
-    ) -> dict[str, Any]:
-        """Train (or record) one seed's run into ``out``: the stage's train function."""
+    def train(self, spec: RunSpec, rt: Runtime | None = None) -> dict[str, Any]:
+        """Train (or record) one seed's run into ``spec.out``: the stage's computation, on
+        ``rt`` (default: the device and precision this process finds)."""
         raise NotImplementedError
 
     def summarise(
