@@ -57,6 +57,21 @@ def _throughput_note(c: Context) -> str:
     )
 
 
+def _table1_paper(c: Context, variant: str, row: int | None) -> dict[str, Any]:
+    """Table 1's paper columns for the paper's ``variant`` (its row of the reference CSV)."""
+    ref = "table1_deit_variants"
+    return {
+        "paper model": variant,
+        "paper embedding dim": c.ref.cell(ref, row, "embedding_dim"),
+        "paper heads": c.ref.cell(ref, row, "heads"),
+        "paper layers": c.ref.cell(ref, row, "layers"),
+        "paper params": c.ref.cell(ref, row, "params"),
+        "paper resolution": c.ref.cell(ref, row, "training_resolution"),
+        "paper images/s": c.ref.cell(ref, row, "throughput_im_per_s"),
+        "paper source": c.ref.source(ref, row),
+    }
+
+
 def table1(c: Context) -> Table:
     """DeiT variants (paper Table 1): dims from params, params and throughput measured."""
     variant = paper_variant(c.params)
@@ -108,14 +123,7 @@ def table1(c: Context) -> Table:
                 "params": npar,
                 "resolution": res,
                 "images/s": ips,
-                "paper model": variant,
-                "paper embedding dim": c.ref.cell(ref, prow, "embedding_dim"),
-                "paper heads": c.ref.cell(ref, prow, "heads"),
-                "paper layers": c.ref.cell(ref, prow, "layers"),
-                "paper params": c.ref.cell(ref, prow, "params"),
-                "paper resolution": c.ref.cell(ref, prow, "training_resolution"),
-                "paper images/s": c.ref.cell(ref, prow, "throughput_im_per_s"),
-                "paper source": c.ref.source(ref, prow),
+                **_table1_paper(c, variant, prow),
             }
         )
     for r in released.released_models(c):
@@ -134,14 +142,7 @@ def table1(c: Context) -> Table:
                     (c.m.path(released.RELEASED) + "#" + pointer("models", r.name, "img_size"),),
                 ),
                 "images/s": released.images_per_s(c, r),
-                "paper model": r.variant,
-                "paper embedding dim": c.ref.cell(ref, vrow, "embedding_dim"),
-                "paper heads": c.ref.cell(ref, vrow, "heads"),
-                "paper layers": c.ref.cell(ref, vrow, "layers"),
-                "paper params": c.ref.cell(ref, vrow, "params"),
-                "paper resolution": c.ref.cell(ref, vrow, "training_resolution"),
-                "paper images/s": c.ref.cell(ref, vrow, "throughput_im_per_s"),
-                "paper source": c.ref.source(ref, vrow),
+                **_table1_paper(c, r.variant, vrow),
             }
         )
     return t
@@ -181,6 +182,19 @@ def _table5_models(c: Context) -> list[tuple[str, str, str, str, Stat | Cell, st
             "deit_distilled",
         ),
     ]
+
+
+def _table5_paper(c: Context, network: str | None, row: int | None) -> dict[str, Any]:
+    """Table 5's paper columns for ``network`` (its 300-epoch row of the reference CSV)."""
+    ref = "table5_throughput_accuracy"
+    return {
+        "paper network": network if row is not None else DASH,
+        "paper params": c.ref.cell(ref, row, "params"),
+        "paper resolution": c.ref.cell(ref, row, "image_size"),
+        "paper images/s (V100)": c.ref.cell(ref, row, "throughput_im_per_s_V100_16GB"),
+        "paper top-1": c.ref.cell(ref, row, "imagenet_top1"),
+        "paper source": c.ref.source(ref, row),
+    }
 
 
 def _table5_row(c: Context, network: str) -> int | None:
@@ -234,12 +248,7 @@ def table5(c: Context) -> tuple[Table, list[figures.Point]]:
                 "resolution": res,
                 "images/s": ips,
                 "top-1": top1,
-                "paper network": paper_net if prow is not None else DASH,
-                "paper params": c.ref.cell(ref, prow, "params"),
-                "paper resolution": c.ref.cell(ref, prow, "image_size"),
-                "paper images/s (V100)": c.ref.cell(ref, prow, "throughput_im_per_s_V100_16GB"),
-                "paper top-1": c.ref.cell(ref, prow, "imagenet_top1"),
-                "paper source": c.ref.source(ref, prow),
+                **_table5_paper(c, paper_net, prow),
             }
         )
         if entry and isinstance(top1, Stat):
@@ -267,12 +276,7 @@ def table5(c: Context) -> tuple[Table, list[figures.Point]]:
                 "resolution": Cell(str(r.img_size)),
                 "images/s": ips,
                 "top-1": top1,
-                "paper network": paper_net if prow is not None else DASH,
-                "paper params": c.ref.cell(ref, prow, "params"),
-                "paper resolution": c.ref.cell(ref, prow, "image_size"),
-                "paper images/s (V100)": c.ref.cell(ref, prow, "throughput_im_per_s_V100_16GB"),
-                "paper top-1": c.ref.cell(ref, prow, "imagenet_top1"),
-                "paper source": c.ref.source(ref, prow),
+                **_table5_paper(c, paper_net, prow),
             }
         )
         if ips.text != DASH and top1.text != DASH:
