@@ -453,10 +453,11 @@ def _need_train_split(data: Path) -> None:
     """A dataset prepared with ``--splits test`` (val/ alone, for released checkpoints) cannot
     train: said before any job is submitted. (A dataset the submit host cannot see is left to
     the job, which opens it.)"""
-    manifest = Path(data) / "manifest.json"
-    if not manifest.is_file():
+    from deit_repro.data.store import MANIFEST, read_manifest
+
+    if not (Path(data) / MANIFEST).is_file():
         return
-    splits = json.loads(manifest.read_text()).get("splits", {})
+    splits = read_manifest(data)["splits"]
     if "train" not in splits:
         raise ConfigError(
             f"prepared dataset {data} holds the {' and '.join(sorted(splits))} split alone "
