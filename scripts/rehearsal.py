@@ -4,6 +4,7 @@
     .venv/bin/python scripts/rehearsal.py WORKDIR --engine snakemake   # snakemake --profile slurm
     .venv/bin/python scripts/rehearsal.py WORKDIR --engine dvc         # dvc repro
     .venv/bin/python scripts/rehearsal.py WORKDIR --engine snakemake --again   # same copy, anew
+    .venv/bin/python scripts/rehearsal.py WORKDIR --engine snakemake --again --keep-runs
 
 In WORKDIR it writes the generated data (``data/``, scripts/rehearsal_data.py: an ImageNet-layout
 JPEG tree, the transfer datasets in their on-disk formats, a RegNetY-16GF state dict) and a fresh
@@ -107,7 +108,16 @@ def main(argv: list[str] | None = None) -> int:
         help="run in WORKDIR's existing project copy, after deleting everything the DAG made "
         "there (prepared data, models, runs, metrics, results): e.g. the other engine",
     )
+    ap.add_argument(
+        "--keep-runs",
+        action="store_true",
+        help="with --again: keep the run directories (runs/), so that every training job, "
+        "submitted as before, resumes from its finished checkpoint (same data, params and code) "
+        "and only evaluates and writes its outputs again instead of training anew",
+    )
     args = ap.parse_args(argv)
+    if args.keep_runs and not args.again:
+        ap.error("--keep-runs is for --again (a copy whose runs/ holds finished checkpoints)")
     work = args.workdir.resolve()
     data, repo = work / "data", work / "repo"
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", DVC_NO_ANALYTICS="1")
@@ -118,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 2
         for made in NOT_COPIED:
-            shutil.rmtree(repo / made, ignore_errors=True)
+            if not (args.keep_runs and made == "runs/"):
+                shutil.rmtree(repo / made, ignore_errors=True)
         return run_engine(args.engine, repo, data, env)
     if repo.exists():
         print(f"rehearsal: {repo} exists; pass a new WORKDIR (or --again)", file=sys.stderr)

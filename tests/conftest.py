@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -104,16 +107,58 @@ def slurm():
         slurm_cluster.stop()
 
 
+@dataclass(frozen=True)
+class RehearsalData:
+    """scripts/rehearsal_data.py's output folder and what it printed."""
+
+    out: Path
+    stdout: str
+
+
+@pytest.fixture(scope="session")
+def rehearsal_data(tmp_path_factory) -> RehearsalData:
+    """The rehearsal's generated datasets and RegNetY-16GF weights (scripts/rehearsal_data.py),
+    written once per session: its own tests, the rehearsal and the GPU check's CPU run read
+    them (none writes there; a test that needs a second generation makes its own)."""
+    # mktemp gives an existing, empty folder: the script must accept it without --force.
+    out = tmp_path_factory.mktemp("rehearsal")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "rehearsal_data.py"), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return RehearsalData(out, proc.stdout)
+
+
 @pytest.fixture(scope="session")
 def dvc_reference(tmp_path_factory):
     """The smoke DAG run once by `dvc repro` in a fresh repository: what the other engines must
     reproduce. Returns the repo, the repro's output, its dvc.lock stages and metric files (a
-    snapshot: later tests may change the repository)."""
+    snapshot: later tests may change the repository), and ``copy``, which gives a test a
+    repository of its own as the repro left it (git, DVC cache and outputs), so that no test
+    runs the same DAG again to start from there."""
+    import shutil
+
     from workflow_helpers import DVC, lock_stages, make_repo, metric_files, run
 
     repo = make_repo(tmp_path_factory.mktemp("dvc") / "repo")
     out = run([DVC, "repro"], repo)
-    return {"repo": repo, "output": out, "lock": lock_stages(repo), "metrics": metric_files(repo)}
+    pristine = tmp_path_factory.mktemp("dvc_pristine") / "repo"
+    shutil.copytree(repo, pristine, symlinks=True)
+
+    def copy(dst: Path) -> Path:
+        shutil.copytree(pristine, dst, symlinks=True)
+        return dst
+
+    return {
+        "repo": repo,
+        "output": out,
+        "lock": lock_stages(repo),
+        "metrics": metric_files(repo),
+        "copy": copy,
+    }
 
 
 # The `deit-repro` calls of this session get fork servers of their own, stopped when

@@ -66,10 +66,12 @@ def test_gpu_bench_runs_in_smoke_mode_on_cpu(tmp_path):
     assert res["decode"]["cpu_pil_images_per_s_per_core"] > 0
 
 
-def test_the_gpu_check_runs_its_code_on_a_cpu(tmp_path):
+def test_the_gpu_check_runs_its_code_on_a_cpu(rehearsal_data, tmp_path):
     """`bench/gpu_check.py --smoke`: the NCCL step is skipped without CUDA; the rehearsal step
     distils DeiT-Ti⚗ from the generated RegNetY-16GF, is interrupted after one epoch and resumes;
     the benchmark goes through engine.fit."""
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "data").symlink_to(rehearsal_data.out)  # the session's generated data
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--smoke", "--out", str(tmp_path)],
         cwd=tmp_path,
@@ -86,10 +88,20 @@ def test_the_gpu_check_runs_its_code_on_a_cpu(tmp_path):
     assert bench["images_per_s"] > 0 and len(bench["per_epoch"]) == 2
 
 
-def test_machine_spread_compares_two_dispatches_on_smoke(tmp_path):
-    """The mechanics (smoke: one seed, so no interval): two fresh clones, the second under
-    another kernel dispatch that its provenance records, every claim side by side."""
-    res = _run("machine_spread.py", "--profile", "smoke", tmp_path=tmp_path)
+def test_machine_spread_compares_two_dispatches_on_smoke(dvc_reference, tmp_path):
+    """The mechanics (smoke: one seed, so no interval): the session's reference run of the smoke
+    DAG as the default-dispatch clone (``--default-clone``, checked up to date and of this code),
+    a fresh clone under another kernel dispatch that its provenance records, every claim side by
+    side."""
+    default = dvc_reference["copy"](tmp_path / "default")
+    res = _run(
+        "machine_spread.py",
+        "--profile",
+        "smoke",
+        "--default-clone",
+        str(default),
+        tmp_path=tmp_path,
+    )
     fp = res["float_paths"]
     assert len(fp["default"]) == len(fp["other"]) == 1  # every run of a DAG on one float path
     default, other = fp["default"][0], fp["other"][0]

@@ -224,12 +224,9 @@ def test_a_full_clone_switched_to_the_smoke_profile_runs_and_reports_only_its_ow
 def test_a_bad_param_stops_the_dag_before_any_stage_loses_its_outputs(dvc_reference, tmp_path):
     """DVC removes a stage's outputs before it runs it: `dvc exp run -S distill=sotf` must stop
     at the check_params stage, with the loader's one-line error, before pretrain@deit runs."""
-    import shutil
-
     from workflow_helpers import result
 
-    repo = tmp_path / "repo"
-    shutil.copytree(dvc_reference["repo"], repo, symlinks=True)
+    repo = dvc_reference["copy"](tmp_path / "repo")
     outs = [repo / "models" / "pretrain" / "deit", repo / "metrics" / "pretrain" / "deit.json"]
 
     def files() -> dict[str, bytes]:

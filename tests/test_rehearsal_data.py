@@ -3,7 +3,6 @@ by torchvision's own parsers, byte-identical on every run."""
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import pickle
@@ -37,12 +36,6 @@ CARS_CLASSES = [
 INAT_IDS = [3, 17, 42, 108, 999]
 
 
-@dataclasses.dataclass(frozen=True)
-class Generated:
-    out: Path
-    stdout: str
-
-
 def _run(out: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(SCRIPT), str(out), *extra],
@@ -53,12 +46,9 @@ def _run(out: Path, *extra: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def gen(tmp_path_factory) -> Generated:
-    # mktemp gives an existing, empty folder: the script must accept it without --force.
-    out = tmp_path_factory.mktemp("rehearsal")
-    proc = _run(out)
-    assert proc.returncode == 0, proc.stderr
-    return Generated(out, proc.stdout)
+def gen(rehearsal_data):
+    """The session's generated folder (conftest.rehearsal_data)."""
+    return rehearsal_data
 
 
 def _md5(path: Path) -> str:

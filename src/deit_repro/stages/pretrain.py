@@ -7,27 +7,16 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
-from deit_repro.config import DISTILL_MODES, DistillKind
-from deit_repro.core.datasets import open_dataset
-from deit_repro.core.engine import Runtime, base_criterion
-from deit_repro.core.losses import DistillationLoss
-from deit_repro.core.model_dirs import resolve_model_dir, student_kwargs, weights_hash
+from deit_repro.config import DISTILL_MODES, DistillKind, TrainCfg
+from deit_repro.core.model_dirs import resolve_model_dir, student_kwargs
 from deit_repro.core.models import create_student, set_training_outputs
 from deit_repro.errors import ConfigError
 from deit_repro.typed_yaml import to_dict
-from deit_repro.stages.trainer import (
-    RunSpec,
-    Place,
-    StageRun,
-    Trainee,
-    teacher_module,
-    teacher_record,
-    train_and_save,
-)
+from deit_repro.stages.trainer import Place, StageRun, Trainee, Training
 
 
 def dist_token_of(distill: str, choice: str) -> bool:
@@ -85,52 +74,31 @@ class PretrainRun(StageRun):
                 self, "params", dataclasses.replace(p, student=student, figure3=figure3)
             )
 
-    def train(self, spec: RunSpec, rt: Runtime | None = None) -> dict[str, Any]:
-        """Train a DeiT student: no distillation, soft or hard, with or without the distillation
-        token (paper §4, Table 3); student seed k distils from teacher seed k."""
-        params, data, teacher = self.params, self.data, self.teacher
-        distill, dist_token, restart = self.distill, self.dist_token, self.restart
-        seed, out, run_dir = spec.seed, spec.out, spec.run_dir
-        rt = rt or Runtime.detect(params.student.train.amp)
-        cfg = params.student
-        ds = open_dataset(data)
-        at = Place(params, ds, seed, out, run_dir, rt)
-        teacher_mod = None
-        if distill != "none":
-            assert teacher is not None
-            teacher = resolve_model_dir(teacher, seed)
-            teacher_mod = teacher_module(teacher, ds, rt)
-        alpha, tau = params.distillation.weights(distill)  # type: ignore[arg-type]
+    @property
+    def recipe(self) -> TrainCfg:
+        return self.params.student.train
+
+    def plan(self, at: Place) -> Training:
+        """A DeiT student: no distillation, soft or hard, with or without the distillation token
+        (paper §4, Table 3); student seed k distils from teacher seed k."""
+        cfg, distill = self.params.student, self.distill
+        alpha, tau = self.params.distillation.weights(distill)
         kwargs = student_kwargs(
             cfg.model,
-            distilled=dist_token,
-            num_classes=ds.num_classes,
-            in_chans=ds.in_chans,
+            distilled=self.dist_token,
+            num_classes=at.ds.num_classes,
+            in_chans=at.ds.in_chans,
             drop_path=cfg.train.drop_path,
         )
-        torch.manual_seed(seed)
+        torch.manual_seed(at.seed)
         model = create_student(**kwargs)
-        set_training_outputs(model, dist_token)
-        loss = DistillationLoss(
-            base_criterion(cfg.train), teacher_mod, distill=distill, alpha=alpha, tau=tau
-        )
-        variant = {"distill": distill, "dist_token": dist_token, "alpha": alpha, "tau": tau}
-        t = Trainee(model, "student", kwargs, cfg.model.img_size, {"role": "student", **variant})
-        return train_and_save(
-            t,
-            at,
-            loss_fn=loss,
-            recipe=cfg.train,
-            code=__name__,
+        set_training_outputs(model, self.dist_token)
+        variant = {"distill": distill, "dist_token": self.dist_token, "alpha": alpha, "tau": tau}
+        return Training(
+            Trainee(model, "student", kwargs, cfg.model.img_size, {"role": "student", **variant}),
+            cfg.train,
+            identity={"cfg": to_dict(cfg), "variant": variant},
             desc=f"pretrain {distill}",
-            restart=restart,
-            identity={
-                "stage": "pretrain",
-                "cfg": to_dict(cfg),
-                "variant": variant,
-                "seed": seed,
-                "data": ds.content_hash,
-                "teacher": weights_hash(teacher) if teacher_mod is not None else None,
-            },
-            provenance={"teacher": teacher_record(teacher if teacher_mod is not None else None)},
+            distill=distill,
+            teacher=resolve_model_dir(self.teacher, at.seed) if self.teacher else None,
         )

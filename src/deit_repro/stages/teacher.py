@@ -10,24 +10,22 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from deit_repro import atomic
-from deit_repro.config import JobResources
+from deit_repro.config import JobResources, ModelCfg, TrainCfg
 from deit_repro.typed_yaml import to_dict
-from deit_repro.core.datasets import open_dataset
-from deit_repro.core.engine import Runtime, base_criterion
-from deit_repro.core.losses import DistillationLoss
+from deit_repro.core.engine import Runtime
 from deit_repro.core.model_dirs import teacher_kwargs
 from deit_repro.core.models import create_teacher
 from deit_repro.errors import ConfigError
 from deit_repro.stages import released
 from deit_repro.stages.trainer import (
-    RunSpec,
     Place,
+    RunSpec,
     StageRun,
     Trainee,
+    Training,
     evaluation,
     final_metrics,
     flat,
-    train_and_save,
     write_outputs,
 )
 
@@ -77,81 +75,72 @@ class TeacherRun(StageRun):
         300-epoch teacher training needs (:meth:`LaunchCfg.resources`)."""
         return self.params.launch.resources(self.stage, evaluate_only=self.released)
 
-    def train(self, spec: RunSpec, rt: Runtime | None = None) -> dict[str, Any]:
-        """Train a teacher, or load released weights (pinned sha256); record its accuracy.
+    @property
+    def model_cfg(self) -> ModelCfg:
+        t = self.params.teacher
+        return t.model if self.arch == "convnet" else t.vit.model
 
-        ``arch="convnet"`` is the distillation teacher (``teacher.model``); ``arch="vit"`` the
-        transformer teacher of paper Table 2 (``teacher.vit``), always trained here.
-        """
-        params, data, weights, arch = self.params, self.data, self.weights, self.arch
-        restart = self.restart
-        seed, out, run_dir = spec.seed, spec.out, spec.run_dir
-        cfg = params.teacher
-        model_cfg, recipe = (
-            (cfg.model, cfg.train) if arch == "convnet" else (cfg.vit.model, cfg.vit.train)
+    @property
+    def recipe(self) -> TrainCfg:
+        t = self.params.teacher
+        return t.train if self.arch == "convnet" else t.vit.train
+
+    def train(self, spec: RunSpec, rt: Runtime | None = None) -> dict[str, Any]:
+        """Train a teacher, or load released weights (pinned sha256) and record their accuracy."""
+        if not self.released:
+            return super().train(spec, rt)
+        return self.record_released(self.place(spec, rt))
+
+    def kwargs(self, at: Place) -> dict[str, Any]:
+        return teacher_kwargs(
+            self.model_cfg,
+            num_classes=at.ds.num_classes,
+            in_chans=at.ds.in_chans,
+            drop_path=self.recipe.drop_path,
         )
-        rt = rt or Runtime.detect(recipe.amp)
-        ds = open_dataset(data)
-        at = Place(params, ds, seed, out, run_dir, rt)
-        img_size = model_cfg.img_size
-        kwargs = teacher_kwargs(
-            model_cfg, num_classes=ds.num_classes, in_chans=ds.in_chans, drop_path=recipe.drop_path
-        )
-        if self.released:
-            if cfg.weights is not None:
-                pin = cfg.weights
-                # In a DDP job rank 0 downloads; the others read its verified file (one
-                # download, no two ranks writing the same path), or raise its error with it (no
-                # internet on the compute node: every rank says so at once, none waits in a
-                # barrier).
-                rt.main_first(lambda: released.fetch(pin, "teacher weights", local=weights))
-                path = released.fetch(pin, "teacher weights", local=weights)
-            else:
-                assert weights is not None  # self.released
-                path = weights
-            model = released.load("teacher", kwargs, path, what="teacher weights")
-            model.to(rt.device).eval()
-            result = evaluation(model, at, img_size)  # every rank: its shard of the test split
-            metrics = flat(result.table)
-            if not rt.is_main:
-                return {}  # rank 0 writes the model directory
-            t = Trainee(
-                model, "teacher", kwargs, img_size, {"role": "teacher", "source": str(path)}
-            )
-            history = [{"epoch": 0, "train_loss": None, **metrics}]
-            final = final_metrics(history, params, img_size, t.extra)
-            write_outputs(
-                t,
-                at,
-                history,
-                final,
-                run_info={"sha256": atomic.sha256_file(path)},
-                classes=result.classes,
-            )
-            return final
-        torch.manual_seed(seed)
+
+    def plan(self, at: Place) -> Training:
+        """A teacher trained here: the distillation convnet (``teacher.model``) or paper Table
+        2's transformer (``teacher.vit``)."""
+        model_cfg, kwargs = self.model_cfg, self.kwargs(at)
+        torch.manual_seed(at.seed)
         model = create_teacher(**kwargs)
-        loss = DistillationLoss(base_criterion(recipe), None, distill="none", alpha=0.0, tau=1.0)
-        t = Trainee(
-            model,
-            "teacher",
-            kwargs,
-            img_size,
-            {"role": "teacher", "arch": model_cfg.name or model_cfg.arch},
+        extra = {"role": "teacher", "arch": model_cfg.name or model_cfg.arch}
+        return Training(
+            Trainee(model, "teacher", kwargs, model_cfg.img_size, extra),
+            self.recipe,
+            identity={"model": to_dict(model_cfg), "train": to_dict(self.recipe)},
+            desc=f"teacher {self.arch}",
         )
-        return train_and_save(
+
+    def record_released(self, at: Place) -> dict[str, Any]:
+        """Released weights (``teacher.weights`` downloaded and pinned, or the local file
+        ``weights``), evaluated on the test split and written as a model directory."""
+        pin, rt, img_size = self.params.teacher.weights, at.rt, self.model_cfg.img_size
+        if pin is not None:
+            # In a DDP job rank 0 downloads; the others read its verified file (one download, no
+            # two ranks writing the same path), or raise its error with it (no internet on the
+            # compute node: every rank says so at once, none waits in a barrier).
+            rt.main_first(lambda: released.fetch(pin, "teacher weights", local=self.weights))
+            path = released.fetch(pin, "teacher weights", local=self.weights)
+        else:
+            assert self.weights is not None  # self.released
+            path = self.weights
+        kwargs = self.kwargs(at)
+        model = released.load("teacher", kwargs, path, what="teacher weights")
+        model.to(rt.device).eval()
+        result = evaluation(model, at, img_size)  # every rank: its shard of the test split
+        if not rt.is_main:
+            return {}  # rank 0 writes the model directory
+        t = Trainee(model, "teacher", kwargs, img_size, {"role": "teacher", "source": str(path)})
+        history = [{"epoch": 0, "train_loss": None, **flat(result.table)}]
+        final = final_metrics(history, self.params, img_size, t.extra)
+        write_outputs(
             t,
             at,
-            loss_fn=loss,
-            recipe=recipe,
-            code=__name__,
-            desc=f"teacher {arch}",
-            restart=restart,
-            identity={
-                "stage": "teacher",
-                "model": to_dict(model_cfg),
-                "train": to_dict(recipe),
-                "seed": seed,
-                "data": ds.content_hash,
-            },
+            history,
+            final,
+            run_info={"sha256": atomic.sha256_file(path)},
+            classes=result.classes,
         )
+        return final

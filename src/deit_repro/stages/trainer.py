@@ -23,9 +23,10 @@ import torch.nn.functional as F
 
 from deit_repro import atomic, provenance
 from deit_repro.code_deps import code_hash
-from deit_repro.config import JobResources, Params, TrainCfg
-from deit_repro.core.datasets import Dataset, eval_batches, train_batches
-from deit_repro.core.engine import Runtime, ShardEval, fit, shard_evaluate
+from deit_repro.config import DistillKind, JobResources, Params, TrainCfg
+from deit_repro.core.datasets import Dataset, eval_batches, open_dataset, train_batches
+from deit_repro.core.engine import Runtime, ShardEval, base_criterion, fit, shard_evaluate
+from deit_repro.core.losses import DistillationLoss
 from deit_repro.core.live_metrics import StageLive
 from deit_repro.core.model_dirs import (
     PREDICTIONS,
@@ -189,24 +190,51 @@ def write_outputs(
         )
 
 
+@dataclass
+class Training:
+    """What one run of a stage trains: built by the stage's :meth:`StageRun.plan`, trained and
+    written by :func:`train_and_save`."""
+
+    trainee: Trainee
+    recipe: TrainCfg
+    #: the stage's choices that decide the weights, besides the stage, seed, data and teacher
+    #: (what a checkpoint must match to be resumed from)
+    identity: dict[str, Any]
+    desc: str  # the progress log's label
+    distill: DistillKind = "none"
+    #: the teacher's model directory (this seed's) when ``distill`` is not none
+    teacher: Path | None = None
+
+
 def train_and_save(
-    t: Trainee,
-    at: Place,
-    *,
-    loss_fn,
-    recipe: TrainCfg,
-    identity: dict[str, Any],
-    code: str,
-    desc: str,
-    restart: bool = False,
-    provenance: dict[str, Any] | None = None,
+    plan: Training, at: Place, *, stage: str, code: str, restart: bool = False
 ) -> dict[str, Any]:
-    """Train ``t.model`` with ``recipe`` (resuming from the run directory's checkpoint when its
-    fingerprint, ``identity`` and the computing code of the stage's module ``code``, matches)
-    and write the outputs; ``provenance`` goes to its ``run.json`` (which teacher it read)."""
-    rt = at.rt
+    """Train ``plan.trainee`` with its recipe and loss (resuming from the run directory's
+    checkpoint when its fingerprint matches: the run's identity and the computing code of the
+    stage's module ``code``) and write the outputs; the teacher it read goes to ``run.json``."""
+    rt, t, recipe = at.rt, plan.trainee, plan.recipe
     t.seed = at.seed
     model = t.model.to(rt.device)
+    teacher = plan.teacher if plan.distill != "none" else None
+    alpha, tau = at.params.distillation.weights(plan.distill)
+    loss_fn = DistillationLoss(
+        base_criterion(recipe),
+        teacher_module(teacher, at.ds, rt) if teacher is not None else None,
+        distill=plan.distill,
+        alpha=alpha,
+        tau=tau,
+    )
+    identity = {
+        "stage": stage,
+        **plan.identity,
+        "seed": at.seed,
+        "data": at.ds.content_hash,
+        "teacher": weights_hash(teacher) if teacher is not None else None,
+        # The stage's computing code too (its module's import closure): a checkpoint written by
+        # other code is never resumed from, while an edit to another stage, a launcher or a
+        # report is no reason to start over.
+        "code": code_hash(code),
+    }
     train_model = model
     if rt.world_size > 1:
         train_model = nn.parallel.DistributedDataParallel(
@@ -233,15 +261,12 @@ def train_and_save(
         seed=at.seed,
         rt=rt,
         checkpoint_path=run_dir / "checkpoint.pth" if run_dir is not None else None,
-        # The stage's computing code too (its module's import closure): a checkpoint written by
-        # other code is never resumed from, while an edit to another stage, a launcher or a
-        # report is no reason to start over.
-        fingerprint=config_hash({**identity, "code": code_hash(code)}),
+        fingerprint=config_hash(identity),
         evaluate=evaluate,
         on_epoch_end=(lambda h: write_history(run_dir / "history.csv", h))
         if run_dir is not None
         else None,
-        desc=desc,
+        desc=plan.desc,
         restart=restart,
     )
     if not final:
@@ -265,7 +290,7 @@ def train_and_save(
             "resumed_from_epoch": res.resumed_from_epoch,
             "world_size": rt.world_size,
             "device": str(rt.device),
-            **(provenance or {}),
+            "teacher": teacher_record(teacher),
         },
         classes={**t.classes, **final[0].classes},
     )
@@ -378,10 +403,29 @@ class StageRun:
         self.use_threads()
         return self.train(spec)
 
-    def train(self, spec: RunSpec, rt: Runtime | None = None) -> dict[str, Any]:
-        """Train (or record) one seed's run into ``spec.out``: the stage's computation, on
-        ``rt`` (default: the device and precision this process finds)."""
+    @property
+    def recipe(self) -> TrainCfg:
+        """The recipe the run trains with (its ``amp`` picks the precision)."""
         raise NotImplementedError
+
+    def place(self, spec: RunSpec, rt: Runtime | None = None) -> Place:
+        """Where ``spec``'s run trains: the dataset opened, on ``rt`` (default: the device and
+        precision this process finds for the recipe)."""
+        rt = rt or Runtime.detect(self.recipe.amp)
+        return Place(self.params, open_dataset(self.data), spec.seed, spec.out, spec.run_dir, rt)
+
+    def plan(self, at: Place) -> Training:
+        """The stage's computation for one seed: the model to train, its recipe, its teacher
+        and what identifies the run."""
+        raise NotImplementedError
+
+    def train(self, spec: RunSpec, rt: Runtime | None = None) -> dict[str, Any]:
+        """Train one seed's run into ``spec.out``; its final metrics (empty on DDP ranks other
+        than 0). The fingerprint of its checkpoint covers the code of the stage's own module."""
+        at = self.place(spec, rt)
+        return train_and_save(
+            self.plan(at), at, stage=self.stage, code=type(self).__module__, restart=self.restart
+        )
 
     def summarise(
         self,
