@@ -163,7 +163,27 @@ def dvc_reference(tmp_path_factory):
 
 # The `deit-repro` calls of this session get fork servers of their own, stopped when
 # the session ends instead of idling for 5 minutes; tests that need another server extend the tag.
+# Under pytest-xdist every worker extends the session's tag with its name (gw0, gw1, ...): a
+# worker that ends stops its own servers, never one the other worker is calling.
 FORKSERVER_TAG = os.environ.setdefault("DEIT_REPRO_FORKSERVER_TAG", f"pytest-{os.getpid()}")
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if _WORKER and not FORKSERVER_TAG.endswith(f"-{_WORKER}"):
+    FORKSERVER_TAG = os.environ["DEIT_REPRO_FORKSERVER_TAG"] = f"{FORKSERVER_TAG}-{_WORKER}"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """The tests on the SLURM cluster (the `slurm` fixture) go first and form one xdist group.
+
+    The README's test command runs two workers (`-n 2 --dist loadgroup`): one runs the cluster's
+    tests one after the other (they share its node and count its jobs in sacct), the other
+    everything else meanwhile. First, because the rehearsal is the longest test: started last,
+    it would run alone at the end.
+    """
+    on_slurm = [item for item in items if "slurm" in item.fixturenames]
+    for item in on_slurm:
+        item.add_marker(pytest.mark.xdist_group("slurm"))
+    items[:] = on_slurm + [item for item in items if "slurm" not in item.fixturenames]
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -317,7 +317,8 @@ def test_a_killed_stage_waits_for_its_job_instead_of_submitting_another(prepared
     assert names.count("deit-repro-pretrain-seed0") == 1, names
 
 
-def test_the_slurm_tests_write_nothing_into_the_checkout(checkout_before):
-    """Runs last in this module: every job, log and Snakemake file stayed in the tests' own
-    directories (a stray `slurm-<id>.out` once landed in the repository root)."""
+def test_the_slurm_tests_write_nothing_into_the_checkout(slurm, checkout_before):
+    """Runs last in this module (and in the cluster's xdist group, after its other tests): every
+    job, log and Snakemake file stayed in the tests' own directories (a stray `slurm-<id>.out`
+    once landed in the repository root)."""
     assert _checkout_status() == checkout_before
