@@ -7,7 +7,7 @@ JPEGs inside ImageNet, Python 2 pickles, MATLAB structs, iNaturalist's JSON) is 
 files that look like the originals. This script writes such files, a few dozen images per dataset,
 deterministically (fixed seeds: the same bytes on every run with the same library versions):
 
-  imagenet/{train,val}/<wnid>/*.JPEG       4 classes, 12 train + 4 val each, varied sizes; among the
+  imagenet/{train,val}/<wnid>/*.JPEG       4 classes, 8 train + 4 val each, varied sizes; among the
                                            train images one grayscale JPEG, one CMYK JPEG, one PNG
   cifar/cifar-10-batches-py/               data_batch_1..5, test_batch, batches.meta (20 + 10)
   cifar/cifar-100-python/                  train, test, meta (100 classes, 200 + 100)
@@ -48,7 +48,7 @@ from PIL import Image
 SEED = 20210101
 
 IMAGENET_WNIDS = ["n01440764", "n01443537", "n01484850", "n01491361"]
-IMAGENET_PER_CLASS = {"train": 12, "val": 4}
+IMAGENET_PER_CLASS = {"train": 8, "val": 4}
 
 CIFAR10_CLASSES = [
     "airplane",
