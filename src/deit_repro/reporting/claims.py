@@ -190,20 +190,39 @@ class _Images:
         return side
 
 
+#: where each claim's numbers are shown: (the paper's table, the results file)
+T2 = ("Table 2", "table2_teacher.md")
+T3 = ("Table 3", "table3_distillation.md")
+T4 = ("Table 4", "table4_disagreement.md")
+T7 = ("Table 7", "table7_transfer.md")
+T10 = ("Table 10", "table10_finetune_resolution.md")
+F3 = ("Figure 3", "figure3_epochs.md")
+
+
 def claim_list(c: Context) -> list[Claim]:
-    m, ref = c.m, c.ref
-    t3 = "table3_distillation_methods"
+    """Every claim the DAG's metrics can test, in the order of the claims table: distillation
+    (Tables 2-4), fine-tuning at a higher resolution (Table 10), transfer (Table 7), Figure 3."""
     img = _Images(c)
+    return [
+        *_distillation_claims(c, img),
+        *_finetune_claims(c, img),
+        *_transfer_claims(c, img),
+        *_figure3_claims(c, img),
+    ]
 
-    def p3(method: str, col: str = "top1_DeiT-B_224") -> Stat | None:
-        return ref.number(t3, ref.row(t3, method=method), col)
 
-    T2 = ("Table 2", "table2_teacher.md")
-    T3 = ("Table 3", "table3_distillation.md")
-    T4 = ("Table 4", "table4_disagreement.md")
-    T7 = ("Table 7", "table7_transfer.md")
-    T10 = ("Table 10", "table10_finetune_resolution.md")
-    F3 = ("Figure 3", "figure3_epochs.md")
+def _p3(c: Context, method: str, col: str = "top1_DeiT-B_224") -> Stat | None:
+    t3 = "table3_distillation_methods"
+    return c.ref.number(t3, c.ref.row(t3, method=method), col)
+
+
+def _distillation_claims(c: Context, img: _Images) -> list[Claim]:
+    """Tables 2, 3 and 4: the teacher, the distillation methods, the heads, the agreement."""
+    m, ref = c.m, c.ref
+
+    def p3(method: str) -> Stat | None:
+        return _p3(c, method)
+
     t2 = "table2_teacher_comparison"
     t4 = "table4_disagreement"
     conv, deit_b = (
@@ -212,7 +231,7 @@ def claim_list(c: Context) -> list[Claim]:
     cls, dist, joint = (m.top1("pretrain/deit", h) for h in ("cls", "dist", "joint"))
     eval_names = {label: classifier(c, names) for label, names, _, _ in TABLE4}
     p4 = ref.row(t4, row_classifier="convnet (RegNetY)")
-    out = [
+    return [
         Claim(
             "a convnet teacher gives a better student than a transformer teacher",
             m.top1("pretrain/deit"),
@@ -303,6 +322,14 @@ def claim_list(c: Context) -> list[Claim]:
             ),
             exact=False,
         ),
+    ]
+
+
+def _finetune_claims(c: Context, img: _Images) -> list[Claim]:
+    """Table 10: the higher resolution, and the positional embeddings' interpolation (after
+    fine-tuning, and right after resampling)."""
+    m = c.m
+    out = [
         Claim(
             "fine-tuning at a higher resolution beats the pretraining resolution (vs the "
             "same epochs at the pretraining resolution)",
@@ -310,8 +337,8 @@ def claim_list(c: Context) -> list[Claim]:
             m.top1("finetune/control"),
             T10,
             paper=(
-                p3("DeiT-alembic: class+distillation", "top1_DeiT-B_384"),
-                p3("DeiT-alembic: class+distillation"),
+                _p3(c, "DeiT-alembic: class+distillation", "top1_DeiT-B_384"),
+                _p3(c, "DeiT-alembic: class+distillation"),
             ),
             images=img.minus(img.hits("finetune/bicubic"), img.hits("finetune/control")),
         ),
@@ -349,7 +376,13 @@ def claim_list(c: Context) -> list[Claim]:
             ),
         )
     )
-    # Pretrained vs from scratch where the profile trains the baseline (transfer.scratch).
+    return out
+
+
+def _transfer_claims(c: Context, img: _Images) -> list[Claim]:
+    """Table 7: pretrained against from scratch where the profile trains the baseline
+    (``transfer.scratch``)."""
+    m, ref, out = c.m, c.ref, []
     for ds in c.params.transfer.scratch:
         t7, s54 = "table7_transfer_learning", "sec5_4_cifar10_from_scratch"
         col = TABLE7_COLUMNS.get(ds, "cifar10")
@@ -373,11 +406,10 @@ def claim_list(c: Context) -> list[Claim]:
                 ),
             )
         )
-    out.extend(_figure3_claims(c, img, F3))
     return out
 
 
-def _figure3_claims(c: Context, img: _Images, F3: tuple[str, str]) -> list[Claim]:
+def _figure3_claims(c: Context, img: _Images) -> list[Claim]:
     """Figure 3: the budgets are separate runs, seeds paired across budgets."""
     budgets = c.params.budget_epochs()
     lo, hi = budgets[0], budgets[-1]
