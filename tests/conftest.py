@@ -171,19 +171,21 @@ if _WORKER and not FORKSERVER_TAG.endswith(f"-{_WORKER}"):
     FORKSERVER_TAG = os.environ["DEIT_REPRO_FORKSERVER_TAG"] = f"{FORKSERVER_TAG}-{_WORKER}"
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config, items):
-    """The tests on the SLURM cluster (the `slurm` fixture) go first and form one xdist group.
+REHEARSAL = (
+    "tests/test_rehearsal.py::test_the_rehearsal_runs_under_dvc_and_under_snakemake_on_slurm"
+)
 
-    The README's test command runs two workers (`-n 2 --dist loadgroup`): one runs the cluster's
-    tests one after the other (they share its node and count its jobs in sacct), the other
-    everything else meanwhile. First, because the rehearsal is the longest test: started last,
-    it would run alone at the end.
+
+def pytest_collection_modifyitems(config, items):
+    """The rehearsal, the longest test by far, goes first.
+
+    The README's test command runs two workers that steal each other's pending tests
+    (`-n 2 --dist worksteal`): one starts the rehearsal at once, the other runs the rest meanwhile
+    and takes over the first one's queue. Started last, the rehearsal would run alone at the end.
+    The tests on the SLURM cluster may then run side by side: each counts only the jobs submitted
+    from its own directory (`slurm_cluster.sacct(under=...)`).
     """
-    on_slurm = [item for item in items if "slurm" in item.fixturenames]
-    for item in on_slurm:
-        item.add_marker(pytest.mark.xdist_group("slurm"))
-    items[:] = on_slurm + [item for item in items if "slurm" not in item.fixturenames]
+    items.sort(key=lambda item: item.nodeid != REHEARSAL)
 
 
 def pytest_sessionfinish(session, exitstatus):

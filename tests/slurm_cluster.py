@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import time
+from pathlib import Path
 
 from conftest import ROOT
 
@@ -58,14 +59,22 @@ def scontrol_job(job_id: str) -> dict[str, str]:
     return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
 
 
-def sacct(job_id: str | None = None, since: str = "now-2hours") -> list[dict[str, str]]:
-    fields = "JobID,JobName%60,State,NNodes,NTasks,Comment%80"
+def sacct(
+    job_id: str | None = None, since: str = "now-2hours", under: Path | None = None
+) -> list[dict[str, str]]:
+    """The cluster's jobs (allocations) since ``since``; with ``under``, only those submitted from
+    that directory or below it (their WorkDir): the tests share the cluster, and another test's
+    jobs may run meanwhile."""
+    fields = "JobID,JobName%60,State,NNodes,NTasks,Comment%80,WorkDir%1000"
     cmd = ["sacct", "-n", "-P", "-X", "-S", since, f"--format={fields}"]
     if job_id:
         cmd += ["-j", str(job_id)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout
     keys = [f.split("%")[0] for f in fields.split(",")]
-    return [dict(zip(keys, line.split("|"))) for line in out.splitlines() if line.strip()]
+    rows = [dict(zip(keys, line.split("|"))) for line in out.splitlines() if line.strip()]
+    if under is not None:
+        rows = [r for r in rows if Path(r["WorkDir"]).is_relative_to(Path(under).resolve())]
+    return rows
 
 
 def wait_for(what: str, predicate, timeout: float, every: float = 0.2):

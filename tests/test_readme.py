@@ -17,7 +17,7 @@ def test_ci_runs_the_readme_test_command():
     command = block.group(1).strip()
     assert command == (
         "bash scripts/setup.sh && "
-        ".venv/bin/python -m pytest -q -n 2 --dist loadgroup --durations=15"
+        ".venv/bin/python -m pytest -q -n 2 --dist worksteal --durations=15"
     )
     assert command in [line.strip() for line in ci.splitlines()]
 

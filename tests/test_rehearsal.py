@@ -133,10 +133,10 @@ def test_compose_writes_the_params_and_refuses_a_bad_overlay(tmp_path):
         compose_params(PROFILES / "imagenet.yaml", tmp_path / "list.yaml")
 
 
-def _sacct_since(since: str) -> list[dict[str, str]]:
+def _sacct_since(since: str, repo: Path) -> list[dict[str, str]]:
     import slurm_cluster as sc
 
-    return sc.sacct(since=since)
+    return sc.sacct(since=since, under=repo)  # this DAG's jobs, not another test's
 
 
 @pytest.mark.slow
@@ -203,7 +203,7 @@ def test_the_rehearsal_runs_under_dvc_and_under_snakemake_on_slurm(
     assert "Nothing to be done" not in out
     jobs = sc.wait_for(
         "the rehearsal's jobs in sacct",
-        lambda: [r for r in _sacct_since(since) if r["State"] == "COMPLETED"],
+        lambda: [r for r in _sacct_since(since, repo) if r["State"] == "COMPLETED"],
         timeout=60,
     )
     names = [r["JobName"] for r in jobs]

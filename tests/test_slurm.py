@@ -247,7 +247,7 @@ def test_snakemake_slurm_profile_runs_the_smoke_dag(
     assert "Nothing to be done" not in out
     jobs = sc.wait_for(
         "finished jobs in sacct",
-        lambda: [r for r in sc.sacct(since=since) if r["State"] == "COMPLETED"],
+        lambda: [r for r in sc.sacct(since=since, under=repo) if r["State"] == "COMPLETED"],
         timeout=60,
     )
     rules = {
@@ -313,7 +313,7 @@ def test_a_killed_stage_waits_for_its_job_instead_of_submitting_another(prepared
     assert (root / "models" / "reattach" / "metrics.json").exists()
     assert len(_history(root, "reattach")) == 30
     since = sc.scontrol_job(job)["SubmitTime"]
-    names = [r["JobName"] for r in sc.sacct(since=since)]
+    names = [r["JobName"] for r in sc.sacct(since=since, under=root)]
     assert names.count("deit-repro-pretrain-seed0") == 1, names
 
 
