@@ -161,3 +161,23 @@ def test_machine_spread_verdict_logic_and_bad_dispatch(tmp_path):
     assert proc.returncode != 0
     assert "--dispatch item 'AVX2' is not VAR=value" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_loader_bench_measures_the_paper_pipeline_per_core_and_the_cores_a_gpu_needs(tmp_path):
+    """`bench/loader_bench.py --smoke`: JPEGs written to disk, the imagenet profile's timm training
+    transform per core, a DataLoader with workers, and the cores the measured GPU rates need."""
+    res = _run("loader_bench.py", "--smoke", tmp_path=tmp_path)
+    core = res["per_core"]
+    assert core["decode_images_per_s"] > core["decode_transform_images_per_s"] > 0
+    assert res["transform"]["rand_augment"] == "rand-m9-mstd0.5-inc1"
+    assert res["transform"]["reprob"] == 0.25 and res["transform"]["interpolation"] == "bicubic"
+    assert res["images"]["count"] == 8 and res["images"]["mean_kb"] > 20
+    assert set(res["loader_images_per_s"]) == {"1", "2"}
+    assert all(v > 0 for v in res["loader_images_per_s"].values())
+    rates = json.loads((ROOT / "bench" / "results" / "gpu_rates.json").read_text())["runs"]
+    assert [r["gpu_images_per_s"] for r in res["feeding"]] == [r["images_per_s"] for r in rates]
+    for row in res["feeding"]:
+        need = row["gpu_images_per_s"] / core["decode_transform_images_per_s"]
+        assert row["cores_needed"] == pytest.approx(need, rel=1e-2)
+        fed = min(1.0, res["profile_num_workers"] / need)
+        assert row["fed_by_profile_workers"] == pytest.approx(fed, abs=2e-3)

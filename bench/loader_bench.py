@@ -1,0 +1,242 @@
+"""How fast the paper's CPU input pipeline is, per core, and how many cores one GPU needs to be fed.
+
+The imagenet profile trains from JPEG files through timm's training transform (paper Table 9:
+PIL decode, bicubic random-resized crop 224, flip, RandAugment m9-mstd0.5-inc1, random erasing 0.25
+in pixel mode), one image at a time in DataLoader workers. This measures, on this machine's CPU:
+
+* **decode**: ``PIL.Image.open(...).convert("RGB")`` alone, images/s on one core;
+* **decode + transform**: the profile's whole per-image path (``timm_train_transform`` of
+  ``student.train.aug``, what ``core.batches.ImageDataset`` runs), images/s on one core;
+* **loader**: ``torch.utils.data.DataLoader`` over those files with 1 .. ``--workers`` worker
+  processes (the collate included), images/s: whether the per-core rate scales.
+
+and, against the engine's training rates measured on a GPU (``--rates``: bench/results/
+gpu_rates.json, images/s of DeiT-S and of DeiT-B⚗ + RegNetY-16GF through ``engine.fit``), the CPU
+cores one GPU needs at the per-core rate, and the fraction of the GPU rate the profile's
+``num_workers`` feed.
+
+The JPEGs are written first (``--images N`` files of ImageNet's typical size, about 500 x 375 px
+with natural-image-like texture and detail; their mean size in KB is printed: ImageNet-1k's train
+JPEGs average about 110 KB), or read from ``--from-dir`` (an ImageFolder tree: real ImageNet, or
+scripts/rehearsal_data.py's). Figures on this machine only: speeds drift, compare ratios measured
+in one run.
+
+    .venv/bin/python bench/loader_bench.py --json bench/results/loader_bench.json
+    .venv/bin/python bench/loader_bench.py --smoke --json /tmp/loader.json   # seconds, the tests
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from deit_repro.config import load_params  # noqa: E402
+from deit_repro.core.batches import ImageDataset, timm_train_transform  # noqa: E402
+
+
+def write_jpegs(out: Path, n: int, seed: int = 0) -> list[Path]:
+    """``n`` JPEGs of ImageNet's typical geometry and texture (quality 90, as most of its files):
+    a smooth colour field, object-like blobs with edges, and fine grain, so that the entropy
+    decoder has the work a photo gives it (a flat image decodes several times faster)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i in range(n):
+        w, h = (500, 375) if rng.random() < 0.7 else (int(rng.integers(300, 640)), 375)
+        if rng.random() < 0.3:
+            w, h = h, w  # portrait
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        img = np.empty((h, w, 3), np.float32)
+        for c in range(3):
+            fx, fy, ph = rng.uniform(0.002, 0.02, 2).tolist() + [rng.uniform(0, 6.3)]
+            img[..., c] = 128 + 70 * np.sin(fx * xx + ph) * np.cos(fy * yy)
+        for _ in range(int(rng.integers(4, 12))):  # blobs: hard edges, like objects
+            cx, cy, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(20, 120)
+            mask = (xx - cx) ** 2 + (yy - cy) ** 2 < r * r
+            img[mask] = rng.uniform(0, 255, 3)
+        img += rng.normal(0, 24, img.shape)  # grain: the high frequencies a photo carries
+        path = out / f"img_{i:05d}.JPEG"
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path, "JPEG", quality=90)
+        files.append(path)
+    return files
+
+
+def _rate(fn, items: list, min_s: float) -> float:
+    """Items per second of ``fn`` over ``items``, repeated until ``min_s`` seconds have passed."""
+    done, t0 = 0, time.perf_counter()
+    while True:
+        for x in items:
+            fn(x)
+        done += len(items)
+        elapsed = time.perf_counter() - t0
+        if elapsed >= min_s:
+            return done / elapsed
+
+
+def per_core(files: list[Path], transform, min_s: float) -> dict[str, float]:
+    """Decode alone, and decode + the training transform, on one core of this process."""
+    from PIL import Image
+
+    torch.set_num_threads(1)
+
+    def decode(path: Path):
+        with Image.open(path) as im:
+            return im.convert("RGB")
+
+    for p in files[:4]:  # warm-up: first-call imports and allocations
+        transform(decode(p))
+    return {
+        "decode_images_per_s": _rate(decode, files, min_s),
+        "decode_transform_images_per_s": _rate(lambda p: transform(decode(p)), files, min_s),
+    }
+
+
+def loader_rates(
+    files: list[Path], transform, workers: list[int], batch: int, min_batches: int
+) -> dict[int, float]:
+    """images/s of a DataLoader over ``files`` (their transform in ``w`` worker processes)."""
+    ds = ImageDataset(transform, files=[str(p) for p in files], labels=[0] * len(files))
+    out = {}
+    for w in workers:
+        loader = torch.utils.data.DataLoader(
+            ds,
+            batch_size=batch,
+            shuffle=True,
+            num_workers=w,
+            drop_last=True,
+            persistent_workers=w > 0,
+        )
+        it = iter(loader)
+        next(it)  # workers up, first batch out: the start-up is not the rate
+        n, t0 = 0, time.perf_counter()
+        while n < min_batches:
+            try:
+                next(it)
+            except StopIteration:
+                it = iter(loader)
+                continue
+            n += 1
+        out[w] = n * batch / (time.perf_counter() - t0)
+        del it, loader
+    return out
+
+
+def feeding(per_core_rate: float, rates: dict, num_workers: int) -> list[dict[str, Any]]:
+    """Per model trained on the GPU: the cores needed at ``per_core_rate``, and what the profile's
+    ``num_workers`` feed as a fraction of the GPU's rate."""
+    rows = []
+    for run in rates["runs"]:
+        gpu = float(run["images_per_s"])
+        name = run["model"] + (f" + {run['teacher']}" if run.get("teacher") else "")
+        rows.append(
+            {
+                "model": name,
+                "gpu_images_per_s": gpu,
+                "cores_needed": gpu / per_core_rate,
+                "fed_by_profile_workers": min(1.0, num_workers * per_core_rate / gpu),
+            }
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=200, help="JPEGs to write (default 200)")
+    ap.add_argument("--from-dir", type=Path, default=None, help="an ImageFolder tree to read")
+    ap.add_argument("--params", type=Path, default=ROOT / "profiles" / "imagenet.yaml")
+    ap.add_argument("--rates", type=Path, default=ROOT / "bench" / "results" / "gpu_rates.json")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="most loader workers")
+    ap.add_argument("--min-seconds", type=float, default=20.0, help="per timed measurement")
+    ap.add_argument("--smoke", action="store_true", help="a few images, a second per measurement")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.images, args.min_seconds, args.workers = 8, 1.0, min(args.workers, 2)
+
+    params = load_params(args.params)
+    train = params.student.train
+    transform = timm_train_transform(train.aug, params.student.model.img_size, 3)
+    with tempfile.TemporaryDirectory(prefix="deit-loader-") as tmp:
+        if args.from_dir is not None:
+            files = sorted(
+                p for p in args.from_dir.rglob("*") if p.suffix.lower() in (".jpeg", ".jpg", ".png")
+            )[: args.images]
+            if not files:
+                sys.exit(f"loader_bench: no JPEG or PNG under --from-dir {args.from_dir}")
+        else:
+            files = write_jpegs(Path(tmp), args.images)
+        kb = sum(p.stat().st_size for p in files) / len(files) / 1024
+        core = per_core(files, transform, args.min_seconds)
+        batch = 8 if args.smoke else 64
+        workers = sorted({1, args.workers})
+        loader = loader_rates(files, transform, workers, batch, min_batches=2 if args.smoke else 30)
+    rates = json.loads(args.rates.read_text())
+    rows = feeding(core["decode_transform_images_per_s"], rates, train.num_workers)
+    res = {
+        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__},
+        "images": {
+            "count": len(files),
+            "mean_kb": round(kb, 1),
+            "source": str(args.from_dir) if args.from_dir else "written (write_jpegs)",
+        },
+        "transform": {
+            "params": str(args.params),
+            "img_size": params.student.model.img_size,
+            "rand_augment": train.aug.rand_augment,
+            "reprob": train.aug.reprob,
+            "interpolation": train.aug.interpolation,
+        },
+        "per_core": {k: round(v, 1) for k, v in core.items()},
+        "loader_images_per_s": {str(w): round(v, 1) for w, v in loader.items()},
+        "gpu_rates": {"file": str(args.rates), "device": rates.get("device")},
+        "profile_num_workers": train.num_workers,
+        "feeding": [
+            {k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()} for r in rows
+        ],
+    }
+    print(
+        f"{len(files)} JPEGs, mean {kb:.0f} KB; per core: decode "
+        f"{core['decode_images_per_s']:.0f} img/s, decode + paper transform "
+        f"{core['decode_transform_images_per_s']:.0f} img/s"
+    )
+    print("loader: " + ", ".join(f"{w} worker(s) {v:.0f} img/s" for w, v in loader.items()))
+    for r in rows:
+        print(
+            f"{r['model']}: GPU {r['gpu_images_per_s']:.0f} img/s needs "
+            f"{r['cores_needed']:.1f} cores at this per-core rate; "
+            f"{train.num_workers} workers feed {100 * r['fed_by_profile_workers']:.0f} %"
+        )
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        tmp_json = args.json.with_suffix(".json.tmp")
+        tmp_json.write_text(json.dumps(res, indent=2) + "\n")
+        os.replace(tmp_json, args.json)
+    return 0
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
