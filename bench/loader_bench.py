@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             "source": str(args.from_dir) if args.from_dir else "written (write_jpegs)",
         },
         "transform": {
-            "params": str(args.params),
+            "params": _shown(args.params),
             "img_size": params.student.model.img_size,
             "rand_augment": train.aug.rand_augment,
             "reprob": train.aug.reprob,
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "per_core": {k: round(v, 1) for k, v in core.items()},
         "loader_images_per_s": {str(w): round(v, 1) for w, v in loader.items()},
-        "gpu_rates": {"file": str(args.rates), "device": rates.get("device")},
+        "gpu_rates": {"file": _shown(args.rates), "device": rates.get("device")},
         "profile_num_workers": train.num_workers,
         "feeding": [
             {k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()} for r in rows
@@ -226,6 +226,12 @@ def main(argv: list[str] | None = None) -> int:
         tmp_json.write_text(json.dumps(res, indent=2) + "\n")
         os.replace(tmp_json, args.json)
     return 0
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository when inside it (the JSON is committed)."""
+    path = path.resolve()
+    return path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else str(path)
 
 
 def _cpu_name() -> str:
