@@ -4,6 +4,7 @@ are wired as the paper says, a non-finite loss stops with the step and the last 
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import pytest
@@ -192,14 +193,15 @@ def test_progress_is_logged_without_a_terminal(
         run_eta = int(m[8]) * 3600 + int(m[9]) * 60 + int(m[10])
         assert run_eta >= epoch_eta >= 0
     assert found[-1].group(5, 6, 7, 8, 9, 10) == ("0", "00", "00", "0", "00", "00")
-    # About 10 lines an epoch, at least one every 50 steps; or every `log_every` steps.
+    # About 10 lines an epoch, at least one every 50 steps; or every `check_every` steps and at
+    # the epoch's end (the host's reads of the loss).
     from deit_repro.core.engine import _log_interval
 
     assert [_log_interval(n) for n in (6, 95, 300, 1251)] == [1, 10, 30, 50]
     caplog.clear()
-    _fit(ds, _recipe(smoke_params, epochs=1), None, log_every=4)
+    _fit(ds, _recipe(smoke_params, epochs=1, check_every=4), None)
     one = re.compile(r"train epoch 1/1 step (\d)/6: ")
-    assert [m[1] for r in caplog.records if (m := one.match(r.getMessage()))] == ["4"]
+    assert [m[1] for r in caplog.records if (m := one.match(r.getMessage()))] == ["4", "6"]
 
 
 def test_one_epoch_on_real_fashion_mnist_is_far_above_chance(fashion_5k, smoke_params, tmp_path):
@@ -228,17 +230,25 @@ def test_one_epoch_on_real_fashion_mnist_is_far_above_chance(fashion_5k, smoke_p
     assert m["heads"]["cls"]["top1"] > 45.0, m
 
 
-def test_non_finite_loss_stops_with_step_and_last_checkpoint(fashion_small, smoke_params, tmp_path):
+@pytest.mark.parametrize("check_every", [1, 5])
+def test_a_nan_at_step_k_stops_the_run_with_the_last_good_checkpoint_intact(
+    fashion_small, smoke_params, tmp_path, check_every
+):
+    """The loss turns NaN at epoch 2 step 2 (6 steps an epoch). The host reads the loss every
+    ``check_every`` steps, so the run goes on to that read (step 5) with diverged weights: it
+    must stop there, name step 2, and leave epoch 1's checkpoint byte for byte as it was."""
     ds = open_dataset(fashion_small)
-    recipe = _recipe(smoke_params, epochs=2)
+    recipe = _recipe(smoke_params, epochs=3, check_every=check_every)
     model = _tiny_student()
     calls = {"n": 0}
     base = base_criterion(recipe)
+    ckpt = tmp_path / "k.pth"
+    saved: list[bytes] = []
 
     def loss_fn(x, out, y):
         calls["n"] += 1
         loss = base(out, y)
-        return loss * float("nan") if calls["n"] == 8 else loss  # epoch 2, step 2 (6 steps/epoch)
+        return loss * float("nan") if calls["n"] == 8 else loss  # epoch 2, step 2
 
     with pytest.raises(TrainingError) as err:
         fit(
@@ -249,11 +259,93 @@ def test_non_finite_loss_stops_with_step_and_last_checkpoint(fashion_small, smok
             num_classes=10,
             seed=0,
             rt=CPU,
-            checkpoint_path=tmp_path / "k.pth",
+            checkpoint_path=ckpt,
             fingerprint="x",
+            on_epoch_end=lambda history: saved.append(ckpt.read_bytes()),
         )
     msg = str(err.value)
-    assert "epoch 2 step 2" in msg and str(tmp_path / "k.pth") in msg and "nan" in msg
+    stopped = 2 if check_every == 1 else 5
+    assert msg.startswith(
+        f"loss is nan at epoch 2 step 2 (last good checkpoint: {ckpt}; stopped at step {stopped})"
+    ), msg
+    assert calls["n"] == 6 + stopped  # no step after the read that saw it
+    assert len(saved) == 1 and ckpt.read_bytes() == saved[0]  # epoch 1's, untouched
+    kept = load_checkpoint(ckpt)
+    assert kept["epoch"] == 0 and all(v.isfinite().all() for v in kept["model"].values())
+    assert not math.isfinite(float(next(model.parameters()).detach().sum()))  # the weights did diverge
+
+
+def test_the_sync_free_engine_trains_the_weights_of_a_per_step_loop(fashion_small, smoke_params):
+    """``fit`` reads the loss every ``check_every`` steps only; the weights and the reported
+    losses are those of the plain loop that reads it every step (``loss.item()``, the official
+    engine.py), bit for bit, whatever ``check_every``: on a CPU (compile off) nothing moves."""
+    from deit_repro.core.batches import epoch_seed, seed_everything
+    from deit_repro.core.engine import mixup_fn, optimizer_and_scheduler
+
+    ds = open_dataset(fashion_small)
+    recipe = _recipe(smoke_params, epochs=2, warmup_epochs=1)
+
+    def engine(check_every: int):
+        r = dataclasses.replace(recipe, check_every=check_every)
+        model = _tiny_student()
+        res = fit(
+            model=model,
+            loss_fn=_plain_loss(r),
+            train_batches=train_batches(ds, r, img_size=28, seed=3),
+            recipe=r,
+            num_classes=10,
+            seed=3,
+            rt=CPU,
+            checkpoint_path=None,
+            fingerprint="t",
+        )
+        return model.state_dict(), [row["train_loss"] for row in res.history]
+
+    def per_step_loop():
+        model = _tiny_student()
+        batches = train_batches(ds, recipe, img_size=28, seed=3)
+        opt, sched, epochs = optimizer_and_scheduler(model, recipe, len(batches))
+        mix, loss_fn, losses = mixup_fn(recipe, 10), _plain_loss(recipe), []
+        for epoch in range(epochs):
+            seed_everything(epoch_seed(3, epoch))
+            batches.set_epoch(epoch)
+            model.train()
+            total, n = 0.0, 0
+            for x, y in batches:
+                x, t = mix(x, y) if mix is not None else (x, y)
+                loss = loss_fn(x, model(x), t)
+                total, n = total + loss.item() * len(x), n + len(x)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            losses.append(total / n)
+            sched.step(epoch)
+        return model.state_dict(), losses
+
+    ref_weights, ref_losses = per_step_loop()
+    for check_every in (0, 1, 4):
+        weights, losses = engine(check_every)
+        assert losses == ref_losses, (check_every, losses, ref_losses)
+        assert all(torch.equal(weights[k], ref_weights[k]) for k in ref_weights), check_every
+
+
+def _plain_loss(recipe):
+    return DistillationLoss(base_criterion(recipe), None, distill="none", alpha=0.0, tau=1.0)
+
+
+def test_a_compiled_run_checkpoints_the_uncompiled_state_dict(
+    fashion_small, smoke_params, tmp_path
+):
+    """``compile: on`` (on a CPU too, when asked): the run trains through ``torch.compile``, and
+    its checkpoint loads, strictly, into a plain model (no ``_orig_mod.`` prefixes); its losses
+    are those of the eager run to float32 rounding."""
+    ds = open_dataset(fashion_small)
+    _, eager = _fit(ds, _recipe(smoke_params, epochs=1), tmp_path / "eager.pth")
+    _, res = _fit(ds, _recipe(smoke_params, epochs=1, compile="on"), tmp_path / "c.pth")
+    state = load_checkpoint(tmp_path / "c.pth")["model"]
+    assert not [k for k in state if "_orig_mod" in k]
+    _tiny_student().load_state_dict(state, strict=True)
+    assert res.history[0]["train_loss"] == pytest.approx(eager.history[0]["train_loss"], rel=1e-4)
 
 
 def test_repeated_augmentation_matches_the_official_sampler():

@@ -198,6 +198,13 @@ class TrainCfg:
     eval_every: int = bounded(1, expect=">= 0", minimum=0)
     #: dataloader workers for the per-image 'timm' pipeline
     num_workers: int = bounded(0, expect=">= 0", minimum=0)
+    #: torch.compile of the student and the teacher: auto = on CUDA, off on a CPU (where
+    #: inductor's compile time is not repaid, bench/README.md); on | off
+    compile: Literal["auto", "on", "off"] = "off"
+    #: steps between the host's looks at the loss (the running mean, the non-finite check that
+    #: stops the run, the progress line): the only per-step syncs of a GPU run; 0 = about 10 an
+    #: epoch, at least one every 50 steps
+    check_every: int = bounded(0, expect=">= 0 (0 = about 10 an epoch)", minimum=0)
     aug: AugCfg = field(default_factory=AugCfg)
 
     def __post_init__(self) -> None:

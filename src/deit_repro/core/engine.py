@@ -140,18 +140,28 @@ class Runtime:
             cls, what, fix = failure[0]
             raise cls(what, fix)
 
-    def nonfinite(self, value: float) -> list[tuple[int, float]]:
-        """The ranks whose ``value`` (this step's loss) is not finite, with their value: decided
-        together, so that every rank stops at the same step with the same error (one rank
-        raising alone leaves the others in DDP's gradient all-reduce until its timeout)."""
+    def nonfinite(self, first: tuple[int, float] | None) -> list[tuple[int, int, float]]:
+        """``(rank, step, value)`` of each rank whose loss went non-finite, given this rank's
+        ``first`` such (step, value) or None: decided together, so that every rank stops at the
+        same check with the same error (one rank raising alone leaves the others in DDP's
+        gradient all-reduce until its timeout)."""
         if self.world_size == 1:
-            return [] if math.isfinite(value) else [(0, value)]
-        both = torch.zeros((2, self.world_size), dtype=torch.float64, device=self.device)
-        if not math.isfinite(value):
-            both[0, self.rank], both[1, self.rank] = 1.0, value
+            return [] if first is None else [(0, *first)]
+        both = torch.zeros((3, self.world_size), dtype=torch.float64, device=self.device)
+        if first is not None:
+            both[0, self.rank], both[1, self.rank], both[2, self.rank] = 1.0, *first
         torch.distributed.all_reduce(both)
-        flags, values = both.tolist()
-        return [(r, values[r]) for r in range(self.world_size) if flags[r]]
+        flags, steps, values = both.tolist()
+        return [(r, int(steps[r]), values[r]) for r in range(self.world_size) if flags[r]]
+
+    def synchronize(self) -> None:
+        """Wait for this process's queued GPU work (a timed span ends with it)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def compiles(self, recipe: TrainCfg) -> bool:
+        """Whether ``recipe.compile`` compiles here: ``auto`` on CUDA only."""
+        return recipe.compile == "on" or (recipe.compile == "auto" and self.device.type == "cuda")
 
     def barrier(self) -> None:
         """Wait for every rank (NCCL's barrier on this process's own GPU)."""
@@ -214,8 +224,13 @@ def mixup_fn(recipe: TrainCfg, num_classes: int):
     )
 
 
-def optimizer_and_scheduler(model: nn.Module, recipe: TrainCfg, steps_per_epoch: int):
+def optimizer_and_scheduler(
+    model: nn.Module, recipe: TrainCfg, steps_per_epoch: int, *, fused: bool = False
+):
     """AdamW (timm, no weight decay on norms/biases) + cosine with warmup (timm).
+
+    ``fused``: torch's one-kernel AdamW (CUDA): the multi-tensor update of a DeiT-S is a few %
+    of its step on a GPU. On a CPU the default implementation stays, so CPU results do not move.
 
     Returns ``(optimizer, scheduler, num_epochs)``; ``num_epochs`` is create_scheduler_v2's second
     return value (schedule length incl. cooldown), honoured by :func:`fit`.
@@ -225,6 +240,8 @@ def optimizer_and_scheduler(model: nn.Module, recipe: TrainCfg, steps_per_epoch:
 
     lr = recipe.effective_lr()
     kwargs: dict[str, Any] = {"eps": recipe.opt_eps} if "adam" in recipe.opt else {}
+    if fused and recipe.opt in ("adam", "adamw"):
+        kwargs["fused"] = True
     opt = create_optimizer_v2(
         model,
         opt=recipe.opt,
@@ -500,7 +517,6 @@ def fit(
     on_epoch_end: Callable[[list[dict[str, Any]]], None] | None = None,
     desc: str = "train",
     restart: bool = False,
-    log_every: int | None = None,
 ) -> FitResult:
     """Train ``model`` for ``recipe.epochs`` epochs, checkpointing and resuming.
 
@@ -527,9 +543,18 @@ def fit(
         restart: replace a checkpoint of another fingerprint, unfinished or not: it is moved
             aside (never deleted) and the run starts over. A checkpoint of this fingerprint is
             resumed from all the same, so a requeued job that keeps the flag resumes its own.
-        log_every: without a terminal (a SLURM log) the progress bar is silent; the main rank
-            then logs a line every ``log_every`` steps (default: about 10 lines an epoch, at
-            least one every 50 steps) with throughput, loss and the epoch's and run's ETA.
+
+    The host reads the loss every ``recipe.check_every`` steps (default: about 10 times an
+    epoch, at least every 50 steps) and at the end of each epoch, never in between: a GPU step
+    is queued while the previous one runs. The loss is summed on the device, and a non-finite
+    loss is recorded there with its step; the next read stops the run, naming that step, before
+    any checkpoint of the diverged weights is written (the last good one is left as it was).
+    Without a terminal (a SLURM log) the progress bar is silent and the main rank logs a line at
+    each read instead, with throughput, loss and the epoch's and the run's ETA.
+
+    With ``recipe.compile`` in effect (:meth:`Runtime.compiles`) the training forward of the
+    student and the teacher's forward are ``torch.compile``'d; the checkpoints and ``evaluate``
+    get the uncompiled module, so state dicts have no ``_orig_mod.`` prefix.
     """
     from timm.utils import ModelEmaV3
 
@@ -542,7 +567,9 @@ def fit(
             f"(one epoch has no full batch)",
             "lower batch_size in params.yaml",
         )
-    optimizer, scheduler, num_epochs = optimizer_and_scheduler(raw, recipe, steps)
+    optimizer, scheduler, num_epochs = optimizer_and_scheduler(
+        raw, recipe, steps, fused=rt.device.type == "cuda"
+    )
     # fp16 needs loss scaling; under bf16 or fp32 the disabled scaler passes every call through
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
     ema = ModelEmaV3(raw, decay=recipe.ema_decay) if recipe.ema else None
@@ -555,6 +582,8 @@ def fit(
         result.resumed_from_epoch = start - 1 if start else None
 
     last_good = checkpoint_path if start > 0 else None
+    forward, loss_fn = _compiled(model, loss_fn, recipe, rt)
+    check_every = recipe.check_every or _log_interval(steps)
     epoch_seconds: list[float] = []  # whole epochs of this process (training, eval, checkpoint)
     for epoch in range(start, num_epochs):
         # Every random draw of this epoch derives from (seed, epoch, rank): resuming is exact.
@@ -563,27 +592,22 @@ def fit(
         model.train()
         lr = optimizer.param_groups[0]["lr"]  # this epoch's: the scheduler steps after it
         t_epoch = time.perf_counter()
-        progress = _Progress(desc, epoch, num_epochs, steps, rt, log_every, epoch_seconds, t_epoch)
-        loss_sum, n_seen = 0.0, 0
+        progress = _Progress(desc, epoch, num_epochs, steps, rt, epoch_seconds, t_epoch)
+        watch = _LossWatch(rt.device)
+        n_seen = 0
         for step, (x, y) in enumerate(progress.wrap(train_batches)):
             x = x.to(rt.device, non_blocking=True)
             y = y.to(rt.device, non_blocking=True)
             targets = y
             if mixup is not None:
                 x, targets = mixup(x, y)
-            loss = _train_step(
-                model,
-                loss_fn,
-                x,
-                targets,
-                state,
-                recipe.clip_grad,
-                rt,
-                where=lambda: (epoch, step, last_good),
-            )
-            loss_sum += loss * x.shape[0]
+            loss = _train_step(forward, loss_fn, x, targets, state, recipe.clip_grad, rt)
+            watch.add(loss, x.shape[0], step)
             n_seen += x.shape[0]
-            progress.step(step, n_seen, loss_sum)
+            if (step + 1) % check_every == 0 or step + 1 == steps:
+                loss_sum = watch.read(rt, epoch, step, last_good)
+                progress.line(step, n_seen, loss_sum)
+        rt.synchronize()  # the epoch's time is the GPU's, not the time it took to queue it
         if rt.world_size > 1:  # the loss over the global batch, as one process would report it
             loss_sum, seen = rt.sum_over_ranks([loss_sum, n_seen])
             n_seen = int(seen)
@@ -695,36 +719,38 @@ def _save_checkpoint(
     )
 
 
-def _train_step(
+def _compiled(
     model: nn.Module,
+    loss_fn: Callable[[torch.Tensor, Any, torch.Tensor], torch.Tensor],
+    recipe: TrainCfg,
+    rt: Runtime,
+) -> tuple[Callable[[torch.Tensor], Any], Callable[[torch.Tensor, Any, torch.Tensor], Any]]:
+    """The training forward and the loss, ``torch.compile``'d where the recipe says so. The
+    DDP wrapper itself is compiled (torch's DDPOptimizer splits the graph at its gradient
+    buckets, so communication still overlaps the backward); a distillation loss gets its
+    teacher compiled. ``model`` itself is left as it is: what checkpoints and evaluation see."""
+    if not rt.compiles(recipe):
+        return model, loss_fn
+    from deit_repro.core.losses import DistillationLoss
+
+    if isinstance(loss_fn, DistillationLoss) and loss_fn.teacher is not None:
+        loss_fn = loss_fn.with_teacher(torch.compile(loss_fn.teacher))
+    return torch.compile(model), loss_fn
+
+
+def _train_step(
+    forward: Callable[[torch.Tensor], Any],
     loss_fn: Callable[[torch.Tensor, Any, torch.Tensor], torch.Tensor],
     x: torch.Tensor,
     targets: torch.Tensor,
     state: _TrainState,
     clip_grad: float | None,
     rt: Runtime,
-    where: Callable[[], tuple[int, int, Path | None]],
-) -> float:
-    """One optimisation step; the loss's value. A non-finite loss on any rank stops every rank
-    before backward (where DDP's all-reduce is), naming the epoch, the step and the last good
-    checkpoint (``where()``)."""
+) -> torch.Tensor:
+    """One optimisation step, queued without a host sync; the loss, detached, on the device."""
     with rt.autocast():
-        outputs = model(x)
+        outputs = forward(x)
         loss = loss_fn(x, outputs, targets)
-    value = loss.item()  # one sync, used by the check and the running mean
-    bad = rt.nonfinite(value)
-    if bad:
-        epoch, step, last_good = where()
-        kept = (
-            f"last good checkpoint: {last_good}" if last_good else "no checkpoint was written yet"
-        )
-        what = (
-            f"{bad[0][1]}" if rt.world_size == 1 else ", ".join(f"{v} on rank {r}" for r, v in bad)
-        )
-        raise TrainingError(
-            f"loss is {what} at epoch {epoch + 1} step {step + 1} ({kept})",
-            "lower the learning rate (lr_per_512) or enable clip_grad; facebookresearch/deit#29",
-        )
     state.optimizer.zero_grad(set_to_none=True)
     state.scaler.scale(loss).backward()
     if clip_grad is not None:
@@ -734,13 +760,52 @@ def _train_step(
     state.scaler.update()
     if state.ema is not None:
         state.ema.update(state.model)
-    return value
+    return loss.detach()
+
+
+class _LossWatch:
+    """An epoch's loss, kept on the device: the sum over its images (float64, as the host's sum
+    of ``loss.item() * batch`` would be: the same bits on a CPU) and the first step whose loss
+    was not finite, with that loss. The host reads it every ``check_every`` steps."""
+
+    def __init__(self, device: torch.device):
+        self.sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.first_bad = torch.full((), -1.0, dtype=torch.float64, device=device)
+        self.bad_value = torch.zeros((), dtype=torch.float64, device=device)
+
+    def add(self, loss: torch.Tensor, n: int, step: int) -> None:
+        value = loss.to(torch.float64)
+        self.sum += value * n
+        new = torch.logical_and(~torch.isfinite(value), self.first_bad < 0)
+        self.first_bad = torch.where(new, float(step), self.first_bad)
+        self.bad_value = torch.where(new, value, self.bad_value)
+
+    def read(self, rt: Runtime, epoch: int, step: int, last_good: Path | None) -> float:
+        """The loss sum so far (one sync); a TrainingError when any rank's loss went non-finite,
+        naming its first such step and the checkpoint left intact (``last_good``)."""
+        total, first, value = torch.stack([self.sum, self.first_bad, self.bad_value]).tolist()
+        bad = rt.nonfinite((int(first), value) if first >= 0 else None)
+        if not bad:
+            return total
+        kept = (
+            f"last good checkpoint: {last_good}" if last_good else "no checkpoint was written yet"
+        )
+        what = (
+            f"{bad[0][2]}"
+            if rt.world_size == 1
+            else ", ".join(f"{v} on rank {r}" for r, _, v in bad)
+        )
+        raise TrainingError(
+            f"loss is {what} at epoch {epoch + 1} step {min(s for _, s, _ in bad) + 1} "
+            f"({kept}; stopped at step {step + 1})",
+            "lower the learning rate (lr_per_512) or enable clip_grad; facebookresearch/deit#29",
+        )
 
 
 class _Progress:
     """One epoch's progress: a tqdm bar on a terminal; without one (a SLURM log) tqdm is silent
-    and the main rank logs a line every ``log_every`` steps instead, with throughput, loss and
-    the epoch's and the run's ETA."""
+    and the main rank logs a line at each of the host's reads of the loss instead, with
+    throughput, loss and the epoch's and the run's ETA."""
 
     def __init__(
         self,
@@ -749,26 +814,23 @@ class _Progress:
         num_epochs: int,
         steps: int,
         rt: Runtime,
-        log_every: int | None,
         epoch_seconds: list[float],
         t_epoch: float,
     ):
         self.desc, self.epoch, self.num_epochs, self.steps = desc, epoch, num_epochs, steps
-        self.rt, self.log_every, self.epoch_seconds = rt, log_every, epoch_seconds
-        self.t_epoch = t_epoch
+        self.rt, self.epoch_seconds, self.t_epoch = rt, epoch_seconds, t_epoch
         self.mark = (t_epoch, 0, 0.0)  # time, images and loss sum at the last progress line
-        self.every = 0
+        self.logs = False
 
     def wrap(self, batches):
         bar = _tqdm(
             batches, self.steps, f"{self.desc} {self.epoch + 1}/{self.num_epochs}", self.rt.is_main
         )
-        if self.rt.is_main and bar.disable:
-            self.every = self.log_every or _log_interval(self.steps)
+        self.logs = self.rt.is_main and bool(bar.disable)
         return bar
 
-    def step(self, step: int, n_seen: int, loss_sum: float) -> None:
-        if not self.every or (step + 1) % self.every:
+    def line(self, step: int, n_seen: int, loss_sum: float) -> None:
+        if not self.logs:
             return
         now = time.perf_counter()
         per_epoch = (now - self.t_epoch) / (step + 1) * self.steps

@@ -120,6 +120,13 @@ class DistillationLoss(nn.Module):
             self.teacher.eval()
         return self
 
+    def with_teacher(self, teacher: nn.Module) -> DistillationLoss:
+        """This loss with ``teacher`` in place of its own (its ``torch.compile`` wrapper, in
+        :func:`deit_repro.core.engine.fit`); this one is left as it is."""
+        return DistillationLoss(
+            self.base_criterion, teacher, distill=self.distill, alpha=self.alpha, tau=self.tau
+        )
+
     def extra_repr(self) -> str:
         return f"distill={self.distill!r}, alpha={self.alpha}, tau={self.tau}"
 
