@@ -45,34 +45,8 @@ sys.path.insert(0, str(ROOT / "src"))
 from deit_repro.config import load_params  # noqa: E402
 from deit_repro.core.batches import ImageDataset, timm_train_transform  # noqa: E402
 
-
-def write_jpegs(out: Path, n: int, seed: int = 0) -> list[Path]:
-    """``n`` JPEGs of ImageNet's typical geometry and texture (quality 90, as most of its files):
-    a smooth colour field, object-like blobs with edges, and fine grain, so that the entropy
-    decoder has the work a photo gives it (a flat image decodes several times faster)."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    out.mkdir(parents=True, exist_ok=True)
-    files = []
-    for i in range(n):
-        w, h = (500, 375) if rng.random() < 0.7 else (int(rng.integers(300, 640)), 375)
-        if rng.random() < 0.3:
-            w, h = h, w  # portrait
-        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-        img = np.empty((h, w, 3), np.float32)
-        for c in range(3):
-            fx, fy, ph = rng.uniform(0.002, 0.02, 2).tolist() + [rng.uniform(0, 6.3)]
-            img[..., c] = 128 + 70 * np.sin(fx * xx + ph) * np.cos(fy * yy)
-        for _ in range(int(rng.integers(4, 12))):  # blobs: hard edges, like objects
-            cx, cy, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(20, 120)
-            mask = (xx - cx) ** 2 + (yy - cy) ** 2 < r * r
-            img[mask] = rng.uniform(0, 255, 3)
-        img += rng.normal(0, 24, img.shape)  # grain: the high frequencies a photo carries
-        path = out / f"img_{i:05d}.JPEG"
-        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path, "JPEG", quality=90)
-        files.append(path)
-    return files
+sys.path.insert(0, str(ROOT / "scripts"))
+from rehearsal_data import write_photos  # noqa: E402
 
 
 def _rate(fn, items: list, min_s: float) -> float:
@@ -178,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             if not files:
                 sys.exit(f"loader_bench: no JPEG or PNG under --from-dir {args.from_dir}")
         else:
-            files = write_jpegs(Path(tmp), args.images)
+            files = write_photos(Path(tmp), args.images)
         kb = sum(p.stat().st_size for p in files) / len(files) / 1024
         core = per_core(files, transform, args.min_seconds)
         batch = 8 if args.smoke else 64

@@ -131,8 +131,10 @@ class AugCfg:
     """Training-time augmentation (paper Table 9 / official main.py defaults)."""
 
     #: "tensor": batched on in-memory uint8 tensors (small datasets, no per-image Python work);
-    #: "timm": per-image timm create_transform (PIL), the ImageNet path
-    pipeline: Literal["tensor", "timm"] = "timm"
+    #: "timm": per-image timm create_transform (PIL) in the loader's CPU workers;
+    #: "device": the same recipe with JPEG decode and augmentation batched on the training device
+    #: (nvJPEG on a GPU; the workers only read bytes); "auto": device on CUDA, timm elsewhere
+    pipeline: Literal["tensor", "timm", "device", "auto"] = "timm"
     #: random-resized-crop area range
     scale: tuple[float, float] = bounded(
         (0.08, 1.0), expect="0 < min <= max <= 1", items={"exclusiveMinimum": 0, "maximum": 1}
@@ -152,6 +154,21 @@ class AugCfg:
     def __post_init__(self) -> None:
         check(self.scale[0] <= self.scale[1], "scale", self.scale, "0 < min <= max <= 1")
         check(self.ratio[0] <= self.ratio[1], "ratio", self.ratio, "0 < min <= max")
+        if self.pipeline in ("device", "auto"):
+            check(
+                self.rand_augment is None or self.rand_augment.startswith("rand"),
+                "rand_augment",
+                self.rand_augment,
+                f"a rand-... policy (paper: rand-m9-mstd0.5-inc1) or null for pipeline "
+                f"{self.pipeline!r} (AutoAugment/AugMix need the 'timm' pipeline)",
+            )
+            check(
+                self.rand_augment is not None or self.color_jitter == 0.0,
+                "color_jitter",
+                self.color_jitter,
+                f"0 without RandAugment for pipeline {self.pipeline!r} (timm ignores it under "
+                f"RandAugment; colour jitter alone needs the 'timm' pipeline)",
+            )
         if self.pipeline == "tensor":
             check(
                 self.rand_augment is None and self.color_jitter == 0.0,

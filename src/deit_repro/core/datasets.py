@@ -82,12 +82,47 @@ def per_rank_batch(batch_size: int, world_size: int) -> int:
     return batch_size // world_size
 
 
+def pipeline_on(recipe: TrainCfg, device: torch.device) -> str:
+    """The pipeline ``recipe.aug.pipeline`` means on ``device``: ``auto`` is ``device`` on a
+    GPU (decode and augmentation there, bench/loader_bench.py), ``timm`` on a CPU."""
+    if recipe.aug.pipeline == "auto":
+        return "device" if device.type == "cuda" else "timm"
+    return recipe.aug.pipeline
+
+
 def train_batches(
-    ds: Dataset, recipe: TrainCfg, *, img_size: int, seed: int, world_size: int = 1, rank: int = 0
+    ds: Dataset,
+    recipe: TrainCfg,
+    *,
+    img_size: int,
+    seed: int,
+    world_size: int = 1,
+    rank: int = 0,
+    device: torch.device = torch.device("cpu"),
 ):
-    """This process's training batches (global batch split over ranks)."""
+    """This process's training batches (global batch split over ranks); the ``device``
+    pipeline makes them on ``device``, the others on the CPU."""
     per_rank = per_rank_batch(recipe.batch_size, world_size)
-    if recipe.aug.pipeline == "tensor":
+    pipeline = pipeline_on(recipe, device)
+    if pipeline == "device":
+        from deit_repro.core.device_augment import DeviceAugment, DeviceBatches, EncodedImages
+
+        return DeviceBatches(
+            EncodedImages(
+                files=getattr(ds.train, "files", None),
+                images=getattr(ds.train, "images", None),
+                labels=ds.train.labels,
+            ),
+            DeviceAugment(recipe.aug, img_size, ds.in_chans, device),
+            batch_size=per_rank,
+            seed=seed,
+            in_chans=ds.in_chans,
+            repeats=recipe.repeated_aug,
+            world_size=world_size,
+            rank=rank,
+            num_workers=recipe.num_workers,
+        )
+    if pipeline == "tensor":
         if not ds.in_memory:
             raise ConfigError(
                 f"aug.pipeline 'tensor' needs an in-memory dataset but {ds.path} is a file list",

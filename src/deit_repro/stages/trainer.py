@@ -241,7 +241,13 @@ def train_and_save(
             model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None
         )
     batches = train_batches(
-        at.ds, recipe, img_size=t.img_size, seed=at.seed, world_size=rt.world_size, rank=rt.rank
+        at.ds,
+        recipe,
+        img_size=t.img_size,
+        seed=at.seed,
+        world_size=rt.world_size,
+        rank=rt.rank,
+        device=rt.device,
     )
     run_dir = at.run_dir
     final: list[ShardEval] = []  # the raw model's latest evaluation (not the EMA's)
