@@ -272,7 +272,9 @@ def test_a_nan_at_step_k_stops_the_run_with_the_last_good_checkpoint_intact(
     assert len(saved) == 1 and ckpt.read_bytes() == saved[0]  # epoch 1's, untouched
     kept = load_checkpoint(ckpt)
     assert kept["epoch"] == 0 and all(v.isfinite().all() for v in kept["model"].values())
-    assert not math.isfinite(float(next(model.parameters()).detach().sum()))  # the weights did diverge
+    assert not math.isfinite(
+        float(next(model.parameters()).detach().sum())
+    )  # the weights did diverge
 
 
 def test_the_sync_free_engine_trains_the_weights_of_a_per_step_loop(fashion_small, smoke_params):

@@ -48,7 +48,9 @@ def test_imagenet_profile_is_table9():
     assert t.mixup == float(paper["Mixup prob. (code: alpha)"]) == 0.8
     assert t.cutmix == float(paper["Cutmix prob. (code: alpha)"]) == 1.0
     assert t.aug.reprob == float(paper["Erasing prob."]) == 0.25
-    assert t.aug.pipeline == "timm" and t.aug.interpolation == "bicubic"
+    # timm's transform: in the loader's workers on a CPU, decoded and augmented on a GPU
+    assert t.aug.pipeline == "auto" and t.aug.interpolation == "bicubic"
+    assert t.compile == "auto"  # torch.compile on a GPU only
     # Table 1 / §5.2: DeiT-B students at 224, the RegNetY-16GF teacher, 384 fine-tuning.
     assert (
         student_kwargs(p.student.model, distilled=True, num_classes=1000, in_chans=3)["name"]
