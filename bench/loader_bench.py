@@ -10,6 +10,19 @@ in pixel mode), one image at a time in DataLoader workers. This measures, on thi
 * **loader**: ``torch.utils.data.DataLoader`` over those files with 1 .. ``--workers`` worker
   processes (the collate included), images/s: whether the per-core rate scales.
 
+and the same for the ``device`` pipeline (``core.device_augment``, the imagenet profile's on a GPU:
+``pipeline: auto``), whose workers only read the files' bytes:
+
+* **read**: ``EncodedImages[i]`` (a file's bytes as a tensor), images/s on one core, and its
+  DataLoader with 1 .. ``--workers`` workers;
+* **dispatch**: the host's side of decoding and augmenting on the device, the work the main
+  process does per image whatever the device: ``DeviceAugment`` on 12 x 10 px in-memory images
+  cropped to 8 px, where the arithmetic is negligible and the per-image Python and operator
+  dispatch is what is timed (on a GPU each operator is a kernel launch, somewhat dearer: the
+  GPU check measures the pipeline there);
+* **on this CPU**: decode (torchvision's libjpeg) + ``DeviceAugment`` at 224 on the CPU, one core:
+  the device pipeline where no GPU is (for comparison with the PIL path; ``auto`` keeps timm's).
+
 and, against the engine's training rates measured on a GPU (``--rates``: bench/results/
 gpu_rates.json, images/s of DeiT-S and of DeiT-B⚗ + RegNetY-16GF through ``engine.fit``), the CPU
 cores one GPU needs at the per-core rate, and the fraction of the GPU rate the profile's
@@ -36,7 +49,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,6 +56,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from deit_repro.config import load_params  # noqa: E402
 from deit_repro.core.batches import ImageDataset, timm_train_transform  # noqa: E402
+from deit_repro.core.device_augment import DeviceAugment, EncodedImages, decode  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "scripts"))
 from rehearsal_data import write_photos  # noqa: E402
@@ -79,11 +92,41 @@ def per_core(files: list[Path], transform, min_s: float) -> dict[str, float]:
     }
 
 
+def device_per_core(files: list[Path], aug, img_size: int, min_s: float) -> dict[str, float]:
+    """The device pipeline's CPU work: reading bytes (a worker's), the host dispatch of decode
+    and augmentation (the main process's), and the whole pipeline computed on this CPU."""
+    torch.set_num_threads(1)
+    read = EncodedImages(files=[str(p) for p in files], labels=[0] * len(files))
+    tiny = torch.randint(0, 256, (64, 3, 10, 12), dtype=torch.uint8)
+    cpu = torch.device("cpu")
+    small, full = DeviceAugment(aug, 8, 3, cpu), DeviceAugment(aug, img_size, 3, cpu)
+    batch = 16
+    groups = [list(range(i, i + batch)) for i in range(0, len(files) - batch + 1, batch)] or [
+        list(range(len(files)))
+    ]
+
+    def on_cpu(idx: list[int]):
+        return full(decode([read[i][0] for i in idx], cpu, 3))
+
+    on_cpu(groups[0])  # warm-up
+    return {
+        "read_images_per_s": _rate(lambda i: read[i], list(range(len(files))), min_s),
+        "dispatch_images_per_s": _rate(lambda _: small(list(tiny)), [0], min_s) * len(tiny),
+        "device_pipeline_on_cpu_images_per_s": _rate(on_cpu, groups, min_s) * len(groups[0]),
+    }
+
+
 def loader_rates(
     files: list[Path], transform, workers: list[int], batch: int, min_batches: int
 ) -> dict[int, float]:
-    """images/s of a DataLoader over ``files`` (their transform in ``w`` worker processes)."""
-    ds = ImageDataset(transform, files=[str(p) for p in files], labels=[0] * len(files))
+    """images/s of a DataLoader over ``files`` (their transform in ``w`` worker processes; the
+    bytes alone, as the device pipeline's workers read them, when ``transform`` is None)."""
+    paths, labels = [str(p) for p in files], [0] * len(files)
+    if transform is None:
+        ds = EncodedImages(files=paths, labels=labels)
+        collate = _as_list
+    else:
+        ds, collate = ImageDataset(transform, files=paths, labels=labels), None
     out = {}
     for w in workers:
         loader = torch.utils.data.DataLoader(
@@ -93,6 +136,7 @@ def loader_rates(
             num_workers=w,
             drop_last=True,
             persistent_workers=w > 0,
+            collate_fn=collate,
         )
         it = iter(loader)
         next(it)  # workers up, first batch out: the start-up is not the rate
@@ -107,6 +151,10 @@ def loader_rates(
         out[w] = n * batch / (time.perf_counter() - t0)
         del it, loader
     return out
+
+
+def _as_list(batch):
+    return [x for x, _ in batch], [y for _, y in batch]
 
 
 def feeding(per_core_rate: float, rates: dict, num_workers: int) -> list[dict[str, Any]]:
@@ -155,17 +203,26 @@ def main(argv: list[str] | None = None) -> int:
             files = write_photos(Path(tmp), args.images)
         kb = sum(p.stat().st_size for p in files) / len(files) / 1024
         core = per_core(files, transform, args.min_seconds)
+        device = device_per_core(files, train.aug, params.student.model.img_size, args.min_seconds)
         batch = 8 if args.smoke else 64
         workers = sorted({1, args.workers})
-        loader = loader_rates(files, transform, workers, batch, min_batches=2 if args.smoke else 30)
+        n = 2 if args.smoke else 30
+        loader = loader_rates(files, transform, workers, batch, min_batches=n)
+        read_loader = loader_rates(files, None, workers, batch, min_batches=n * 4)
     rates = json.loads(args.rates.read_text())
     rows = feeding(core["decode_transform_images_per_s"], rates, train.num_workers)
+    device_rows = feeding(device["read_images_per_s"], rates, train.num_workers)
+    for r in device_rows:  # the main process drives the device: one more core, its own bound
+        r["cores_needed"] += 1
+        r["fed_by_one_dispatching_core"] = min(
+            1.0, device["dispatch_images_per_s"] / r["gpu_images_per_s"]
+        )
     res = {
         "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__},
         "images": {
             "count": len(files),
             "mean_kb": round(kb, 1),
-            "source": str(args.from_dir) if args.from_dir else "written (write_jpegs)",
+            "source": str(args.from_dir) if args.from_dir else "written (write_photos)",
         },
         "transform": {
             "params": _shown(args.params),
@@ -178,9 +235,12 @@ def main(argv: list[str] | None = None) -> int:
         "loader_images_per_s": {str(w): round(v, 1) for w, v in loader.items()},
         "gpu_rates": {"file": _shown(args.rates), "device": rates.get("device")},
         "profile_num_workers": train.num_workers,
-        "feeding": [
-            {k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()} for r in rows
-        ],
+        "feeding": _rounded(rows),
+        "device_pipeline": {
+            "per_core": {k: round(v, 1) for k, v in device.items()},
+            "read_loader_images_per_s": {str(w): round(v, 1) for w, v in read_loader.items()},
+            "feeding": _rounded(device_rows),
+        },
     }
     print(
         f"{len(files)} JPEGs, mean {kb:.0f} KB; per core: decode "
@@ -194,12 +254,29 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['cores_needed']:.1f} cores at this per-core rate; "
             f"{train.num_workers} workers feed {100 * r['fed_by_profile_workers']:.0f} %"
         )
+    print(
+        f"device pipeline per core: read {device['read_images_per_s']:.0f} img/s, host dispatch "
+        f"{device['dispatch_images_per_s']:.0f} img/s, the whole pipeline on this CPU "
+        f"{device['device_pipeline_on_cpu_images_per_s']:.0f} img/s; loader (bytes): "
+        + ", ".join(f"{w} worker(s) {v:.0f} img/s" for w, v in read_loader.items())
+    )
+    for r in device_rows:
+        print(
+            f"{r['model']}: GPU {r['gpu_images_per_s']:.0f} img/s needs "
+            f"{r['cores_needed']:.1f} cores with the device pipeline (readers + the dispatching "
+            f"process); one dispatching core keeps up with "
+            f"{100 * r['fed_by_one_dispatching_core']:.0f} %"
+        )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         tmp_json = args.json.with_suffix(".json.tmp")
         tmp_json.write_text(json.dumps(res, indent=2) + "\n")
         os.replace(tmp_json, args.json)
     return 0
+
+
+def _rounded(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()} for r in rows]
 
 
 def _shown(path: Path) -> str:

@@ -72,27 +72,33 @@ class DeviceAugment:
         )
 
     def __call__(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
-        x = torch.stack([self._crop_and_flip(img) for img in images])
+        x = self._crop_and_flip(images)
         if self.rand_augment is not None:
             x = self._rand_augment(x)
         out = x.float().div_(255.0).sub_(self.mean).div_(self.std)
         return self.erase(out) if self.erase is not None else out
 
-    def _crop_and_flip(self, img: torch.Tensor) -> torch.Tensor:
+    def _crop_and_flip(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
+        """timm's random-resized crop, image by image (each crop has its own size), then the
+        flips, batched: two operators per image, the rest per batch (the host issues every
+        operator: on a GPU its per-image work is what bounds the rate, bench/loader_bench.py)."""
         from timm.data.transforms import RandomResizedCropAndInterpolation
 
-        # timm's draw (global `random`), on the tensor's size: the crop of the timm pipeline
-        i, j, h, w = RandomResizedCropAndInterpolation.get_params(
-            img, self.aug.scale, self.aug.ratio
-        )
-        crop = img[None, :, i : i + h, j : j + w].float()
         mode = "bicubic" if self.aug.interpolation == "bicubic" else "bilinear"
-        out = F.interpolate(crop, size=(self.size, self.size), mode=mode, antialias=True)
-        out = out[0].round_().clamp_(0, 255).to(torch.uint8)
-        # torchvision's RandomHorizontalFlip draws from torch's global generator
-        if self.aug.hflip > 0 and torch.rand(1) < self.aug.hflip:
-            out = out.flip(-1)
-        return out
+        size = (self.size, self.size)
+        crops = []
+        for img in images:
+            # timm's draw (global `random`), on the tensor's size: the timm pipeline's crop
+            i, j, h, w = RandomResizedCropAndInterpolation.get_params(
+                img, self.aug.scale, self.aug.ratio
+            )
+            crop = img[None, :, i : i + h, j : j + w].float()
+            crops.append(F.interpolate(crop, size=size, mode=mode, antialias=True))
+        x = torch.cat(crops).round_().clamp_(0, 255).to(torch.uint8)
+        if self.aug.hflip > 0:  # torchvision's RandomHorizontalFlip: torch.rand < p
+            flip = (torch.rand(len(x)) < self.aug.hflip).nonzero()[:, 0].to(x.device)
+            x[flip] = x[flip].flip(-1)
+        return x
 
     def _rand_augment(self, x: torch.Tensor) -> torch.Tensor:
         """timm's RandAugment.__call__ and AugmentOp.__call__, drawn image by image in timm's
