@@ -486,6 +486,35 @@ def write_photos(out: Path, n: int, seed: int = 0) -> list[Path]:
     return files
 
 
+def write_photo_tree(
+    root: Path, *, classes: int, per_class: int, unique: int, processes: int = 1
+) -> int:
+    """An ImageFolder tree (``train/`` and ``val/``, ``n<8 digits>/`` per class) of ImageNet-sized
+    photo-like JPEGs (:func:`write_photos`) for a throughput run at ImageNet's geometry: ``unique``
+    distinct files written (in ``processes`` processes), hard-linked ``per_class`` times into each
+    training class (a quarter as many for validation). A reader decodes each name in full, as it
+    would distinct photos; the page cache holds them, as a node's does a hot dataset. Returns the
+    number of training images."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    pool_dir = root / "unique"
+    chunks = [
+        (pool_dir / f"part{k}", len(range(k, unique, processes)), k) for k in range(processes)
+    ]
+    with ProcessPoolExecutor(processes) as pool:
+        parts = list(pool.map(write_photos, *zip(*chunks)))
+    photos = [p for part in parts for p in part]
+    n = 0
+    for split, count in (("train", per_class), ("val", max(1, per_class // 4))):
+        for c in range(classes):
+            folder = root / split / f"n{c:08d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for k in range(count):
+                os.link(photos[(c * count + k) % len(photos)], folder / f"n{c:08d}_{k}.JPEG")
+            n += count if split == "train" else 0
+    return n
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:

@@ -69,7 +69,9 @@ def test_gpu_bench_runs_in_smoke_mode_on_cpu(tmp_path):
 def test_the_gpu_check_runs_its_code_on_a_cpu(rehearsal_data, tmp_path):
     """`bench/gpu_check.py --smoke`: the NCCL step is skipped without CUDA; the rehearsal step
     distils DeiT-Ti⚗ from the generated RegNetY-16GF, is interrupted after one epoch and resumes;
-    the benchmark goes through engine.fit."""
+    the benchmark measures a matmul ceiling, FLOPs per image, the official-style loop, and
+    engine.fit on synthetic batches and from ImageNet-sized JPEG files through the device
+    pipeline, with the ratios between them."""
     (tmp_path / "work").mkdir()
     (tmp_path / "work" / "data").symlink_to(rehearsal_data.out)  # the session's generated data
     proc = subprocess.run(
@@ -84,8 +86,33 @@ def test_the_gpu_check_runs_its_code_on_a_cpu(rehearsal_data, tmp_path):
     assert res["nccl"] == {"skipped": "no CUDA"}
     assert res["rehearsal"]["resumed_from_epoch"] == 0
     assert set(res["rehearsal"]["student_heads"]) == {"cls", "dist", "joint"}
-    (bench,) = res["fit_benchmark"].values()
-    assert bench["images_per_s"] > 0 and len(bench["per_epoch"]) == 2
+    bench = res["benchmark"]
+    assert bench["ceiling_tflops"] > 0 and bench["photos"]["train_images"] == 8
+    assert bench["photos"]["mean_kb"] > 20  # ImageNet-sized JPEGs, not thumbnails
+    assert set(bench["models"]) == {
+        "deit_tiny_patch16_224",
+        "deit_tiny_distilled_patch16_224+regnety_002",
+    }
+    for row in bench["models"].values():
+        # the device pipeline (what `auto` is on a GPU), from the files, through engine.fit
+        assert row["pipeline"] == "device" and row["train_gflop_per_image"] > 0
+        for kind in ("synthetic", "files"):
+            r = row[kind]
+            assert len(r["per_epoch"]) == 3 and r["steps_per_epoch"] == 2, r
+            assert r["images_per_s"] == pytest.approx(sum(r["per_epoch"][1:]) / 2, abs=0.1)
+            assert r["compiled"] is False  # compile: auto is off on a CPU
+        for kind in ("official", "synthetic", "files"):
+            r = row[kind]
+            mfu = r["images_per_s"] * row["train_gflop_per_image"] / bench["ceiling_tflops"] / 1e3
+            assert r["mfu"] == pytest.approx(mfu, rel=0.02, abs=1e-4)
+            assert r["vs_official"] == pytest.approx(
+                r["images_per_s"] / row["official"]["images_per_s"], rel=0.01
+            )
+        assert row["loader"]["images_per_s"] > 0
+        assert row["files_vs_synthetic"] == pytest.approx(
+            row["files"]["images_per_s"] / row["synthetic"]["images_per_s"], rel=0.01
+        )
+    assert "| deit_tiny_patch16_224 | files |" in proc.stdout
 
 
 def test_machine_spread_compares_two_dispatches_on_smoke(dvc_reference, tmp_path):
@@ -181,3 +208,15 @@ def test_loader_bench_measures_the_paper_pipeline_per_core_and_the_cores_a_gpu_n
         assert row["cores_needed"] == pytest.approx(need, rel=1e-2)
         fed = min(1.0, res["profile_num_workers"] / need)
         assert row["fed_by_profile_workers"] == pytest.approx(fed, abs=2e-3)
+    # The device pipeline: its workers read bytes, far faster than they decode and augment; the
+    # cores a GPU needs are the readers' plus the one process that drives the GPU.
+    dev = res["device_pipeline"]
+    assert dev["per_core"]["read_images_per_s"] > 5 * core["decode_images_per_s"]
+    assert dev["per_core"]["dispatch_images_per_s"] > 0
+    assert dev["per_core"]["device_pipeline_on_cpu_images_per_s"] > 0
+    assert set(dev["read_loader_images_per_s"]) == {"1", "2"}
+    for row in dev["feeding"]:
+        need = row["gpu_images_per_s"] / dev["per_core"]["read_images_per_s"] + 1
+        assert row["cores_needed"] == pytest.approx(need, rel=1e-2)
+        drive = min(1.0, dev["per_core"]["dispatch_images_per_s"] / row["gpu_images_per_s"])
+        assert row["fed_by_one_dispatching_core"] == pytest.approx(drive, abs=2e-3)
