@@ -114,3 +114,24 @@ def test_an_image_tree_not_prepared_yet_is_counted_and_published_sizes_are_said(
     assert dataset_size(p, "imagenet", tmp_path / "nodata") == (6, 2, 2)
     assert dataset_size(imagenet, "imagenet", tmp_path / "nodata") == (1_281_167, 50_000, 1000)
     assert "the sources' published splits" in bill and "imagenet, inat2018" in bill
+
+
+def test_the_loader_cores_follow_the_pipeline_each_job_runs(imagenet, tmp_path):
+    """The imagenet profile's `pipeline: auto` runs the device pipeline on its GPU jobs: the CPU
+    cores per GPU are the byte readers' plus the one driving process, not timm's per-image
+    transform's; a rates file without a read rate prices it as timm's."""
+    from deit_repro.run.cost import loader_cores
+
+    jobs = training_jobs(imagenet, tmp_path)
+    assert {j.pipeline for j in jobs if j.res.gpus_per_node > 0} == {"device"}
+    rates = {**load_rates(), "loader_images_per_s_per_core": 200.0}
+    assert loader_cores("timm", 4000.0, rates) == pytest.approx(20.0)
+    assert loader_cores("device", 4000.0, rates) == pytest.approx(20.0)  # no read rate: as timm
+    assert loader_cores("tensor", 4000.0, rates) == 0.0
+    rates["loader_read_images_per_s_per_core"] = 8000.0
+    assert loader_cores("device", 4000.0, rates) == pytest.approx(1.5)
+    bill = cost_table(imagenet, rates, tmp_path)
+    worst = float(re.search(r"^loader: up to ([\d.]+) CPU cores per GPU", bill, re.M)[1])
+    fastest = max(float(r[5].replace(",", "")) for r in _rows(bill).values() if r[-1] != "-")
+    assert worst == pytest.approx(fastest / 8000.0 + 1, abs=0.06)
+    assert "device pipeline: bytes read at 8000 images/s per core" in bill

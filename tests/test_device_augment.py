@@ -104,6 +104,26 @@ def test_each_rand_augment_op_is_timms_pil_op(photos, name):
     assert not torch.equal(pil, x), name
 
 
+def test_the_crop_is_resized_as_pils_bicubic(photos):
+    """The random-resized crop's resize: torch's antialiased bicubic against PIL's ``resize(box=)``
+    (timm's RandomResizedCropAndInterpolation) on the same crops, up- and downscaling. Measured:
+    mean 0.21 levels, 0.7 % of values more than 1 level apart (other cubic taps)."""
+    import torch.nn.functional as F
+
+    diffs = []
+    for f in photos[:8]:
+        im = Image.open(f).convert("RGB")
+        full = _tensor(im)[None].float()
+        for i, j, h, w in [(10, 20, 300, 260), (50, 40, 120, 150), (0, 0, im.size[1], im.size[0])]:
+            pil = _tensor(im.resize((224, 224), Image.BICUBIC, box=(j, i, j + w, i + h)))
+            crop = full[:, :, i : i + h, j : j + w]
+            ours = F.interpolate(crop, size=(224, 224), mode="bicubic", antialias=True)
+            diffs.append((ours[0].round().clamp(0, 255) - pil.float()).abs())
+    d = torch.stack(diffs)
+    print(f"crop resize: mean |diff| {d.mean():.3f}, > 1 level {float((d > 1).float().mean()):.4f}")
+    assert d.mean() < 0.35 and (d > 1).float().mean() < 0.02
+
+
 def test_posterize_to_zero_bits_is_black_as_the_pipeline_on_cpu():
     x = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
     out = _OPS["PosterizeIncreasing"](

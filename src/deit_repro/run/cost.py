@@ -63,6 +63,8 @@ class Job:
     seeds: int  # jobs of this kind (one per seed; released teacher weights: one)
     evaluate_only: bool = False
     published: str | None = None  # its dataset, when sized from the source's published split
+    #: the input pipeline it runs on its nodes (``auto``: ``device`` on GPUs, ``timm`` on CPUs)
+    pipeline: str = "timm"
 
 
 def dataset_size(params: Params, name: str, data_root: Path) -> tuple[int, int, int]:
@@ -165,23 +167,33 @@ def training_jobs(params: Params, data_root: Path = Path("data")) -> list[Job]:
     convnet, vit = p.teacher.model, p.teacher.vit.model
     released = p.teacher.weights is not None
 
-    def add(stage, epochs, sizes, gflop, res_stage, *, n=seeds, evaluate_only=False, data=None):
+    def add(
+        stage, epochs, sizes, gflop, res_stage, recipe, *, n=seeds, evaluate_only=False, data=None
+    ):
         data = data or (p.teacher.dataset if res_stage == "teacher" else p.student.dataset)
         res = launch.resources(res_stage, evaluate_only=evaluate_only)
         published = data if sized[data][3] else None
-        jobs.append(Job(stage, epochs, sizes[0], sizes[1], gflop, res, n, evaluate_only, published))
+        pipeline = recipe.aug.pipeline
+        if pipeline == "auto":
+            pipeline = "device" if res.gpus_per_node > 0 else "timm"
+        jobs.append(
+            Job(
+                stage, epochs, sizes[0], sizes[1], gflop, res, n, evaluate_only, published, pipeline
+            )
+        )
 
     if released:
         gf = train_gflops(None, distilled=False, img_size=convnet.img_size, classes=t_cls,
                           teacher=convnet)  # fmt: skip
-        add("teacher@convnet", 0, (0, t_te), gf, "teacher", n=1, evaluate_only=True)
+        add("teacher@convnet", 0, (0, t_te), gf, "teacher", p.teacher.train, n=1,
+            evaluate_only=True)  # fmt: skip
     else:
         gf = train_gflops(convnet, distilled=False, img_size=convnet.img_size, classes=t_cls,
                           teacher=None, role="teacher")  # fmt: skip
-        add("teacher@convnet", p.teacher.train.epochs, (t_tr, t_te), gf, "teacher")
+        add("teacher@convnet", p.teacher.train.epochs, (t_tr, t_te), gf, "teacher", p.teacher.train)
     gf = train_gflops(vit, distilled=False, img_size=vit.img_size, classes=t_cls, teacher=None,
                       role="teacher")  # fmt: skip
-    add("teacher@vit", p.teacher.vit.train.epochs, (t_tr, t_te), gf, "teacher")
+    add("teacher@vit", p.teacher.vit.train.epochs, (t_tr, t_te), gf, "teacher", p.teacher.vit.train)
 
     m, px, sizes = p.student.model, p.student.model.img_size, (s_tr, s_te)
     plain = train_gflops(m, distilled=False, img_size=px, classes=s_cls, teacher=None)
@@ -194,24 +206,25 @@ def training_jobs(params: Params, data_root: Path = Path("data")) -> list[Job]:
     e = p.student.train.epochs
     for variant, gf in (("none", plain), ("soft", by_convnet), ("hard", by_convnet),
                         ("deit", deit), ("deit_vit_teacher", by_vit)):  # fmt: skip
-        add(f"pretrain@{variant}", e, sizes, gf, "pretrain")
+        add(f"pretrain@{variant}", e, sizes, gf, "pretrain", p.student.train)
     for budget in p.figure3.budgets:
-        add(f"figure3_none@{budget}", budget, sizes, plain, "pretrain")
-        add(f"figure3_deit@{budget}", budget, sizes, deit, "pretrain")
+        add(f"figure3_none@{budget}", budget, sizes, plain, "pretrain", p.student.train)
+        add(f"figure3_deit@{budget}", budget, sizes, deit, "pretrain", p.student.train)
 
     ft = p.finetune.img_size
     ft_gf = train_gflops(m, distilled=True, img_size=ft, classes=s_cls, teacher=headline_teacher)
     for variant, gf in (("bicubic", ft_gf), ("bilinear", ft_gf), ("control", deit)):
-        add(f"finetune@{variant}", p.finetune.train.epochs, sizes, gf, "finetune")
+        add(f"finetune@{variant}", p.finetune.train.epochs, sizes, gf, "finetune", p.finetune.train)
 
     for ds in p.transfer.datasets:
         tr, te, cls, _ = sized[ds]
         gf = train_gflops(m, distilled=True, img_size=px, classes=cls, teacher=None)
-        add(f"transfer@{ds}", p.transfer.recipe(ds).epochs, (tr, te), gf, "transfer", data=ds)
+        recipe = p.transfer.recipe(ds)
+        add(f"transfer@{ds}", recipe.epochs, (tr, te), gf, "transfer", recipe, data=ds)
         if ds in p.transfer.scratch:
             gf = train_gflops(m, distilled=False, img_size=px, classes=cls, teacher=None)
-            epochs = p.transfer.recipe(ds, "scratch").epochs
-            add(f"transfer_scratch@{ds}", epochs, (tr, te), gf, "transfer", data=ds)
+            recipe = p.transfer.recipe(ds, "scratch")
+            add(f"transfer_scratch@{ds}", recipe.epochs, (tr, te), gf, "transfer", recipe, data=ds)
     return jobs
 
 
@@ -237,6 +250,40 @@ def images_per_s(gflop: float, rates: dict[str, Any]) -> tuple[float, float]:
     nearest = min(rates["runs"], key=lambda r: abs(math.log(r["train_gflop_per_image"] / gflop)))
     mfu = nearest["images_per_s"] * nearest["train_gflop_per_image"] * 1e9 / peak
     return mfu * peak / (gflop * 1e9), mfu
+
+
+def loader_cores(pipeline: str, rate: float, rates: dict[str, Any]) -> float:
+    """CPU cores per GPU that feed ``rate`` images/s through ``pipeline``: timm's per-image
+    transform at the measured per-core rate; the device pipeline's workers read bytes (at the
+    measured rate) and one process drives the GPU's decode and augmentation; the tensor
+    pipeline's batches are in memory."""
+    if pipeline == "tensor":
+        return 0.0
+    read = rates.get("loader_read_images_per_s_per_core")
+    if pipeline == "device" and read:
+        return rate / read + 1.0
+    return rate / rates["loader_images_per_s_per_core"]
+
+
+def _loader_note(jobs: list[Job], rates: dict[str, Any]) -> str:
+    kinds = {j.pipeline for j in jobs if not j.evaluate_only}
+    read = rates.get("loader_read_images_per_s_per_core")
+    if "device" in kinds and not read:  # a rates file without the read rate: priced as timm
+        kinds = (kinds - {"device"}) | {"timm"}
+    notes = []
+    if "timm" in kinds:
+        notes.append(
+            f"timm pipeline: {rates['loader_images_per_s_per_core']:g} images/s per core, PIL "
+            "decode + the paper's augmentation, measured on a CPU"
+        )
+    if "device" in kinds:
+        notes.append(
+            f"device pipeline: bytes read at {read:g} "
+            "images/s per core + one core driving the GPU's decode and augmentation"
+        )
+    if "tensor" in kinds:
+        notes.append("tensor pipeline: in memory, no loader")
+    return "; ".join(notes)
 
 
 def cost_table(params: Params, rates: dict[str, Any], data_root: Path = Path("data")) -> str:
@@ -265,8 +312,7 @@ def cost_table(params: Params, rates: dict[str, Any], data_root: Path = Path("da
         gpu_h = seconds / 3600 * j.seeds
         gpus = max(j.res.nodes * j.res.gpus_per_node, 1)
         wall = seconds / 3600 / gpus
-        # the training transform's cost per image (an evaluation's resize + crop is far less)
-        cores = rate / rates["loader_images_per_s_per_core"]
+        cores = loader_cores(j.pipeline, rate, rates)
         worst_cores = max(worst_cores, 0.0 if j.evaluate_only else cores)
         total += gpu_h
         fig3 += gpu_h if j.stage.startswith("figure3") else 0.0
@@ -281,8 +327,7 @@ def cost_table(params: Params, rates: dict[str, Any], data_root: Path = Path("da
         f"total: {total:,.1f} GPU-hours ({total / 24:,.1f} GPU-days) on {rates['device']}",
         f"without Figure 3's runs: {total - fig3:,.1f} GPU-hours",
         f"loader: up to {worst_cores:.1f} CPU cores per GPU to feed the fastest job "
-        f"({rates['loader_images_per_s_per_core']:g} images/s per core: PIL decode + the "
-        "paper's augmentation, measured on a CPU; a GPU job with fewer cores waits on its input)",
+        f"({_loader_note(jobs, rates)}; a GPU job with fewer cores waits on its input)",
     ]
     published = sorted({j.published for j in jobs if j.published})
     if published:
