@@ -138,7 +138,11 @@ def test_decode_reads_what_pil_reads_and_any_file_format(photos, tmp_path):
     Image.open(photos[0]).convert("L").save(gray, "JPEG", quality=90)
     png = tmp_path / "png.JPEG"  # ImageNet's n02105855_2933.JPEG is a PNG
     Image.open(photos[1]).convert("RGB").save(png, "PNG")
-    extra = [torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for p in (gray, png)]
+    cmyk = tmp_path / "cmyk.JPEG"  # ImageNet holds a couple of dozen
+    Image.open(photos[2]).convert("CMYK").save(cmyk, "JPEG", quality=90)
+    extra = [
+        torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for p in (gray, png, cmyk)
+    ]
     out = decode(raw + extra, CPU, 3)
     for img, f in zip(out, photos[:6]):
         ref = _tensor(Image.open(f).convert("RGB"))
@@ -146,6 +150,7 @@ def test_decode_reads_what_pil_reads_and_any_file_format(photos, tmp_path):
         assert (img.int() - ref.int()).abs().float().mean() < 0.5
     assert out[6].shape[0] == 3 and torch.equal(out[6][0], out[6][1])  # grey → RGB
     assert torch.equal(out[7], _tensor(Image.open(photos[1]).convert("RGB")))  # lossless PNG
+    assert torch.equal(out[8], _tensor(Image.open(cmyk).convert("RGB")))  # CMYK as PIL reads it
 
 
 def _moments(batch: torch.Tensor) -> dict[str, float]:
