@@ -220,3 +220,25 @@ def test_loader_bench_measures_the_paper_pipeline_per_core_and_the_cores_a_gpu_n
         assert row["cores_needed"] == pytest.approx(need, rel=1e-2)
         drive = min(1.0, dev["per_core"]["dispatch_images_per_s"] / row["gpu_images_per_s"])
         assert row["fed_by_one_dispatching_core"] == pytest.approx(drive, abs=2e-3)
+
+
+def test_cpu_compile_bench_compares_compile_off_and_on_through_fit(tmp_path, fashion_small):
+    """`bench/cpu_compile.py --smoke`: a profile's student through engine.fit with compile off
+    and on, the compile overhead and the steady ratio computed from the epochs."""
+    res = _run(
+        "cpu_compile.py",
+        "--smoke",
+        "--params",
+        str(SMOKE),
+        "--data",
+        str(fashion_small),
+        tmp_path=tmp_path,
+    )
+    off, on = res["off"], res["on"]
+    assert len(off["epoch_seconds"][0]) == len(on["epoch_seconds"][0]) == 2
+    assert on["first_epoch_s"] > off["first_epoch_s"]  # tracing and inductor's build
+    assert res["compile_overhead_s"] == pytest.approx(
+        on["first_epoch_s"] - off["first_epoch_s"], abs=0.06
+    )
+    ratio = on["steady_images_per_s"] / off["steady_images_per_s"]
+    assert res["steady_ratio_on_vs_off"] == pytest.approx(ratio, rel=0.01)
