@@ -56,7 +56,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from deit_repro.config import load_params  # noqa: E402
 from deit_repro.core.batches import ImageDataset, timm_train_transform  # noqa: E402
-from deit_repro.core.device_augment import DeviceAugment, EncodedImages, decode  # noqa: E402
+from deit_repro.core.device_augment import DeviceAugment, EncodedImages, decode, pack  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "scripts"))
 from rehearsal_data import write_photos  # noqa: E402
@@ -124,7 +124,7 @@ def loader_rates(
     paths, labels = [str(p) for p in files], [0] * len(files)
     if transform is None:
         ds = EncodedImages(files=paths, labels=labels)
-        collate = _as_list
+        collate = pack
     else:
         ds, collate = ImageDataset(transform, files=paths, labels=labels), None
     out = {}
@@ -151,10 +151,6 @@ def loader_rates(
         out[w] = n * batch / (time.perf_counter() - t0)
         del it, loader
     return out
-
-
-def _as_list(batch):
-    return [x for x, _ in batch], [y for _, y in batch]
 
 
 def feeding(per_core_rate: float, rates: dict, num_workers: int) -> list[dict[str, Any]]:

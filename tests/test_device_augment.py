@@ -186,8 +186,12 @@ def test_the_whole_transform_draws_the_distribution_of_timms(photos):
     assert abs(a["flat_rows"] - b["flat_rows"]) < 0.03
 
 
-def _batches(files, aug=PAPER, size=64, batch=4, repeats=1):
-    data = EncodedImages(files=[str(f) for f in files], labels=list(range(len(files))))
+def _batches(files, aug=PAPER, size=64, batch=4, repeats=1, workers=0, images=None):
+    data = EncodedImages(
+        files=None if images is not None else [str(f) for f in files],
+        images=images,
+        labels=list(range(len(files))),
+    )
     return DeviceBatches(
         data,
         DeviceAugment(aug, size, 3, CPU),
@@ -195,6 +199,7 @@ def _batches(files, aug=PAPER, size=64, batch=4, repeats=1):
         seed=5,
         in_chans=3,
         repeats=repeats,
+        num_workers=workers,
     )
 
 
@@ -243,3 +248,22 @@ def test_a_recipe_the_device_pipeline_lacks_is_refused_by_name(change, key):
     # the profile's recipes share one YAML anchor: the first one checked is named
     with pytest.raises(ConfigError, match=rf"train\.aug\.{key}. = .* is out of range"):
         params_from_dict(raw)
+
+
+def test_the_workers_hand_over_a_batch_in_one_piece_and_change_nothing(photos):
+    """Workers read the files and pack a batch's bytes into one tensor (one shared-memory
+    transfer a batch); the batches are those of the main process reading alone. In-memory
+    images take the same path without a decode."""
+    from deit_repro.core.device_augment import pack
+
+    raw = [(torch.frombuffer(bytearray(f.read_bytes()), dtype=torch.uint8), 0) for f in photos[:3]]
+    (data, lengths), _ = pack(raw)
+    assert data.dim() == 1 and lengths.tolist() == [len(x) for x, _ in raw]
+    alone, workers = _batches(photos[:8]), _batches(photos[:8], workers=2)
+    for (x, y), (wx, wy) in zip(_epoch(alone, 1), _epoch(workers, 1)):
+        assert torch.equal(x, wx) and torch.equal(y, wy)
+    arrays = torch.stack(
+        [_tensor(Image.open(f).convert("RGB").resize((96, 80))) for f in photos[:8]]
+    )
+    in_memory = _epoch(_batches(photos[:8], images=arrays, workers=1), 0)
+    assert [x.shape for x, _ in in_memory] == [(4, 3, 64, 64)] * 2

@@ -43,6 +43,15 @@ def norm_stats(in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return (0.5,) * in_chans, (0.5,) * in_chans
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor (an augmentation's parameters) on ``device`` without waiting for the GPU:
+    a plain copy from pageable memory synchronises the stream, so every batch would wait for
+    the step before it; from pinned memory the copy is queued like a kernel."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
     """One seed per (run seed, epoch, rank): the whole of an epoch's randomness derives from it."""
     return (seed * 1_000_003 + epoch * 7_919 + rank * 104_729) % (2**31 - 1)
@@ -129,7 +138,9 @@ class TensorAugment:
         theta[:, 1, 2] = cy
         xf = x.to(self.mean.device, torch.float32).div_(255.0)
         grid = F.affine_grid(
-            theta.to(xf.device), [b, x.shape[1], self.img_size, self.img_size], align_corners=False
+            to_device(theta, xf.device),
+            [b, x.shape[1], self.img_size, self.img_size],
+            align_corners=False,
         )
         mode = "bicubic" if self.aug.interpolation == "bicubic" else "bilinear"
         out = F.grid_sample(xf, grid, mode=mode, padding_mode="border", align_corners=False)

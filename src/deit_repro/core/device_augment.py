@@ -35,7 +35,13 @@ import torch
 import torch.nn.functional as F
 
 from deit_repro.config import AugCfg
-from deit_repro.core.batches import _EpochBatches, _EpochIndices, _EpochSeeded, norm_stats
+from deit_repro.core.batches import (
+    _EpochBatches,
+    _EpochIndices,
+    _EpochSeeded,
+    norm_stats,
+    to_device,
+)
 from deit_repro.errors import ConfigError
 
 # timm's RandAugment ops by what they do to the pixels (timm.data.auto_augment.NAME_TO_OP)
@@ -96,7 +102,7 @@ class DeviceAugment:
             crops.append(F.interpolate(crop, size=size, mode=mode, antialias=True))
         x = torch.cat(crops).round_().clamp_(0, 255).to(torch.uint8)
         if self.aug.hflip > 0:  # torchvision's RandomHorizontalFlip: torch.rand < p
-            flip = (torch.rand(len(x)) < self.aug.hflip).nonzero()[:, 0].to(x.device)
+            flip = to_device((torch.rand(len(x)) < self.aug.hflip).nonzero()[:, 0], x.device)
             x[flip] = x[flip].flip(-1)
         return x
 
@@ -120,7 +126,7 @@ class DeviceAugment:
                     idx.append(k)
                     arg.append((name, *args))
             for key, (idx, args) in groups.items():
-                sel = torch.tensor(idx, device=x.device)
+                sel = to_device(torch.tensor(idx), x.device)
                 x[sel] = _OPS[key](self, x[sel], args)
         return x
 
@@ -130,7 +136,7 @@ class DeviceAugment:
         colour, one inside is interpolated with edge pixels repeated (PIL's behaviour)."""
         b, _, h, w = x.shape
         theta = torch.tensor([_theta(*a, w, h) for a in args], dtype=torch.float32)
-        grid = F.affine_grid(theta.to(x.device), [b, x.shape[1], h, w], align_corners=False)
+        grid = F.affine_grid(to_device(theta, x.device), [b, x.shape[1], h, w], align_corners=False)
         mode = "bicubic" if self.aug.interpolation == "bicubic" else "bilinear"
         out = F.grid_sample(x.float(), grid, mode=mode, padding_mode="border", align_corners=False)
         outside = (grid.abs() > 1).any(dim=-1, keepdim=True).permute(0, 3, 1, 2)
@@ -206,9 +212,8 @@ def _theta(name: str, v: float, w: int, h: int) -> list[list[float]]:
 
 
 def _per_image(args: list[tuple], x: torch.Tensor, i: int = 1) -> torch.Tensor:
-    return torch.tensor([a[i] for a in args], dtype=torch.float32, device=x.device).view(
-        -1, 1, 1, 1
-    )
+    values = torch.tensor([a[i] for a in args], dtype=torch.float32)
+    return to_device(values, x.device).view(-1, 1, 1, 1)
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
@@ -272,7 +277,7 @@ def _invert(_, x, args):
 def _posterize(_, x, args):
     # keeps the high `bits` bits; 0 bits is black (deit_repro.core.batches._posterize)
     masks = [(0xFF << (8 - int(a[1]))) & 0xFF if a[1] > 0 else 0 for a in args]
-    m = torch.tensor(masks, dtype=torch.uint8, device=x.device).view(-1, 1, 1, 1)
+    m = to_device(torch.tensor(masks, dtype=torch.uint8), x.device).view(-1, 1, 1, 1)
     return x & m
 
 
@@ -330,9 +335,25 @@ class EncodedImages(torch.utils.data.Dataset):
             return torch.frombuffer(bytearray(fh.read()), dtype=torch.uint8), self.labels[i]
 
 
-def _as_list(batch):
-    """The loader's collate: images stay a list (their sizes differ)."""
-    return [img for img, _ in batch], torch.stack([y for _, y in batch])
+def pack(batch) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The loader's collate, run in its worker: the batch's images as one tensor, ``(bytes of
+    every file end to end, their lengths)`` or ``(images [B, C, H, W], empty)``, and the labels.
+    A worker hands each tensor to the main process through its own shared-memory segment, about
+    0.6 ms apiece: one per file would cap a worker near 1,500 images/s (bench/loader_bench.py)."""
+    images = [x for x, _ in batch]
+    labels = torch.stack([torch.as_tensor(y) for _, y in batch])
+    if images[0].dim() == 3:  # in-memory images
+        return (torch.stack(images), torch.empty(0, dtype=torch.int64)), labels
+    return (torch.cat(images), torch.tensor([len(x) for x in images])), labels
+
+
+def unpack(packed: tuple[torch.Tensor, torch.Tensor], device: torch.device, in_chans: int):
+    """:func:`pack`'s images as uint8 [C, H, W] tensors on ``device``: in-memory images moved in
+    one copy, files split (views) and decoded."""
+    data, lengths = packed
+    if data.dim() == 4:
+        return list(data.to(device, non_blocking=True))
+    return decode(list(torch.split(data, lengths.tolist())), device, in_chans)
 
 
 def decode(encoded: list[torch.Tensor], device: torch.device, in_chans: int) -> list[torch.Tensor]:
@@ -342,8 +363,6 @@ def decode(encoded: list[torch.Tensor], device: torch.device, in_chans: int) -> 
     from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
     mode = ImageReadMode.RGB if in_chans == 3 else ImageReadMode.GRAY
-    if encoded and encoded[0].dim() == 3:  # in-memory images: nothing to decode
-        return [img.to(device, non_blocking=True) for img in encoded]
     jpeg = [k for k, e in enumerate(encoded) if e[:2].tolist() == [0xFF, 0xD8]]
     out: list[torch.Tensor | None] = [None] * len(encoded)
     if jpeg:
@@ -399,14 +418,16 @@ class DeviceBatches(_EpochBatches):
                 sampler=_EpochIndices(self),
                 drop_last=True,
                 num_workers=self.num_workers,
-                collate_fn=_as_list,
+                collate_fn=pack,
                 persistent_workers=self.num_workers > 0,
                 prefetch_factor=4 if self.num_workers > 0 else None,
+                # pinned: the labels' copy to the GPU is queued, not waited for (to_device)
+                pin_memory=self.augment.device.type == "cuda",
             )
         return self._loader
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         device = self.augment.device
-        for encoded, labels in self.loader:
-            images = decode(encoded, device, self.in_chans)
+        for packed, labels in self.loader:
+            images = unpack(packed, device, self.in_chans)
             yield self.augment(images), labels

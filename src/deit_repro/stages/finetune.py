@@ -98,7 +98,7 @@ class FinetuneRun(StageRun):
             },
             desc=f"finetune {img_size}px",
             distill=distill,
-            teacher=resolve_model_dir(self.teacher, at.seed)
-            if distill != "none" and self.teacher
-            else None,
+            alpha=alpha,
+            tau=tau,
+            teacher=self.teacher,
         )

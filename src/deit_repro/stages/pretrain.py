@@ -12,7 +12,7 @@ from typing import ClassVar
 import torch
 
 from deit_repro.config import DISTILL_MODES, DistillKind, TrainCfg
-from deit_repro.core.model_dirs import resolve_model_dir, student_kwargs
+from deit_repro.core.model_dirs import student_kwargs
 from deit_repro.core.models import create_student, set_training_outputs
 from deit_repro.errors import ConfigError
 from deit_repro.typed_yaml import to_dict
@@ -100,5 +100,7 @@ class PretrainRun(StageRun):
             identity={"cfg": to_dict(cfg), "variant": variant},
             desc=f"pretrain {distill}",
             distill=distill,
-            teacher=resolve_model_dir(self.teacher, at.seed) if self.teacher else None,
+            alpha=alpha,
+            tau=tau,
+            teacher=self.teacher,
         )

@@ -31,6 +31,7 @@ from deit_repro.core.live_metrics import StageLive
 from deit_repro.core.model_dirs import (
     PREDICTIONS,
     load_model,
+    resolve_model_dir,
     save_model,
     save_predictions,
     weights_hash,
@@ -202,7 +203,11 @@ class Training:
     identity: dict[str, Any]
     desc: str  # the progress log's label
     distill: DistillKind = "none"
-    #: the teacher's model directory (this seed's) when ``distill`` is not none
+    #: the distillation term's weight and temperature (``params.distillation.weights``)
+    alpha: float = 0.0
+    tau: float = 1.0
+    #: the teacher as the stage was given it (a model directory, or its seeds' parent: this
+    #: run's seed is picked by :func:`resolve_model_dir`); read when ``distill`` is not none
     teacher: Path | None = None
 
 
@@ -215,14 +220,17 @@ def train_and_save(
     rt, t, recipe = at.rt, plan.trainee, plan.recipe
     t.seed = at.seed
     model = t.model.to(rt.device)
-    teacher = plan.teacher if plan.distill != "none" else None
-    alpha, tau = at.params.distillation.weights(plan.distill)
+    teacher = (
+        resolve_model_dir(plan.teacher, at.seed)
+        if plan.distill != "none" and plan.teacher is not None
+        else None
+    )
     loss_fn = DistillationLoss(
         base_criterion(recipe),
         teacher_module(teacher, at.ds, rt) if teacher is not None else None,
         distill=plan.distill,
-        alpha=alpha,
-        tau=tau,
+        alpha=plan.alpha,
+        tau=plan.tau,
     )
     identity = {
         "stage": stage,
