@@ -277,6 +277,48 @@ def test_a_nan_at_step_k_stops_the_run_with_the_last_good_checkpoint_intact(
     )  # the weights did diverge
 
 
+def test_overflowed_gradients_under_a_finite_loss_never_reach_a_checkpoint(
+    fashion_small, smoke_params, tmp_path
+):
+    """The last step of epoch 2 has a finite loss but NaN gradients (as a bf16 overflow gives,
+    with no loss scaler to skip the step): the weights diverge after the loss was recorded. The
+    epoch's closing read sees the weights and stops before the checkpoint is written."""
+    ds = open_dataset(fashion_small)
+    recipe = _recipe(smoke_params, epochs=3, check_every=4)
+    model = _tiny_student()
+    calls = {"n": 0}
+    base = base_criterion(recipe)
+    ckpt = tmp_path / "k.pth"
+    saved: list[bytes] = []
+
+    def loss_fn(x, out, y):
+        calls["n"] += 1
+        loss = base(out, y)
+        if calls["n"] == 12:  # epoch 2, step 6: d sqrt(0 w)/dw = inf * 0 = NaN, value 0
+            loss = loss + torch.sqrt(model.head.weight * 0.0).sum()
+        return loss
+
+    with pytest.raises(TrainingError) as err:
+        fit(
+            model=model,
+            loss_fn=loss_fn,
+            train_batches=train_batches(ds, recipe, img_size=28, seed=0),
+            recipe=recipe,
+            num_classes=10,
+            seed=0,
+            rt=CPU,
+            checkpoint_path=ckpt,
+            fingerprint="x",
+            on_epoch_end=lambda history: saved.append(ckpt.read_bytes()),
+        )
+    assert str(err.value).startswith(
+        f"the weights are not finite at epoch 2 step 6, though the loss is (last good "
+        f"checkpoint: {ckpt})"
+    ), err.value
+    assert len(saved) == 1 and ckpt.read_bytes() == saved[0]
+    assert load_checkpoint(ckpt)["epoch"] == 0
+
+
 def test_the_sync_free_engine_trains_the_weights_of_a_per_step_loop(fashion_small, smoke_params):
     """``fit`` reads the loss every ``check_every`` steps only; the weights and the reported
     losses are those of the plain loop that reads it every step (``loss.item()``, the official

@@ -20,12 +20,14 @@ Mixup/CutMix stay in the engine, repeated augmentation in the sampler (:func:`ep
 The draws come from the global ``random``/``numpy`` generators that timm uses, seeded per epoch
 (:func:`seed_everything`), so an epoch is the same whether the run was interrupted before it or
 not. What differs from PIL, measured in ``tests/test_device_augment.py`` and docs/augmentation.md:
-bicubic taps (torch's a = -0.75, PIL's -0.5) in the crop and in the rotate/shear/translate ops,
-and libjpeg vs nvJPEG rounding; colour and histogram ops are PIL's arithmetic, exactly.
+bicubic taps (torch's a = -0.75 against PIL's -0.5 in the crop's resize and -1 in its affine
+transforms, rotate/shear/translate), and libjpeg vs nvJPEG rounding; colour and histogram ops are
+PIL's arithmetic, exactly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 from typing import Callable, Iterator, Sequence
@@ -141,7 +143,8 @@ class DeviceAugment:
         out = F.grid_sample(x.float(), grid, mode=mode, padding_mode="border", align_corners=False)
         outside = (grid.abs() > 1).any(dim=-1, keepdim=True).permute(0, 3, 1, 2)
         out = torch.where(outside, self.fill, out)
-        return out.round_().clamp_(0, 255).to(torch.uint8)
+        # PIL's affine transform truncates its interpolated value (its resize rounds)
+        return out.clamp_(0, 255).to(torch.uint8)
 
 
 def _timm_rand_augment(aug: AugCfg, img_size: int, mean: Sequence[float]):
@@ -367,16 +370,39 @@ def decode(encoded: list[torch.Tensor], device: torch.device, in_chans: int) -> 
     out: list[torch.Tensor | None] = [None] * len(encoded)
     if jpeg:
         try:
-            for k, img in zip(
-                jpeg, decode_jpeg([encoded[k] for k in jpeg], mode=mode, device=device)
-            ):
+            with _decode_stream(device) as outputs:
+                outputs += decode_jpeg([encoded[k] for k in jpeg], mode=mode, device=device)
+            for k, img in zip(jpeg, outputs):
                 out[k] = img
         except RuntimeError:  # one image nvJPEG cannot read fails the call: decode them one by one
             pass
     for k, img in enumerate(out):
         if img is None:
-            out[k] = decode_image(encoded[k], mode=mode).to(device)
+            out[k] = to_device(decode_image(encoded[k], mode=mode), device)
     return out  # type: ignore[return-value]
+
+
+_STREAMS: dict[torch.device, "torch.cuda.Stream"] = {}
+
+
+@contextlib.contextmanager
+def _decode_stream(device: torch.device):
+    """Where nvJPEG's outputs are allocated: a stream of their own. torchvision allocates them on
+    the current stream and nvJPEG writes them from its own without waiting for that stream's
+    queued kernels (pytorch/vision#9606): on the training stream, with no per-step sync, the
+    allocator could hand it memory the previous step still reads. Memory of this stream is only
+    reused once the training stream is done with it (``record_stream``)."""
+    outputs: list[torch.Tensor] = []
+    if device.type != "cuda":
+        yield outputs
+        return
+    main = torch.cuda.current_stream(device)
+    side = _STREAMS.setdefault(device, torch.cuda.Stream(device))
+    with torch.cuda.stream(side):
+        yield outputs
+    main.wait_stream(side)
+    for img in outputs:
+        img.record_stream(main)
 
 
 class DeviceBatches(_EpochBatches):

@@ -605,7 +605,7 @@ def fit(
             watch.add(loss, x.shape[0], step)
             n_seen += x.shape[0]
             if (step + 1) % check_every == 0 or step + 1 == steps:
-                loss_sum = watch.read(rt, epoch, step, last_good)
+                loss_sum = watch.read(rt, epoch, step, last_good, raw)
                 progress.line(step, n_seen, loss_sum)
         rt.synchronize()  # the epoch's time is the GPU's, not the time it took to queue it
         if rt.world_size > 1:  # the loss over the global batch, as one process would report it
@@ -780,26 +780,43 @@ class _LossWatch:
         self.first_bad = torch.where(new, float(step), self.first_bad)
         self.bad_value = torch.where(new, value, self.bad_value)
 
-    def read(self, rt: Runtime, epoch: int, step: int, last_good: Path | None) -> float:
+    def read(
+        self, rt: Runtime, epoch: int, step: int, last_good: Path | None, model: nn.Module
+    ) -> float:
         """The loss sum so far (one sync); a TrainingError when any rank's loss went non-finite,
-        naming its first such step and the checkpoint left intact (``last_good``)."""
-        total, first, value = torch.stack([self.sum, self.first_bad, self.bad_value]).tolist()
+        naming its first such step, or when the weights did (a finite loss whose gradients
+        overflowed: under bf16 no loss scaler skips that step), naming the checkpoint left
+        intact (``last_good``). Every epoch ends with a read, so diverged weights are never
+        checkpointed."""
+        # one norm per weight tensor, NaN or inf where any element is: one pass over the weights
+        norms = torch._foreach_norm([q.detach() for q in model.parameters()])
+        weights = torch.stack(norms).sum().to(self.sum.device, torch.float64)
+        values = torch.stack([self.sum, self.first_bad, self.bad_value, weights]).tolist()
+        total, first, value, norm = values
         bad = rt.nonfinite((int(first), value) if first >= 0 else None)
-        if not bad:
-            return total
         kept = (
             f"last good checkpoint: {last_good}" if last_good else "no checkpoint was written yet"
         )
-        what = (
-            f"{bad[0][2]}"
-            if rt.world_size == 1
-            else ", ".join(f"{v} on rank {r}" for r, _, v in bad)
-        )
-        raise TrainingError(
-            f"loss is {what} at epoch {epoch + 1} step {min(s for _, s, _ in bad) + 1} "
-            f"({kept}; stopped at step {step + 1})",
-            "lower the learning rate (lr_per_512) or enable clip_grad; facebookresearch/deit#29",
-        )
+        if bad:
+            what = (
+                f"{bad[0][2]}"
+                if rt.world_size == 1
+                else ", ".join(f"{v} on rank {r}" for r, _, v in bad)
+            )
+            raise TrainingError(
+                f"loss is {what} at epoch {epoch + 1} step {min(s for _, s, _ in bad) + 1} "
+                f"({kept}; stopped at step {step + 1})",
+                "lower the learning rate (lr_per_512) or enable clip_grad; "
+                "facebookresearch/deit#29",
+            )
+        if not math.isfinite(norm):  # the same on every rank: DDP keeps the weights equal
+            raise TrainingError(
+                f"the weights are not finite at epoch {epoch + 1} step {step + 1}, though the "
+                f"loss is ({kept})",
+                "enable clip_grad or lower the learning rate (lr_per_512); "
+                "facebookresearch/deit#29",
+            )
+        return total
 
 
 class _Progress:
