@@ -14,7 +14,8 @@ and the same for the ``device`` pipeline (``core.device_augment``, the imagenet 
 ``pipeline: auto``), whose workers only read the files' bytes:
 
 * **read**: ``EncodedImages[i]`` (a file's bytes as a tensor), images/s on one core, and its
-  DataLoader with 1 .. ``--workers`` workers;
+  DataLoader with 1 .. ``--workers`` workers (each packs its batch into one tensor for the hand-over
+  to the main process); the cores a GPU needs are counted at the one-worker loader's rate;
 * **dispatch**: the host's side of decoding and augmenting on the device, the work the main
   process does per image whatever the device: ``DeviceAugment`` on 12 x 10 px in-memory images
   cropped to 8 px, where the arithmetic is negligible and the per-image Python and operator
@@ -207,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         read_loader = loader_rates(files, None, workers, batch, min_batches=n * 4)
     rates = json.loads(args.rates.read_text())
     rows = feeding(core["decode_transform_images_per_s"], rates, train.num_workers)
-    device_rows = feeding(device["read_images_per_s"], rates, train.num_workers)
+    # a worker's rate is its reads plus the hand-over of the packed batch to the main process
+    device_rows = feeding(read_loader[1], rates, train.num_workers)
     for r in device_rows:  # the main process drives the device: one more core, its own bound
         r["cores_needed"] += 1
         r["fed_by_one_dispatching_core"] = min(

@@ -216,7 +216,7 @@ def test_loader_bench_measures_the_paper_pipeline_per_core_and_the_cores_a_gpu_n
     assert dev["per_core"]["device_pipeline_on_cpu_images_per_s"] > 0
     assert set(dev["read_loader_images_per_s"]) == {"1", "2"}
     for row in dev["feeding"]:
-        need = row["gpu_images_per_s"] / dev["per_core"]["read_images_per_s"] + 1
+        need = row["gpu_images_per_s"] / dev["read_loader_images_per_s"]["1"] + 1
         assert row["cores_needed"] == pytest.approx(need, rel=1e-2)
         drive = min(1.0, dev["per_core"]["dispatch_images_per_s"] / row["gpu_images_per_s"])
         assert row["fed_by_one_dispatching_core"] == pytest.approx(drive, abs=2e-3)

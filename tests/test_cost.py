@@ -125,6 +125,7 @@ def test_the_loader_cores_follow_the_pipeline_each_job_runs(imagenet, tmp_path):
     jobs = training_jobs(imagenet, tmp_path)
     assert {j.pipeline for j in jobs if j.res.gpus_per_node > 0} == {"device"}
     rates = {**load_rates(), "loader_images_per_s_per_core": 200.0}
+    rates.pop("loader_read_images_per_s_per_core")  # a rates file of before the device pipeline
     assert loader_cores("timm", 4000.0, rates) == pytest.approx(20.0)
     assert loader_cores("device", 4000.0, rates) == pytest.approx(20.0)  # no read rate: as timm
     assert loader_cores("tensor", 4000.0, rates) == 0.0
