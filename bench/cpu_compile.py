@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import statistics
 import sys
@@ -32,6 +31,7 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from deit_repro import atomic  # noqa: E402
 from deit_repro.config import load_params  # noqa: E402
 from deit_repro.core.datasets import open_dataset, train_batches  # noqa: E402
 from deit_repro.core.engine import Runtime, base_criterion, fit  # noqa: E402
@@ -156,9 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(res, indent=2) + "\n")
-        os.replace(tmp, args.json)
+        atomic.write_json(args.json, res)
     return 0
 
 

@@ -55,6 +55,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from deit_repro import atomic  # noqa: E402
 from deit_repro.config import load_params  # noqa: E402
 from deit_repro.core.batches import ImageDataset, timm_train_transform  # noqa: E402
 from deit_repro.core.device_augment import DeviceAugment, EncodedImages, decode, pack  # noqa: E402
@@ -267,9 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp_json = args.json.with_suffix(".json.tmp")
-        tmp_json.write_text(json.dumps(res, indent=2) + "\n")
-        os.replace(tmp_json, args.json)
+        atomic.write_json(args.json, res)
     return 0
 
 

@@ -230,25 +230,19 @@ def test_one_epoch_on_real_fashion_mnist_is_far_above_chance(fashion_5k, smoke_p
     assert m["heads"]["cls"]["top1"] > 45.0, m
 
 
-@pytest.mark.parametrize("check_every", [1, 5])
-def test_a_nan_at_step_k_stops_the_run_with_the_last_good_checkpoint_intact(
-    fashion_small, smoke_params, tmp_path, check_every
-):
-    """The loss turns NaN at epoch 2 step 2 (6 steps an epoch). The host reads the loss every
-    ``check_every`` steps, so the run goes on to that read (step 5) with diverged weights: it
-    must stop there, name step 2, and leave epoch 1's checkpoint byte for byte as it was."""
+def _diverge_at(call: int, how, fashion_small, smoke_params, tmp_path, check_every: int):
+    """A 3-epoch run (6 steps an epoch) whose loss_fn call number ``call`` is changed by
+    ``how(loss, model)``: (the TrainingError, loss calls made, the model, the checkpoint path,
+    the checkpoint's bytes at each epoch end)."""
     ds = open_dataset(fashion_small)
     recipe = _recipe(smoke_params, epochs=3, check_every=check_every)
-    model = _tiny_student()
-    calls = {"n": 0}
-    base = base_criterion(recipe)
-    ckpt = tmp_path / "k.pth"
-    saved: list[bytes] = []
+    model, base, calls = _tiny_student(), base_criterion(recipe), [0]
+    ckpt, saved = tmp_path / "k.pth", []
 
     def loss_fn(x, out, y):
-        calls["n"] += 1
+        calls[0] += 1
         loss = base(out, y)
-        return loss * float("nan") if calls["n"] == 8 else loss  # epoch 2, step 2
+        return how(loss, model) if calls[0] == call else loss
 
     with pytest.raises(TrainingError) as err:
         fit(
@@ -263,18 +257,28 @@ def test_a_nan_at_step_k_stops_the_run_with_the_last_good_checkpoint_intact(
             fingerprint="x",
             on_epoch_end=lambda history: saved.append(ckpt.read_bytes()),
         )
-    msg = str(err.value)
+    return err.value, calls[0], model, ckpt, saved
+
+
+@pytest.mark.parametrize("check_every", [1, 5])
+def test_a_nan_at_step_k_stops_the_run_with_the_last_good_checkpoint_intact(
+    fashion_small, smoke_params, tmp_path, check_every
+):
+    """The loss turns NaN at epoch 2 step 2. The host reads the loss every ``check_every``
+    steps, so the run goes on to that read (step 5) with diverged weights: it must stop there,
+    name step 2, and leave epoch 1's checkpoint byte for byte as it was."""
+    err, calls, model, ckpt, saved = _diverge_at(
+        8, lambda loss, _: loss * float("nan"), fashion_small, smoke_params, tmp_path, check_every
+    )
     stopped = 2 if check_every == 1 else 5
-    assert msg.startswith(
+    assert str(err).startswith(
         f"loss is nan at epoch 2 step 2 (last good checkpoint: {ckpt}; stopped at step {stopped})"
-    ), msg
-    assert calls["n"] == 6 + stopped  # no step after the read that saw it
+    ), err
+    assert calls == 6 + stopped  # no step after the read that saw it
     assert len(saved) == 1 and ckpt.read_bytes() == saved[0]  # epoch 1's, untouched
     kept = load_checkpoint(ckpt)
     assert kept["epoch"] == 0 and all(v.isfinite().all() for v in kept["model"].values())
-    assert not math.isfinite(
-        float(next(model.parameters()).detach().sum())
-    )  # the weights did diverge
+    assert not math.isfinite(float(next(model.parameters()).detach().sum()))  # they diverged
 
 
 def test_overflowed_gradients_under_a_finite_loss_never_reach_a_checkpoint(
@@ -283,38 +287,17 @@ def test_overflowed_gradients_under_a_finite_loss_never_reach_a_checkpoint(
     """The last step of epoch 2 has a finite loss but NaN gradients (as a bf16 overflow gives,
     with no loss scaler to skip the step): the weights diverge after the loss was recorded. The
     epoch's closing read sees the weights and stops before the checkpoint is written."""
-    ds = open_dataset(fashion_small)
-    recipe = _recipe(smoke_params, epochs=3, check_every=4)
-    model = _tiny_student()
-    calls = {"n": 0}
-    base = base_criterion(recipe)
-    ckpt = tmp_path / "k.pth"
-    saved: list[bytes] = []
 
-    def loss_fn(x, out, y):
-        calls["n"] += 1
-        loss = base(out, y)
-        if calls["n"] == 12:  # epoch 2, step 6: d sqrt(0 w)/dw = inf * 0 = NaN, value 0
-            loss = loss + torch.sqrt(model.head.weight * 0.0).sum()
-        return loss
+    def nan_gradients(loss, model):  # d sqrt(0 w)/dw = inf * 0 = NaN; the value is 0
+        return loss + torch.sqrt(model.head.weight * 0.0).sum()
 
-    with pytest.raises(TrainingError) as err:
-        fit(
-            model=model,
-            loss_fn=loss_fn,
-            train_batches=train_batches(ds, recipe, img_size=28, seed=0),
-            recipe=recipe,
-            num_classes=10,
-            seed=0,
-            rt=CPU,
-            checkpoint_path=ckpt,
-            fingerprint="x",
-            on_epoch_end=lambda history: saved.append(ckpt.read_bytes()),
-        )
-    assert str(err.value).startswith(
+    err, _, _, ckpt, saved = _diverge_at(
+        12, nan_gradients, fashion_small, smoke_params, tmp_path, check_every=4
+    )
+    assert str(err).startswith(
         f"the weights are not finite at epoch 2 step 6, though the loss is (last good "
         f"checkpoint: {ckpt})"
-    ), err.value
+    ), err
     assert len(saved) == 1 and ckpt.read_bytes() == saved[0]
     assert load_checkpoint(ckpt)["epoch"] == 0
 
