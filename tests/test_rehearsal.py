@@ -65,11 +65,12 @@ def test_the_overlay_changes_only_what_must_shrink():
     changed = sorted(k for k in base if base[k] != composed[k])
     bad = [k for k in changed if not any(re.fullmatch(p, k) for p in ALLOWED)]
     assert not bad, f"the rehearsal overlay changes {bad}"
-    # ... and what stays is the paper's path: the timm pipeline with RandAugment and workers,
+    # ... and what stays is the paper's path: the `auto` pipeline (timm's with RandAugment and
+    # workers on these CPUs, decode and augmentation on the device on a GPU; compiled there),
     # repeated augmentation, the RegNetY-16GF teacher, DeiT⚗ by hard distillation, 224 -> 384
     # with crop 0.875, the six transfer datasets with their recipes, SLURM.
     p = params_from_dict(compose_params(PROFILES / "imagenet.yaml", PROFILES / "rehearsal.yaml"))
-    assert p.student.train.aug.pipeline == "timm"
+    assert p.student.train.aug.pipeline == "auto" and p.student.train.compile == "auto"
     assert p.student.train.aug.rand_augment == "rand-m9-mstd0.5-inc1"
     assert p.student.train.repeated_aug == 3 and p.student.train.num_workers > 0
     assert p.teacher.model.name == "regnety_160" and p.teacher.model.img_size == 224
