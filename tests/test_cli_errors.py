@@ -683,6 +683,48 @@ def test_disk_full_while_checkpointing_keeps_the_last_complete_checkpoint(
     assert not out.exists()
 
 
+def test_ctrl_c_while_checkpointing_is_an_interrupt_and_keeps_the_last_checkpoint(
+    capsys, tmp_path, fashion_small, monkeypatch
+):
+    """Ctrl-C landing in the middle of the epoch-2 checkpoint: the stage says it was interrupted
+    and exits 130 (no traceback, though torch's zip writer fails to close the cut archive), the
+    epoch-1 checkpoint is whole, no temporary file is left, no model directory written."""
+    params = params_file(tmp_path / "two_epochs.yaml", **{"teacher.train.epochs": 2})
+    ckdir, out = tmp_path / "ck", tmp_path / "teacher"
+    written: list[bytes] = []
+
+    class CtrlC(io.FileIO):
+        """The temporary file of the epoch-2 checkpoint: SIGINT's handler raises in a write."""
+
+        writes = 0
+
+        def write(self, b):
+            self.writes += 1
+            if self.writes > 2:
+                raise KeyboardInterrupt
+            return super().write(b)
+
+    def interrupted(file, mode="r", *args, **kwargs):
+        target = Path(file).parent / "checkpoint.pth"
+        if "w" in mode and Path(file).name.startswith(".checkpoint.pth.") and target.exists():
+            written.append(target.read_bytes())
+            return CtrlC(file, mode)
+        return open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(atomic, "open", interrupted, raising=False)
+    rc, err = run_in_process(
+        capsys,
+        *("teacher", "--params", params, "--data", fashion_small),
+        *("--out", out, "--run-dir", ckdir, "--seed", "0"),
+    )
+    assert rc == 130 and err.splitlines()[-1] == "deit-repro teacher: interrupted", err
+    assert "Traceback" not in err, err
+    assert len(written) == 1 and (ckdir / "checkpoint.pth").read_bytes() == written[0]
+    assert load_checkpoint(ckdir / "checkpoint.pth")["epoch"] == 0
+    assert sorted(p.name for p in ckdir.iterdir()) == ["checkpoint.pth", "history.csv"]
+    assert not out.exists()
+
+
 # ----------------------------------------------------------------------- torn files, crashed writes
 
 

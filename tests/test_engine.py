@@ -617,6 +617,42 @@ def test_a_failed_torch_save_keeps_the_previous_file(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.pth"]
 
 
+@pytest.mark.parametrize("signal_raises", [KeyboardInterrupt, SystemExit])
+def test_a_signal_during_torch_save_stays_what_it_is(tmp_path, monkeypatch, signal_raises):
+    """Ctrl-C (KeyboardInterrupt), or submitit's exit after a USR2 requeue (SystemExit), landing
+    in the middle of a checkpoint write: torch's zip writer fails to close the cut archive
+    ("unexpected pos ..."), which must not replace the interrupt (the CLI would print a traceback
+    and exit 1 instead of 130; a requeued SLURM job would record a failure). The previous file
+    stays whole and no temporary file is left."""
+    import io
+
+    from deit_repro import atomic
+
+    path = tmp_path / "ck.pth"
+    atomic.torch_save({"w": torch.arange(10.0)}, path)
+    before = path.read_bytes()
+
+    class Interrupted(io.FileIO):
+        left = 3  # write() calls before the signal's handler raises
+
+        def write(self, b):
+            Interrupted.left -= 1
+            if Interrupted.left < 0:
+                raise signal_raises()
+            return super().write(b)
+
+    monkeypatch.setattr(
+        atomic,
+        "open",
+        lambda f, mode="r": Interrupted(f, mode) if "w" in mode else open(f, mode),
+        raising=False,
+    )
+    with pytest.raises(signal_raises):
+        atomic.torch_save({f"w{i}": torch.zeros(1000) for i in range(8)}, path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.pth"]
+
+
 # ------------------------------------------------------------------------- per-image DataLoader
 
 

@@ -179,7 +179,7 @@ def test_signals_reach_the_served_stage_and_a_killed_caller_takes_it_along(
     proc, child = _start_long(fashion_small, tmp_path / "int", e, log)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "deit-repro teacher: interrupted" in err
+    assert proc.returncode == 130 and "deit-repro teacher: interrupted" in err, err
     assert _gone_within(child, 10)
 
     # SIGTERM kills the stage, and the caller ends by the same signal.

@@ -74,11 +74,17 @@ def torch_save(obj: Any, path: str | os.PathLike) -> None:
             try:
                 torch.save(obj, fh)
             except RuntimeError as err:
-                # torch's zip writer reports a failed write() as "unexpected pos ...", the
-                # OSError (ENOSPC on a full disk) being its context: raise that one, which
-                # names the cause (the CLI turns ENOSPC into its own exit status).
-                if isinstance(err.__context__, OSError):
-                    raise err.__context__ from None
+                # torch's zip writer closes the archive on the way out of any exception, and a
+                # write cut short makes that fail with "unexpected pos ...", the real cause
+                # being its context: raise that one. An OSError names the cause (the CLI turns
+                # ENOSPC into its own exit status); a KeyboardInterrupt or SystemExit is a
+                # signal landing mid-write (Ctrl-C, submitit's exit after a USR2 requeue), which
+                # must stay what it is, not become a failure with a traceback.
+                cause = err.__context__
+                if isinstance(cause, OSError) or (
+                    cause is not None and not isinstance(cause, Exception)
+                ):
+                    raise cause from None
                 raise
 
 
