@@ -576,14 +576,9 @@ def test_torch_save_serialises_straight_into_the_temporary_file(tmp_path, monkey
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.pth"]
 
 
-def test_a_failed_torch_save_keeps_the_previous_file(tmp_path, monkeypatch):
-    """Pickling fails half-way, or the disk fills: the previous file stays byte-identical, no
-    temporary file is left, and a full disk surfaces as ENOSPC (torch's zip writer would say
-    "unexpected pos"), which the CLI reports as such."""
-    import errno
-    import io
-    import os
-
+def test_a_failed_pickle_keeps_the_previous_file(tmp_path):
+    """Pickling fails half-way: the previous file stays byte-identical, no temporary file is
+    left."""
     from deit_repro import atomic
 
     path = tmp_path / "ck.pth"
@@ -594,36 +589,24 @@ def test_a_failed_torch_save_keeps_the_previous_file(tmp_path, monkeypatch):
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.pth"]
 
-    class FullDisk(io.FileIO):
-        room = 700  # bytes left on the device
 
-        def write(self, b):
-            n = memoryview(b).nbytes
-            if n > FullDisk.room:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            FullDisk.room -= n
-            return super().write(b)
+def _enospc() -> OSError:
+    import errno
+    import os
 
-    monkeypatch.setattr(
-        atomic,
-        "open",
-        lambda f, mode="r": FullDisk(f, mode) if "w" in mode else open(f, mode),
-        raising=False,
-    )
-    with pytest.raises(OSError) as err:
-        atomic.torch_save({"w": torch.zeros(10_000)}, path)
-    assert err.value.errno == errno.ENOSPC
-    assert path.read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.pth"]
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # what write(2) gives: no file name
 
 
-@pytest.mark.parametrize("signal_raises", [KeyboardInterrupt, SystemExit])
-def test_a_signal_during_torch_save_stays_what_it_is(tmp_path, monkeypatch, signal_raises):
-    """Ctrl-C (KeyboardInterrupt), or submitit's exit after a USR2 requeue (SystemExit), landing
-    in the middle of a checkpoint write: torch's zip writer fails to close the cut archive
-    ("unexpected pos ..."), which must not replace the interrupt (the CLI would print a traceback
-    and exit 1 instead of 130; a requeued SLURM job would record a failure). The previous file
-    stays whole and no temporary file is left."""
+@pytest.mark.parametrize(
+    "cut", [_enospc, KeyboardInterrupt, SystemExit], ids=["disk-full", "ctrl-c", "requeue-exit"]
+)
+def test_a_write_cut_short_raises_its_cause_and_keeps_the_previous_file(tmp_path, monkeypatch, cut):
+    """A checkpoint write cut short by a full disk (ENOSPC), Ctrl-C (KeyboardInterrupt) or
+    submitit's exit after a USR2 requeue (SystemExit): torch's zip writer then fails to close the
+    archive ("unexpected pos ..."), and that RuntimeError must not replace the cause: the CLI
+    turns ENOSPC into its own exit status and Ctrl-C into "interrupted" (130), not a traceback
+    (1); a requeued SLURM job must not record a failure. The previous file stays byte-identical
+    and no temporary file is left."""
     import io
 
     from deit_repro import atomic
@@ -632,23 +615,25 @@ def test_a_signal_during_torch_save_stays_what_it_is(tmp_path, monkeypatch, sign
     atomic.torch_save({"w": torch.arange(10.0)}, path)
     before = path.read_bytes()
 
-    class Interrupted(io.FileIO):
-        left = 3  # write() calls before the signal's handler raises
+    class CutShort(io.FileIO):
+        room = 700  # bytes written before the write that raises
 
         def write(self, b):
-            Interrupted.left -= 1
-            if Interrupted.left < 0:
-                raise signal_raises()
+            n = memoryview(b).nbytes
+            if n > CutShort.room:
+                raise cut()
+            CutShort.room -= n
             return super().write(b)
 
     monkeypatch.setattr(
         atomic,
         "open",
-        lambda f, mode="r": Interrupted(f, mode) if "w" in mode else open(f, mode),
+        lambda f, mode="r": CutShort(f, mode) if "w" in mode else open(f, mode),
         raising=False,
     )
-    with pytest.raises(signal_raises):
-        atomic.torch_save({f"w{i}": torch.zeros(1000) for i in range(8)}, path)
+    with pytest.raises(type(cut())) as err:
+        atomic.torch_save({"w": torch.zeros(10_000)}, path)
+    assert str(err.value) == str(cut())
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.pth"]
 

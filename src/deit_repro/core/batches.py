@@ -380,7 +380,8 @@ class _EpochSeeded(torch.utils.data.Dataset):
 
 
 class LoaderBatches(_EpochBatches):
-    """An epoch of training batches through a DataLoader (timm pipeline), same contract as
+    """An epoch of training batches through a DataLoader (timm pipeline; the device pipeline's
+    :class:`~deit_repro.core.device_augment.DeviceBatches` is one too), same contract as
     :class:`TrainBatches`.
 
     One DataLoader serves every epoch; with workers they are persistent (starting them every
@@ -390,7 +391,7 @@ class LoaderBatches(_EpochBatches):
 
     def __init__(
         self,
-        dataset: ImageDataset,
+        dataset: torch.utils.data.Dataset,
         *,
         batch_size: int,
         seed: int,
@@ -413,6 +414,10 @@ class LoaderBatches(_EpochBatches):
         draws for them."""
         return int(torch.empty((), dtype=torch.int64).random_(generator=self._generator()).item())
 
+    def _loader_options(self) -> dict:
+        """What a subclass's loader does differently: its collate, prefetch depth, pinning."""
+        return {"pin_memory": torch.cuda.is_available()}
+
     @property
     def loader(self) -> torch.utils.data.DataLoader:
         if self._loader is None:
@@ -425,8 +430,8 @@ class LoaderBatches(_EpochBatches):
                 # Its own generator: the loader's draw of a base seed must not consume the
                 # global torch RNG (the main-process pipeline's augmentations draw from it).
                 generator=torch.Generator().manual_seed(self.seed),
-                pin_memory=torch.cuda.is_available(),
                 persistent_workers=self.num_workers > 0,
+                **self._loader_options(),
             )
         return self._loader
 

@@ -37,13 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from deit_repro.config import AugCfg
-from deit_repro.core.batches import (
-    _EpochBatches,
-    _EpochIndices,
-    _EpochSeeded,
-    norm_stats,
-    to_device,
-)
+from deit_repro.core.batches import LoaderBatches, norm_stats, to_device
 from deit_repro.errors import ConfigError
 
 # timm's RandAugment ops by what they do to the pixels (timm.data.auto_augment.NAME_TO_OP)
@@ -405,10 +399,11 @@ def _decode_stream(device: torch.device):
         img.record_stream(main)
 
 
-class DeviceBatches(_EpochBatches):
+class DeviceBatches(LoaderBatches):
     """An epoch of training batches decoded and augmented on ``device`` (the ``device``
     pipeline), same contract as :class:`deit_repro.core.batches.TrainBatches`: ``(x float
-    [B, C, S, S] on device, labels [B])``. ``num_workers`` processes read the files' bytes."""
+    [B, C, S, S] on device, labels [B])``. ``num_workers`` processes read the files' bytes and
+    hand each batch over as one tensor (:func:`pack`)."""
 
     def __init__(
         self,
@@ -423,34 +418,27 @@ class DeviceBatches(_EpochBatches):
         rank: int = 0,
         num_workers: int = 0,
     ):
-        self.dataset, self.augment, self.in_chans = dataset, augment, in_chans
-        self.batch_size, self.seed, self.repeats = batch_size, seed, repeats
-        self.world_size, self.rank, self.num_workers = world_size, rank, num_workers
-        self.epoch = 0
-        self._loader: torch.utils.data.DataLoader | None = None
-
-    def _num_samples(self) -> int:
-        return len(self.dataset)
+        super().__init__(
+            dataset,
+            batch_size=batch_size,
+            seed=seed,
+            repeats=repeats,
+            world_size=world_size,
+            rank=rank,
+            num_workers=num_workers,
+        )
+        self.augment, self.in_chans = augment, in_chans
 
     def worker_base_seed(self) -> int:
         return 0  # the workers only read bytes: they draw nothing
 
-    @property
-    def loader(self) -> torch.utils.data.DataLoader:
-        if self._loader is None:
-            self._loader = torch.utils.data.DataLoader(
-                _EpochSeeded(self.dataset),
-                batch_size=self.batch_size,
-                sampler=_EpochIndices(self),
-                drop_last=True,
-                num_workers=self.num_workers,
-                collate_fn=pack,
-                persistent_workers=self.num_workers > 0,
-                prefetch_factor=4 if self.num_workers > 0 else None,
-                # pinned: the labels' copy to the GPU is queued, not waited for (to_device)
-                pin_memory=self.augment.device.type == "cuda",
-            )
-        return self._loader
+    def _loader_options(self) -> dict:
+        return {
+            "collate_fn": pack,
+            "prefetch_factor": 4 if self.num_workers > 0 else None,
+            # pinned: the labels' copy to the GPU is queued, not waited for (to_device)
+            "pin_memory": self.augment.device.type == "cuda",
+        }
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         device = self.augment.device
