@@ -404,7 +404,7 @@ def photo_dataset(work: Path, smoke: bool, images: int):
 
 def bench_pipeline(out: dict, save, device: torch.device, work: Path, smoke: bool) -> None:
     """Every measurement of the benchmark, each saved as soon as it is made."""
-    from deit_repro.core.datasets import pipeline_on, train_batches
+    from deit_repro.core.datasets import train_batches
     from deit_repro.core.engine import Runtime
 
     rt = Runtime.detect("auto")
@@ -434,7 +434,7 @@ def bench_pipeline(out: dict, save, device: torch.device, work: Path, smoke: boo
             case, synthetic_batches(case, recipe, rt, steps, k), recipe, rt, k
         )
         save()
-        row["pipeline"] = pipeline_on(recipe, device)
+        row["pipeline"] = recipe.aug.pipeline_on(gpu=device.type == "cuda")
         row["loader_workers"] = recipe.num_workers
 
         def from_files():

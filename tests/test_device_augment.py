@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from deit_repro.config import AugCfg, TrainCfg
+from deit_repro.config import AugCfg
 from deit_repro.core.batches import (
     _timm_posterize_any_bits,
     epoch_seed,
@@ -225,12 +225,10 @@ def test_device_batches_are_seeded_per_epoch_and_resume_exactly(photos):
 
 
 def test_auto_is_the_device_pipeline_on_a_gpu_and_timm_on_a_cpu():
-    from deit_repro.core.datasets import pipeline_on
-
-    recipe = TrainCfg(aug=dataclasses.replace(PAPER, pipeline="auto"))
-    assert pipeline_on(recipe, torch.device("cpu")) == "timm"
-    assert pipeline_on(recipe, torch.device("cuda", 0)) == "device"
-    assert pipeline_on(TrainCfg(aug=PAPER), torch.device("cuda", 0)) == "timm"
+    auto = dataclasses.replace(PAPER, pipeline="auto")
+    assert auto.pipeline_on(gpu=False) == "timm"
+    assert auto.pipeline_on(gpu=True) == "device"
+    assert PAPER.pipeline_on(gpu=True) == "timm"
 
 
 @pytest.mark.parametrize(

@@ -178,6 +178,14 @@ class AugCfg:
                 "(RandAugment/colour jitter need the per-image 'timm' pipeline)",
             )
 
+    def pipeline_on(self, gpu: bool) -> str:
+        """The pipeline this recipe runs where training is (``gpu``) or is not on a GPU:
+        ``auto`` is ``device`` on a GPU (decode and augmentation there, bench/loader_bench.py)
+        and ``timm`` elsewhere; every other value is itself."""
+        if self.pipeline == "auto":
+            return "device" if gpu else "timm"
+        return self.pipeline
+
 
 @dataclass(frozen=True)
 class TrainCfg:

@@ -82,14 +82,6 @@ def per_rank_batch(batch_size: int, world_size: int) -> int:
     return batch_size // world_size
 
 
-def pipeline_on(recipe: TrainCfg, device: torch.device) -> str:
-    """The pipeline ``recipe.aug.pipeline`` means on ``device``: ``auto`` is ``device`` on a
-    GPU (decode and augmentation there, bench/loader_bench.py), ``timm`` on a CPU."""
-    if recipe.aug.pipeline == "auto":
-        return "device" if device.type == "cuda" else "timm"
-    return recipe.aug.pipeline
-
-
 def train_batches(
     ds: Dataset,
     recipe: TrainCfg,
@@ -103,7 +95,7 @@ def train_batches(
     """This process's training batches (global batch split over ranks); the ``device``
     pipeline makes them on ``device``, the others on the CPU."""
     per_rank = per_rank_batch(recipe.batch_size, world_size)
-    pipeline = pipeline_on(recipe, device)
+    pipeline = recipe.aug.pipeline_on(gpu=device.type == "cuda")
     if pipeline == "device":
         from deit_repro.core.device_augment import DeviceAugment, DeviceBatches, EncodedImages
 

@@ -173,9 +173,7 @@ def training_jobs(params: Params, data_root: Path = Path("data")) -> list[Job]:
         data = data or (p.teacher.dataset if res_stage == "teacher" else p.student.dataset)
         res = launch.resources(res_stage, evaluate_only=evaluate_only)
         published = data if sized[data][3] else None
-        pipeline = recipe.aug.pipeline
-        if pipeline == "auto":
-            pipeline = "device" if res.gpus_per_node > 0 else "timm"
+        pipeline = recipe.aug.pipeline_on(gpu=res.gpus_per_node > 0)
         jobs.append(
             Job(
                 stage, epochs, sizes[0], sizes[1], gflop, res, n, evaluate_only, published, pipeline
@@ -257,19 +255,25 @@ def loader_cores(pipeline: str, rate: float, rates: dict[str, Any]) -> float:
     transform at the measured per-core rate; the device pipeline's workers read bytes (at the
     measured rate) and one process drives the GPU's decode and augmentation; the tensor
     pipeline's batches are in memory."""
+    pipeline = _priced_as(pipeline, rates)
     if pipeline == "tensor":
         return 0.0
-    read = rates.get("loader_read_images_per_s_per_core")
-    if pipeline == "device" and read:
-        return rate / read + 1.0
+    if pipeline == "device":
+        return rate / rates["loader_read_images_per_s_per_core"] + 1.0
     return rate / rates["loader_images_per_s_per_core"]
 
 
+def _priced_as(pipeline: str, rates: dict[str, Any]) -> str:
+    """The pipeline a job's loader is priced as: a rates file without the device pipeline's
+    read rate (measured before it existed) prices it as timm's."""
+    if pipeline == "device" and not rates.get("loader_read_images_per_s_per_core"):
+        return "timm"
+    return pipeline
+
+
 def _loader_note(jobs: list[Job], rates: dict[str, Any]) -> str:
-    kinds = {j.pipeline for j in jobs if not j.evaluate_only}
+    kinds = {_priced_as(j.pipeline, rates) for j in jobs if not j.evaluate_only}
     read = rates.get("loader_read_images_per_s_per_core")
-    if "device" in kinds and not read:  # a rates file without the read rate: priced as timm
-        kinds = (kinds - {"device"}) | {"timm"}
     notes = []
     if "timm" in kinds:
         notes.append(
