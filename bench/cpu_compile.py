@@ -155,8 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{res['break_even_epochs'] if gain > 0 else 'never'} epochs of {args.steps} steps"
     )
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        atomic.write_json(args.json, res)
+        atomic.write_json(args.json, res)  # makes the folder
     return 0
 
 

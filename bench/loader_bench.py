@@ -267,8 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{100 * r['fed_by_one_dispatching_core']:.0f} %"
         )
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        atomic.write_json(args.json, res)
+        atomic.write_json(args.json, res)  # makes the folder
     return 0
 
 
