@@ -142,8 +142,9 @@ class TensorAugment:
             [b, x.shape[1], self.img_size, self.img_size],
             align_corners=False,
         )
-        mode = "bicubic" if self.aug.interpolation == "bicubic" else "bilinear"
-        out = F.grid_sample(xf, grid, mode=mode, padding_mode="border", align_corners=False)
+        out = F.grid_sample(
+            xf, grid, mode=self.aug.interpolation, padding_mode="border", align_corners=False
+        )
         out = out.clamp_(0.0, 1.0).sub_(self.mean).div_(self.std)
         if self.erase is not None:
             out = self.erase(out)

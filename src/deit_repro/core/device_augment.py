@@ -86,7 +86,6 @@ class DeviceAugment:
         operator: on a GPU its per-image work is what bounds the rate, bench/loader_bench.py)."""
         from timm.data.transforms import RandomResizedCropAndInterpolation
 
-        mode = "bicubic" if self.aug.interpolation == "bicubic" else "bilinear"
         size = (self.size, self.size)
         crops = []
         for img in images:
@@ -95,7 +94,9 @@ class DeviceAugment:
                 img, self.aug.scale, self.aug.ratio
             )
             crop = img[None, :, i : i + h, j : j + w].float()
-            crops.append(F.interpolate(crop, size=size, mode=mode, antialias=True))
+            crops.append(
+                F.interpolate(crop, size=size, mode=self.aug.interpolation, antialias=True)
+            )
         x = torch.cat(crops).round_().clamp_(0, 255).to(torch.uint8)
         if self.aug.hflip > 0:  # torchvision's RandomHorizontalFlip: torch.rand < p
             flip = to_device((torch.rand(len(x)) < self.aug.hflip).nonzero()[:, 0], x.device)
@@ -133,8 +134,9 @@ class DeviceAugment:
         b, _, h, w = x.shape
         theta = torch.tensor([_theta(*a, w, h) for a in args], dtype=torch.float32)
         grid = F.affine_grid(to_device(theta, x.device), [b, x.shape[1], h, w], align_corners=False)
-        mode = "bicubic" if self.aug.interpolation == "bicubic" else "bilinear"
-        out = F.grid_sample(x.float(), grid, mode=mode, padding_mode="border", align_corners=False)
+        out = F.grid_sample(
+            x.float(), grid, mode=self.aug.interpolation, padding_mode="border", align_corners=False
+        )
         outside = (grid.abs() > 1).any(dim=-1, keepdim=True).permute(0, 3, 1, 2)
         out = torch.where(outside, self.fill, out)
         # PIL's affine transform truncates its interpolated value (its resize rounds)
